@@ -1,0 +1,122 @@
+//! Builds the BPF object from dispatch-ebpf without bpf-linker.
+//!
+//! bpf-linker needs LLVM 21+, which Debian 12 lacks. Instead: nightly rustc
+//! with build-std emits one LLVM bitcode module (LTO, one codegen unit), and
+//! the nightly toolchain's own `llc` (llvm-tools) lowers it to a BPF ELF with
+//! BTF. Paths are remapped so the object is byte-identical wherever the
+//! repository is cloned, which lets CI check the committed copy is current.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+const TOOLCHAIN: &str = "+nightly";
+const OBJECT: &str = "dispatch-ebpf/dispatch.bpf.o";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Rebuild dispatch-ebpf/dispatch.bpf.o from source.
+    BuildEbpf {
+        /// Do not write: fail if the committed object differs from a fresh build.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// A command with the outer cargo's toolchain choices removed, so the
+/// nightly cargo picks its own.
+fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn nightly_tool(tool: &str) -> Result<PathBuf> {
+    let out = clean_command("rustc").args([TOOLCHAIN, "--print", "sysroot"]).output().context("running rustc +nightly")?;
+    if !out.status.success() {
+        bail!("no nightly toolchain: run `rustup toolchain install nightly --component rust-src,llvm-tools`");
+    }
+    let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    let host = {
+        let out = clean_command("rustc").args([TOOLCHAIN, "-vV"]).output()?;
+        let text = String::from_utf8(out.stdout)?;
+        text.lines().find_map(|l| l.strip_prefix("host: ")).context("rustc -vV has no host line")?.to_string()
+    };
+    let path = sysroot.join("lib/rustlib").join(host).join("bin").join(tool);
+    if !path.exists() {
+        bail!("{} is missing: run `rustup component add llvm-tools rust-src --toolchain nightly`", path.display());
+    }
+    Ok(path)
+}
+
+fn build(out: &Path) -> Result<()> {
+    let root = workspace_root();
+    let crate_dir = root.join("dispatch-ebpf");
+    let target_dir = crate_dir.join("target");
+    let bitcode = target_dir.join("dispatch.bc");
+    let cargo_home = env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
+    let remap = format!("--remap-path-prefix={}=/steer --remap-path-prefix={cargo_home}=/cargo", root.display());
+    run(clean_command("cargo")
+        .current_dir(&crate_dir)
+        .env("RUSTFLAGS", remap)
+        .args([TOOLCHAIN, "rustc", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+        .arg(&target_dir)
+        .arg("--")
+        .arg(format!("--emit=obj={}", bitcode.display()))
+        // The bitcode above is all we want; skip the bpf-linker link step.
+        .args(["-C", "linker=/bin/true"]))?;
+    run(Command::new(nightly_tool("llc")?)
+        .args(["-march=bpfel", "-mcpu=v3", "-O2", "-filetype=obj", "-o"])
+        .arg(out)
+        .arg(&bitcode))?;
+    // DWARF is only for debuggers; BTF and BTF.ext stay.
+    run(Command::new(nightly_tool("llvm-strip")?).arg("--strip-debug").arg(out))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BuildEbpf { check } => {
+            let committed = workspace_root().join(OBJECT);
+            if check {
+                let fresh = workspace_root().join("dispatch-ebpf/target/dispatch.check.o");
+                build(&fresh)?;
+                let want = std::fs::read(&fresh)?;
+                let have = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
+                if want != have {
+                    bail!("{OBJECT} is stale: it differs from a build of dispatch-ebpf/src; run `cargo xtask build-ebpf` and commit the result");
+                }
+                println!("{OBJECT} matches its source");
+            } else {
+                build(&committed)?;
+                println!("wrote {OBJECT}");
+            }
+        }
+    }
+    Ok(())
+}
