@@ -7,7 +7,7 @@ use clap::Parser;
 /// Duplicate socket FD out of process PID (pidfd_getfd) and insert it into
 /// the sockmap pinned at MAP, under KEY.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, allow_negative_numbers = true)]
 struct Args {
     /// Process that owns the socket.
     pid: i32,

@@ -13,6 +13,16 @@ use crate::{bpffs, sys};
 fn open_pinned(path: &Path, what: &str) -> Result<(MapData, aya::maps::MapInfo)> {
     bpffs::require_pin(path, what)?;
     let data = MapData::from_pin(path).with_context(|| format!("opening pinned map {}", path.display()))?;
+    // BPF_OBJ_GET opens any pinned object; only the fd's kind says it is a map.
+    let kind = crate::sys::bpf_fd_kind(data.fd().as_fd());
+    if kind.as_deref() != Some("bpf-map") {
+        let what = match kind.as_deref() {
+            Some("bpf-prog") => "a BPF program",
+            Some("bpf_link") | Some("bpf-link") => "a BPF link",
+            _ => "not a BPF map",
+        };
+        bail!("opening pinned map {}: it is {what}, not a map", path.display());
+    }
     let info = data.info().with_context(|| format!("reading map info of {}", path.display()))?;
     Ok((data, info))
 }

@@ -160,3 +160,9 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
     // Safety: BPF_OBJ_GET returned a new fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
+
+/// The anon-inode kind of a BPF fd ("bpf-map", "bpf-prog", "bpf_link").
+pub fn bpf_fd_kind(fd: BorrowedFd<'_>) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    target.to_str()?.strip_prefix("anon_inode:").map(str::to_string)
+}

@@ -66,10 +66,10 @@ enum SocketCommand {
     /// Take a socket out of a running process and steer the ports to it.
     Set {
         /// Process that owns the socket.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         pid: i32,
         /// Its fd number; without it, the process's one listening TCP or bound UDP socket.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         fd: Option<i32>,
     },
     /// Remove the socket: steered ports then refuse connections.
@@ -117,6 +117,11 @@ fn print_status(status: &Status) {
 
 fn run(cli: Cli) -> Result<()> {
     let layout = Layout::new(&cli.pin_dir);
+    // Every command opens BPF objects; say so before any EPERM can.
+    steer::preflight::require_bpf_caps()?;
+    if !matches!(cli.command, Command::Load) {
+        steer::bpffs::require_dir(&layout.dir)?;
+    }
     match cli.command {
         Command::Load => {
             let id = deploy::load(&layout)?;
@@ -132,7 +137,6 @@ fn run(cli: Cli) -> Result<()> {
             println!("attached: link {id} pinned at {}", layout.link().display());
         }
         Command::Detach => {
-            steer::bpffs::require_dir(&layout.dir)?;
             if deploy::detach(&layout.link())? {
                 println!("detached: removed {}", layout.link().display());
             } else {
@@ -140,18 +144,15 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ports { command } => {
-            steer::bpffs::require_dir(&layout.dir)?;
             let mut ports = PortMap::open(&layout.ports())?;
             match command {
                 PortsCommand::Add { ports: list } => {
-                    steer::preflight::require_bpf_caps()?;
                     for port in list {
                         ports.add(port)?;
                         println!("port {port} steered");
                     }
                 }
                 PortsCommand::Del { ports: list } => {
-                    steer::preflight::require_bpf_caps()?;
                     for port in list {
                         if !ports.remove(port)? {
                             bail!("port {port} is not steered");
@@ -172,7 +173,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Socket { command } => match command {
             SocketCommand::Set { pid, fd } => {
-                steer::bpffs::require_dir(&layout.dir)?;
                 let taken = steer::set_socket(&layout.socket(), 0, pid, fd)?;
                 println!(
                     "socket set: {} (cookie {}) from pid {} fd {}",
@@ -180,8 +180,6 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             SocketCommand::Clear => {
-                steer::bpffs::require_dir(&layout.dir)?;
-                steer::preflight::require_bpf_caps()?;
                 if !steer::maps::SocketMap::open(&layout.socket())?.remove(0)? {
                     bail!("no socket is set");
                 }

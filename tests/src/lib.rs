@@ -1,0 +1,217 @@
+//! Test harness: a network namespace with its own bpffs mount, the real
+//! binaries run inside it, and cleanup of everything on drop, pass or fail.
+
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+};
+
+/// Directory holding the workspace's built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> -> target/debug
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// A fresh network namespace with loopback up and a private bpffs mount.
+pub struct TestNs {
+    pub name: String,
+    pub bpffs: PathBuf,
+    children: Vec<Child>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn must(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl TestNs {
+    pub fn new(test: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("steer-{}-{}-{n}", &test[..test.len().min(12)], std::process::id());
+        let base = std::env::temp_dir().join(format!("{name}.d"));
+        let bpffs = base.join("bpffs");
+        std::fs::create_dir_all(&bpffs).expect("creating bpffs mount point");
+        must(Command::new("ip").args(["netns", "add", &name]));
+        // From here on Drop cleans up, even if the rest of setup fails.
+        let ns = TestNs { name, bpffs, children: Vec::new() };
+        must(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
+        mount(Some("bpf"), &ns.bpffs, Some("bpf"), MsFlags::empty(), None::<&str>).expect("mounting bpffs");
+        ns
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.join("steer")
+    }
+
+    /// Inode of the namespace, as the kernel reports it in link info.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns file").ino()
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs one of the workspace binaries inside the namespace.
+    pub fn run(&self, binary: &str, args: &[&str]) -> Output {
+        self.command(bin(binary)).args(args).output().expect("running a binary")
+    }
+
+    /// `steerctl --pin-dir <this test's dir> ARGS`.
+    pub fn steerctl(&self, args: &[&str]) -> Output {
+        let pin_dir = self.pin_dir();
+        let mut all = vec!["--pin-dir", pin_dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.run("steerctl", &all)
+    }
+
+    /// Like `steerctl` but panics with its stderr unless it succeeds.
+    pub fn steerctl_ok(&self, args: &[&str]) -> String {
+        let out = self.steerctl(args);
+        assert!(out.status.success(), "steerctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts a long-running process in the namespace; killed on drop.
+    pub fn spawn(&mut self, mut cmd: Command) -> u32 {
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawning");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// The seed's echo service: one ncat socket on 127.0.0.1:7777 running cat.
+    pub fn start_ncat_echo(&mut self) -> u32 {
+        let mut cmd = self.command("ncat");
+        cmd.args(["-4kle", "/bin/cat", "127.0.0.1", "7777"]);
+        let pid = self.spawn(cmd);
+        let addr: SocketAddr = "127.0.0.1:7777".parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.enter(|| TcpStream::connect(addr)).is_err() {
+            assert!(Instant::now() < deadline, "ncat did not start listening on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pid
+    }
+
+    /// Runs `f` on a thread that has joined this namespace, so sockets it
+    /// makes live there. The calling thread stays where it was.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns = std::fs::File::open(&path).expect("opening netns");
+                setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread inside netns panicked")
+        })
+    }
+
+    /// Connects to 127.0.0.1:`port`, sends a line, and returns the line that
+    /// comes back; Err on refusal or a silent close.
+    pub fn echo(&self, port: u16, line: &str) -> std::io::Result<String> {
+        self.enter(|| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(format!("{line}\n").as_bytes())?;
+            let mut reply = String::new();
+            BufReader::new(&stream).read_line(&mut reply)?;
+            Ok(reply.trim_end().to_string())
+        })
+    }
+
+    /// Asserts a TCP connect to `port` is refused.
+    pub fn assert_refused(&self, port: u16) {
+        let err = self.enter(|| TcpStream::connect(("127.0.0.1", port)).map(drop)).expect_err("connect should fail");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "port {port}: {err}");
+    }
+
+    /// Names in the bpffs mount, recursively, relative to it; without the
+    /// `maps.debug` and `progs.debug` iterators the kernel puts in every bpffs.
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if dir == root && ["maps.debug", "progs.debug"].contains(&entry.file_name().to_str().unwrap_or("")) {
+                    continue;
+                }
+                out.push(path.strip_prefix(root).unwrap().display().to_string());
+                if path.is_dir() {
+                    walk(&path, root, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.bpffs, &self.bpffs, &mut out);
+        out.sort();
+        out
+    }
+
+    /// `steerctl status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.steerctl_ok(&["--json", "status"])).expect("status --json is JSON")
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Anything else still running in the namespace goes too.
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = umount2(&self.bpffs, MntFlags::MNT_DETACH);
+        if let Some(base) = self.bpffs.parent() {
+            let _ = std::fs::remove_dir_all(base);
+        }
+    }
+}
+
+/// stderr of a finished command, for message assertions.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Reads all of a reader; handy for child output.
+pub fn read_all(mut r: impl Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
