@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Sets up and runs the walkthrough: one ncat echo socket on 127.0.0.1:7777
+# serves ports 7, 77 and 777 through sk_lookup, in a throwaway network
+# namespace `steer-demo`, checked with nmap. Leaves nothing behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo -E "$0" "$@"
+fi
+
+scripts/setup.sh
+cargo build --workspace --quiet
+export PATH="$PWD/target/debug:$PATH"
+
+ns=steer-demo
+cleanup() {
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+}
+trap cleanup EXIT
+cleanup
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+
+# `ip netns exec` gives the shell a mount namespace of its own, so bpffs is
+# mounted inside it; pins live as long as that shell.
+ip netns exec "$ns" bash -s <<'DEMO'
+set -euo pipefail
+run() { echo "\$ $*"; "$@"; echo; }
+mount -t bpf bpf /sys/fs/bpf
+
+run steerctl load
+ncat -4kle /bin/cat 127.0.0.1 7777 2>/dev/null &
+ncat_pid=$!
+while ! ncat -z 127.0.0.1 7777 2>/dev/null; do sleep 0.1; done
+echo "\$ ncat -4kle /bin/cat 127.0.0.1 7777 &    # pid $ncat_pid"
+echo
+run steerctl attach
+run steerctl ports add 7 77 777
+run steerctl socket set --pid "$ncat_pid"
+run steerctl status
+for port in 7 77 777; do
+    echo "\$ echo 'hello $port' | ncat --no-shutdown -i 1 127.0.0.1 $port"
+    echo "hello $port" | ncat --no-shutdown -i 1 127.0.0.1 "$port" 2>/dev/null || true
+done
+echo
+echo '$ scripts/verify-nmap.sh 127.0.0.1 1-1000'
+scripts/verify-nmap.sh 127.0.0.1 1-1000
+echo
+run steerctl ports del 777
+echo '$ scripts/verify-nmap.sh 127.0.0.1 1-1000'
+scripts/verify-nmap.sh 127.0.0.1 1-1000
+echo
+run steerctl detach
+echo '$ scripts/verify-nmap.sh 127.0.0.1 1-1000    # nothing steered once detached'
+scripts/verify-nmap.sh 127.0.0.1 1-1000
+echo
+run steerctl unload
+kill "$ncat_pid"
+DEMO

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building, the demo and the tests need on Debian 12. Idempotent.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (sudo $0)" >&2
+    exit 1
+fi
+
+need_apt=()
+for tool in bpftool:bpftool ncat:ncat nmap:nmap ip:iproute2 setpriv:util-linux gcc:build-essential; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+command -v cargo >/dev/null 2>&1 || {
+    echo "setup.sh: no Rust toolchain; install rustup (https://rustup.rs) first" >&2
+    exit 1
+}
+# The BPF object is rebuilt (and checked) with nightly's build-std and llc.
+if rustup toolchain list | grep -q '^nightly'; then
+    rustup component add rust-src llvm-tools --toolchain nightly >/dev/null 2>&1 || true
+fi

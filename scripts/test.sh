@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: the committed BPF object against its source, unit tests,
+# and the real-kernel tests (each in a network namespace of its own).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    exec sudo -E "$0" "$@"
+fi
+
+scripts/setup.sh
+if rustup toolchain list | grep -q '^nightly'; then
+    cargo xtask build-ebpf --check
+elif [ -n "${CI:-}" ]; then
+    echo "test.sh: CI needs the nightly toolchain to check dispatch-ebpf/dispatch.bpf.o" >&2
+    exit 1
+else
+    echo "test.sh: no nightly toolchain, skipping the BPF object freshness check" >&2
+fi
+cargo build --workspace --all-targets
+cargo test --workspace "$@"
