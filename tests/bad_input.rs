@@ -146,7 +146,7 @@ fn wrong_map_type() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is a Hash map, not a socket map"), "{}", stderr(&out));
     // A path that is no map at all: the program pin.
-    let prog = ns.pin_dir().join("echo_dispatch");
+    let prog = ns.pin_dir().join("steer_dispatch");
     let out = ns.run("sockmap-update", &[&me(), &listener.as_raw_fd().to_string(), prog.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("it is a BPF program, not a map"), "{}", stderr(&out));

@@ -69,7 +69,19 @@ fn unload_leaves_no_pins() {
     steered_echo(&mut ns);
     assert_eq!(
         ns.pins(),
-        ["steer", "steer/echo_dispatch", "steer/echo_dispatch_link", "steer/echo_ports", "steer/echo_socket"]
+        [
+            "steer",
+            "steer/active_bindings",
+            "steer/bindings_0",
+            "steer/bindings_1",
+            "steer/echo_ports",
+            "steer/echo_socket",
+            "steer/labels",
+            "steer/metrics",
+            "steer/sockets",
+            "steer/steer_dispatch",
+            "steer/steer_dispatch_link",
+        ]
     );
     ns.steerctl_ok(&["unload"]);
     assert!(ns.pins().is_empty(), "pins left behind: {:?}", ns.pins());
@@ -81,7 +93,7 @@ fn status_reports_program_link_netns_ports_and_socket_owner() {
     let mut ns = TestNs::new("status");
     let ncat = steered_echo(&mut ns);
     let status = ns.status();
-    assert_eq!(status["program"]["name"], "echo_dispatch");
+    assert_eq!(status["program"]["name"], "steer_dispatch");
     let prog_id = status["program"]["id"].as_u64().unwrap();
     assert!(prog_id > 0);
     assert_eq!(status["link"]["program_id"].as_u64(), Some(prog_id));
@@ -96,7 +108,7 @@ fn status_reports_program_link_netns_ports_and_socket_owner() {
     );
     // The table form carries the same facts.
     let table = ns.steerctl_ok(&["status"]);
-    assert!(table.contains("echo_dispatch id"), "{table}");
+    assert!(table.contains("steer_dispatch id"), "{table}");
     assert!(table.contains("7 77 777"), "{table}");
     assert!(table.contains(&format!("ncat (pid {ncat}, fd 3)")), "{table}");
 }
@@ -109,8 +121,8 @@ fn seed_tools_and_bpftool_work_beside_steerctl() {
     ns.steerctl_ok(&["load"]);
     let ncat = ns.start_ncat_echo();
     let dir = ns.pin_dir();
-    let prog = dir.join("echo_dispatch");
-    let link = dir.join("echo_dispatch_link");
+    let prog = dir.join("steer_dispatch");
+    let link = dir.join("steer_dispatch_link");
     let out = ns.run("sk-lookup-attach", &[prog.to_str().unwrap(), link.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let map = dir.join("echo_socket");

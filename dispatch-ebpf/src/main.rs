@@ -1,7 +1,12 @@
-//! sk_lookup dispatcher: steers new connections on listed ports to one socket.
+//! sk_lookup dispatchers.
 //!
-//! Map names, types and layouts match the seed C program (`echo_ports`:
-//! HASH u16 -> u8, `echo_socket`: SOCKMAP u32 -> u64), so
+//! `steer_dispatch` (what steerctl loads) looks the destination up in the
+//! labelled bindings (protocol, port, address prefix) and assigns the
+//! label's socket; when no binding matches it falls back to the seed's
+//! port list. `echo_dispatch` is the seed program alone.
+//!
+//! The seed maps keep the seed C program's names, types and layouts
+//! (`echo_ports`: HASH u16 -> u8, `echo_socket`: SOCKMAP u32 -> u64), so
 //! `bpftool map update pinned .../echo_ports key 0x07 0x00 value 0x00`
 //! keeps working beside steerctl.
 #![no_std]
@@ -14,7 +19,10 @@ use core::{ffi::c_void, ptr};
 // then drops the object's BTF.
 use aya_ebpf::bindings::{
     bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release},
-    bpf_map_type::{BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_SOCKMAP},
+    bpf_map_type::{
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
+        BPF_MAP_TYPE_SOCKHASH, BPF_MAP_TYPE_SOCKMAP,
+    },
     sk_action::{SK_DROP, SK_PASS},
 };
 
@@ -62,12 +70,16 @@ unsafe fn sk_release(sk: *mut c_void) -> i64 {
 /// which aya-ebpf's own `btf_maps` types produce.
 macro_rules! btf_map {
     ($def:ident, $static:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:literal) => {
+        btf_map!($def, $static, $name, $type, $key, $value, $max, 0);
+    };
+    ($def:ident, $static:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:literal, $flags:expr) => {
         #[repr(C)]
         pub struct $def {
             r#type: *const [i32; $type as usize],
             key: *const $key,
             value: *const $value,
             max_entries: *const [i32; $max],
+            map_flags: *const [i32; $flags],
         }
         // Safety: the fields are placeholders the loader reads from BTF;
         // nothing dereferences them.
@@ -80,6 +92,7 @@ macro_rules! btf_map {
             key: ptr::null(),
             value: ptr::null(),
             max_entries: ptr::null(),
+            map_flags: ptr::null(),
         };
     };
 }
@@ -90,14 +103,69 @@ btf_map!(EchoPorts, ECHO_PORTS, "echo_ports", BPF_MAP_TYPE_HASH, u16, u8, 1024);
 // userspace read back the socket cookie.
 btf_map!(EchoSocket, ECHO_SOCKET, "echo_socket", BPF_MAP_TYPE_SOCKMAP, u32, u64, 1);
 
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const BPF_F_NO_PREALLOC: usize = 1;
+
+/// LPM trie key: protocol and port always match in full, then the address
+/// (IPv4 as v4-mapped IPv6) up to the binding's prefix length.
+#[repr(C, packed)]
+pub struct BindingKey {
+    prefixlen: u32,
+    protocol: u8,
+    port: [u8; 2],
+    addr: [u8; 16],
+}
+
+/// Bits of a BindingKey after `prefixlen`: protocol, port, address.
+const FULL_PREFIX: u32 = (1 + 2 + 16) * 8;
+
+#[repr(C)]
+pub struct Binding {
+    label_id: u32,
+    /// The key's prefixlen, to compare an exact-port hit with a wildcard one.
+    prefixlen: u32,
+}
+
+/// A label's socket for one address family and transport.
+#[repr(C)]
+pub struct DestKey {
+    label_id: u32,
+    family: u8,
+    protocol: u8,
+    _pad: [u8; 2],
+}
+
+#[repr(C)]
+pub struct LabelMetrics {
+    lookups: u64,
+    /// Binding matched but the label has no socket.
+    misses: u64,
+    /// bpf_sk_assign refused the label's socket.
+    errors: u64,
+}
+
+pub const MAX_LABELS: usize = 4096;
+
+// Two tries so `load-bindings` can fill the idle one and switch with a single
+// write to `active_bindings`: lookups see the old set or the new, never a mix.
+btf_map!(Bindings0, BINDINGS_0, "bindings_0", BPF_MAP_TYPE_LPM_TRIE, BindingKey, Binding, 1048576, BPF_F_NO_PREALLOC);
+btf_map!(Bindings1, BINDINGS_1, "bindings_1", BPF_MAP_TYPE_LPM_TRIE, BindingKey, Binding, 1048576, BPF_F_NO_PREALLOC);
+btf_map!(ActiveBindings, ACTIVE_BINDINGS, "active_bindings", BPF_MAP_TYPE_ARRAY, u32, u32, 1);
+btf_map!(Sockets, SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, DestKey, u64, 4096);
+btf_map!(Metrics, METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, LabelMetrics, 4096);
+// Label name (NUL padded) -> id; only userspace reads it, it lives here so
+// that it is pinned beside the rest of the state.
+btf_map!(Labels, LABELS, "labels", BPF_MAP_TYPE_HASH, [u8; 64], u32, 4096);
+
 #[inline(always)]
 fn map_ptr<T>(map: &T) -> *mut c_void {
     ptr::from_ref(map).cast_mut().cast()
 }
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "sk_lookup")]
-pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
+/// The seed's logic: listed ports go to the one socket in `echo_socket`.
+#[inline(always)]
+fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let port = unsafe { (*ctx).local_port } as u16;
     // Safety: map and key pointers are valid for the duration of the call.
@@ -117,6 +185,99 @@ pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     let err = unsafe { sk_assign(ctx, sk, 0) };
     unsafe { sk_release(sk) };
     if err == 0 { SK_PASS } else { SK_DROP }
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "sk_lookup")]
+pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
+    seed_dispatch(ctx)
+}
+
+/// Reads a context word with a 4-byte load, the width the verifier allows.
+#[inline(always)]
+fn ctx_word(word: *const u32) -> [u8; 4] {
+    // Safety: word points into the kernel-provided context.
+    unsafe { ptr::read_volatile(word) }.to_ne_bytes()
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "sk_lookup")]
+pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
+    // Safety: the kernel hands every sk_lookup program a valid context.
+    let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
+    let mut key = BindingKey { prefixlen: FULL_PREFIX, protocol: protocol as u8, port: (port as u16).to_be_bytes(), addr: [0; 16] };
+    // Addresses are in network order in the context; copying the words'
+    // bytes keeps that order. All five words are read up front, each at a
+    // constant offset: the verifier rejects a ctx pointer the compiler
+    // would otherwise compute from the family.
+    let ip4 = ctx_word(unsafe { &raw const (*ctx).local_ip4 });
+    let ip6 = [
+        ctx_word(unsafe { &raw const (*ctx).local_ip6[0] }),
+        ctx_word(unsafe { &raw const (*ctx).local_ip6[1] }),
+        ctx_word(unsafe { &raw const (*ctx).local_ip6[2] }),
+        ctx_word(unsafe { &raw const (*ctx).local_ip6[3] }),
+    ];
+    if family == AF_INET {
+        key.addr[10] = 0xff;
+        key.addr[11] = 0xff;
+        key.addr[12..16].copy_from_slice(&ip4);
+    } else {
+        for (i, word) in ip6.iter().enumerate() {
+            key.addr[i * 4..i * 4 + 4].copy_from_slice(word);
+        }
+    }
+
+    let zero: u32 = 0;
+    // Safety: map and key pointers are valid for the duration of each call.
+    let active = unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const u32;
+    let use_second = !active.is_null() && unsafe { *active } == 1;
+    let lookup = |key: &BindingKey| -> *const Binding {
+        let trie = if use_second { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
+        unsafe { map_lookup_elem(trie, ptr::from_ref(key).cast()) }.cast_const().cast()
+    };
+    let exact = lookup(&key);
+    key.port = [0, 0];
+    let wildcard = lookup(&key);
+    // Longest prefix first; on a tie the exact port beats the wildcard.
+    let binding = match (exact.is_null(), wildcard.is_null()) {
+        (true, true) => return seed_dispatch(ctx),
+        (false, true) => exact,
+        (true, false) => wildcard,
+        (false, false) => {
+            if unsafe { (*wildcard).prefixlen > (*exact).prefixlen } { wildcard } else { exact }
+        }
+    };
+    let label_id = unsafe { (*binding).label_id };
+
+    let metrics = unsafe { map_lookup_elem(map_ptr(&METRICS), ptr::from_ref(&label_id).cast()) } as *mut LabelMetrics;
+    if !metrics.is_null() {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { (*metrics).lookups += 1 };
+    }
+    let mut dest = DestKey { label_id, family: family as u8, protocol: protocol as u8, _pad: [0; 2] };
+    let mut sk = unsafe { map_lookup_elem(map_ptr(&SOCKETS), ptr::from_ref(&dest).cast()) };
+    if sk.is_null() && family == AF_INET {
+        // A dual-stack IPv6 socket serves IPv4 too.
+        dest.family = AF_INET6 as u8;
+        sk = unsafe { map_lookup_elem(map_ptr(&SOCKETS), ptr::from_ref(&dest).cast()) };
+    }
+    if sk.is_null() {
+        // Drop rather than let another socket on this address take it.
+        if !metrics.is_null() {
+            unsafe { (*metrics).misses += 1 };
+        }
+        return SK_DROP;
+    }
+    // Safety: sk came from the sockhash lookup above and is released once.
+    let err = unsafe { sk_assign(ctx, sk, 0) };
+    unsafe { sk_release(sk) };
+    if err != 0 {
+        if !metrics.is_null() {
+            unsafe { (*metrics).errors += 1 };
+        }
+        return SK_DROP;
+    }
+    SK_PASS
 }
 
 #[cfg(not(test))]

@@ -36,16 +36,10 @@ pub fn require_creatable_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return require_dir(dir);
     }
-    match dir.parent() {
-        Some(parent) if parent.is_dir() && is_bpffs(parent) => Ok(()),
-        Some(parent) if parent.is_dir() => {
-            bail!("{} is not on a bpf filesystem; {}", parent.display(), mount_hint(dir))
-        }
-        _ => bail!(
-            "{} does not exist; create the pin directory's parent on a bpf filesystem ({})",
-            dir.parent().unwrap_or(dir).display(),
-            mount_hint(dir)
-        ),
+    match dir.ancestors().skip(1).find(|p| p.is_dir()) {
+        Some(existing) if is_bpffs(existing) => Ok(()),
+        Some(existing) => bail!("{} is not on a bpf filesystem; {}", existing.display(), mount_hint(dir)),
+        None => bail!("{} has no existing parent directory", dir.display()),
     }
 }
 

@@ -19,11 +19,15 @@ use crate::{bpffs, preflight};
 pub static DISPATCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../dispatch-ebpf/dispatch.bpf.o"));
 
-pub const PROGRAM: &str = "echo_dispatch";
+/// The program steerctl loads: labelled bindings, then the seed port list.
+pub const PROGRAM: &str = "steer_dispatch";
 pub const PORT_MAP: &str = "echo_ports";
 pub const SOCKET_MAP: &str = "echo_socket";
-pub const LINK: &str = "echo_dispatch_link";
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/steer";
+pub const LINK: &str = "steer_dispatch_link";
+/// Every map of the object; all are pinned by name in the state directory.
+pub const MAPS: [&str; 8] =
+    [PORT_MAP, SOCKET_MAP, "bindings_0", "bindings_1", "active_bindings", "sockets", "metrics", "labels"];
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Where steerctl pins things inside its bpffs directory.
 #[derive(Debug, Clone)]
@@ -35,21 +39,31 @@ impl Layout {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
     }
+    /// The state directory of one network namespace: `<bpffs>/steer/<netns inode>`,
+    /// so namespaces sharing a bpffs never share state.
+    pub fn for_netns(bpffs: &Path, netns_inode: u64) -> Self {
+        Self::new(bpffs.join("steer").join(netns_inode.to_string()))
+    }
     pub fn program(&self) -> PathBuf {
         self.dir.join(PROGRAM)
     }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
     pub fn ports(&self) -> PathBuf {
-        self.dir.join(PORT_MAP)
+        self.map(PORT_MAP)
     }
     pub fn socket(&self) -> PathBuf {
-        self.dir.join(SOCKET_MAP)
+        self.map(SOCKET_MAP)
     }
     pub fn link(&self) -> PathBuf {
         self.dir.join(LINK)
     }
     /// Every pin steerctl makes, the link first so it goes before the rest.
-    pub fn pins(&self) -> [PathBuf; 4] {
-        [self.link(), self.program(), self.ports(), self.socket()]
+    pub fn pins(&self) -> Vec<PathBuf> {
+        let mut pins = vec![self.link(), self.program()];
+        pins.extend(MAPS.iter().map(|m| self.map(m)));
+        pins
     }
 }
 
@@ -78,6 +92,26 @@ impl Drop for Rollback {
     }
 }
 
+/// Loads the object with every map pinned under `layout.dir` (reusing the
+/// pins already there) and loads `steer_dispatch` into the kernel.
+fn load_object(layout: &Layout) -> Result<aya::Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for name in MAPS {
+        loader.map_pin_path(name, layout.map(name));
+    }
+    let mut ebpf = loader.load(DISPATCH_OBJECT).context("loading the dispatcher object")?;
+    let program: &mut SkLookup = ebpf
+        .program_mut(PROGRAM)
+        .context("the dispatcher object has no steer_dispatch program")?
+        .try_into()?;
+    program.load().context("loading the sk_lookup program into the kernel")?;
+    Ok(ebpf)
+}
+
+fn program(ebpf: &mut aya::Ebpf) -> &mut SkLookup {
+    ebpf.program_mut(PROGRAM).expect("checked by load_object").try_into().expect("checked by load_object")
+}
+
 /// Loads the dispatcher and pins it with its maps under `layout.dir`.
 pub fn load(layout: &Layout) -> Result<u32> {
     preflight::require_kernel()?;
@@ -90,29 +124,46 @@ pub fn load(layout: &Layout) -> Result<u32> {
             layout.dir.display()
         );
     }
-    let mut rollback = Rollback { paths: Vec::new(), dir: None };
+    let mut rollback = Rollback { paths: layout.pins(), dir: None };
     if !layout.dir.exists() {
-        std::fs::create_dir(&layout.dir).with_context(|| format!("creating {}", layout.dir.display()))?;
+        std::fs::create_dir_all(&layout.dir).with_context(|| format!("creating {}", layout.dir.display()))?;
         rollback.dir = Some(layout.dir.clone());
     }
-
-    let mut ebpf = EbpfLoader::new().load(DISPATCH_OBJECT).context("loading the dispatcher object")?;
-    let program: &mut SkLookup = ebpf
-        .program_mut(PROGRAM)
-        .context("the dispatcher object has no echo_dispatch program")?
-        .try_into()?;
-    program.load().context("loading the sk_lookup program into the kernel")?;
+    let mut ebpf = load_object(layout)?;
+    let program = program(&mut ebpf);
     let id = program.info()?.id();
     program.pin(layout.program()).with_context(|| format!("pinning the program at {}", layout.program().display()))?;
-    rollback.paths.push(layout.program());
-    for (name, path) in [(PORT_MAP, layout.ports()), (SOCKET_MAP, layout.socket())] {
-        let map = ebpf.map(name).with_context(|| format!("the dispatcher object has no {name} map"))?;
-        map.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
-        rollback.paths.push(path);
-    }
     rollback.disarm();
     info!("loaded program id {id} under {}", layout.dir.display());
     Ok(id)
+}
+
+/// Replaces the pinned program with this build's, keeping maps, link and
+/// sockets. The link switches programs atomically, so no lookup in between
+/// misses. Returns the old and new program ids.
+pub fn upgrade(layout: &Layout) -> Result<(u32, u32)> {
+    preflight::require_bpf_caps()?;
+    bpffs::require_pin(&layout.program(), "steer program")?;
+    if let Some(missing) = MAPS.iter().map(|m| layout.map(m)).find(|p| !p.exists()) {
+        bail!("{} is missing: this state predates the current maps; unload and load again", missing.display());
+    }
+    let old_id = aya::programs::ProgramInfo::from_pin(layout.program())?.id();
+    let mut ebpf = load_object(layout)?;
+    let program = program(&mut ebpf);
+    let new_id = program.info()?.id();
+    if layout.link().exists() {
+        let link = crate::sys::obj_get(&layout.link()).context("opening the pinned link")?;
+        use std::os::fd::AsFd;
+        let prog_fd = program.fd()?.as_fd();
+        crate::sys::link_update(link.as_fd(), prog_fd).context("switching the link to the new program")?;
+    }
+    // Pin beside the old one, then rename over it: the pin path never dangles.
+    let staged = layout.dir.join(format!("{PROGRAM}.new"));
+    let _ = std::fs::remove_file(&staged);
+    program.pin(&staged).context("pinning the new program")?;
+    std::fs::rename(&staged, layout.program()).context("replacing the program pin")?;
+    info!("upgraded program {old_id} -> {new_id}");
+    Ok((old_id, new_id))
 }
 
 /// Links the pinned sk_lookup program at `program_pin` to the caller's
@@ -167,7 +218,10 @@ pub fn unload(layout: &Layout) -> Result<Vec<PathBuf>> {
             removed.push(path.clone());
         }
     }
-    // Only an empty directory goes: others' pins there stay put.
+    // Only empty directories go: others' pins there stay put.
     let _ = std::fs::remove_dir(&layout.dir);
+    if let Some(parent) = layout.dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "steer")) {
+        let _ = std::fs::remove_dir(parent);
+    }
     Ok(removed)
 }

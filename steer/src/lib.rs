@@ -3,7 +3,9 @@
 //! The command-line tools (`steerctl`, `sockmap-update`, `sk-lookup-attach`)
 //! are thin front ends over this crate.
 
+pub mod bindings;
 pub mod bpffs;
+pub mod control;
 pub mod deploy;
 pub mod maps;
 pub mod netns;

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::{netns, sys};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -31,9 +31,64 @@ impl fmt::Display for Protocol {
     }
 }
 
+impl std::str::FromStr for Protocol {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => bail!("protocol must be tcp or udp, not {s:?}"),
+        }
+    }
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => libc::IPPROTO_TCP as u8,
+            Protocol::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn af(self) -> u8 {
+        match self {
+            Family::Ipv4 => libc::AF_INET as u8,
+            Family::Ipv6 => libc::AF_INET6 as u8,
+        }
+    }
+    pub fn from_af(af: u8) -> Option<Self> {
+        match i32::from(af) {
+            libc::AF_INET => Some(Family::Ipv4),
+            libc::AF_INET6 => Some(Family::Ipv6),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        })
+    }
+}
+
 /// What the kernel says about a socket fd.
 #[derive(Debug, Clone, Serialize)]
 pub struct SocketInfo {
+    pub family: Family,
+    /// An IPv6 socket that refuses IPv4 (IPV6_V6ONLY).
+    pub v6only: bool,
     pub protocol: Protocol,
     pub local: Option<SocketAddr>,
     pub listening: bool,
@@ -92,7 +147,11 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketInfo> {
         .filter(|a| a.port() != 0);
     let connected = getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok_and(|p| p.family().is_some());
     let netns_fd = sys::socket_netns(fd).context("reading the socket's network namespace")?;
+    let family = if domain == libc::AF_INET { Family::Ipv4 } else { Family::Ipv6 };
+    let v6only = family == Family::Ipv6 && sys::getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0;
     Ok(SocketInfo {
+        family,
+        v6only,
         protocol,
         local,
         listening,
@@ -213,13 +272,15 @@ impl fmt::Display for Owner {
     }
 }
 
-/// Every process fd that refers to the socket with `cookie`.
-pub fn find_owners(cookie: u64) -> Vec<Owner> {
+/// Every process fd that refers to the socket with `cookie`, and what the
+/// socket is (read through one of them).
+pub fn find_owners(cookie: u64) -> (Vec<Owner>, Option<SocketInfo>) {
     let me = std::process::id() as i32;
     let Ok(processes) = procfs::process::all_processes() else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
     let mut owners = Vec::new();
+    let mut info = None;
     for process in processes.flatten() {
         if process.pid == me {
             continue;
@@ -231,10 +292,13 @@ pub fn find_owners(cookie: u64) -> Vec<Owner> {
             }
             let Ok(fd) = take_fd(process.pid, entry.fd) else { continue };
             if sys::socket_cookie(fd.as_fd()).is_ok_and(|c| c == cookie) {
+                if info.is_none() {
+                    info = inspect(fd.as_fd()).ok();
+                }
                 let command = process.stat().map(|s| s.comm).unwrap_or_default();
                 owners.push(Owner { pid: process.pid, fd: entry.fd, command });
             }
         }
     }
-    owners
+    (owners, info)
 }

@@ -76,7 +76,7 @@ pub fn status(layout: &Layout) -> Result<Status> {
     let socket = if layout.socket().exists() {
         SocketMap::open(&layout.socket())?
             .cookie(0)?
-            .map(|cookie| SocketStatus { key: 0, cookie, owners: find_owners(cookie) })
+            .map(|cookie| SocketStatus { key: 0, cookie, owners: find_owners(cookie).0 })
     } else {
         None
     };

@@ -5,15 +5,29 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
-use steer::{Layout, deploy, maps::PortMap, status::Status};
+use steer::{
+    Layout,
+    bindings::{Binding, BindingsFile, Prefix},
+    control::{self, State},
+    deploy,
+    maps::PortMap,
+    socket::Protocol,
+    status::Status,
+};
 use tabled::{Table, Tabled, builder::Builder, settings::Style};
 
 #[derive(Parser)]
 #[command(version, about = "Steer TCP/UDP connections on many ports to one socket with BPF sk_lookup")]
 struct Cli {
-    /// bpffs directory holding the program, maps and link pins.
-    #[arg(long, global = true, default_value = deploy::DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
+    /// Network namespace to act on (e.g. /run/netns/NAME); default: the current one.
+    #[arg(long, global = true)]
+    netns: Option<PathBuf>,
+    /// Mounted bpffs to keep state in; the state directory is BPFFS/steer/<netns inode>.
+    #[arg(long, global = true, default_value = deploy::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Use this state directory instead of BPFFS/steer/<netns inode>.
+    #[arg(long, global = true)]
+    pin_dir: Option<PathBuf>,
     /// Print read commands' output as JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -43,6 +57,53 @@ enum Command {
     },
     /// Show program, link, network namespace, ports and socket.
     Status,
+    /// Route PROTOCOL traffic to PREFIX:PORT (PORT 0: every port) to LABEL's socket.
+    Bind(BindingArgs),
+    /// Remove a binding.
+    Unbind(BindingArgs),
+    /// List bindings (`--json` prints the format load-bindings reads).
+    Bindings,
+    /// Replace all bindings with a JSON file's, atomically.
+    LoadBindings { file: PathBuf },
+    /// Register a socket of process PID under LABEL.
+    RegisterPid {
+        label: String,
+        #[arg(allow_negative_numbers = true)]
+        pid: i32,
+        /// Pick the socket by protocol, address and port: tcp|udp ADDR PORT.
+        #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
+        socket: Option<Vec<String>>,
+    },
+    /// Register sockets passed by systemd socket activation (LISTEN_FDS) under LABEL.
+    Register { label: String },
+    /// Remove LABEL's sockets.
+    Unregister { label: String },
+    /// List registered sockets: label, cookie, owner, protocol, address.
+    List,
+    /// Per-label lookups, misses and errors.
+    Metrics {
+        /// Serve them in the Prometheus text format on ADDR (e.g. 127.0.0.1:9100) until killed.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
+    },
+    /// Replace the BPF program with this build's, keeping maps, link and sockets.
+    Upgrade,
+}
+
+#[derive(clap::Args)]
+struct BindingArgs {
+    label: String,
+    protocol: Protocol,
+    /// IPv4 or IPv6 address or CIDR prefix.
+    prefix: Prefix,
+    /// Port, or 0 for every port.
+    port: u16,
+}
+
+impl BindingArgs {
+    fn binding(self) -> Binding {
+        Binding { label: self.label, protocol: self.protocol, prefix: self.prefix, port: self.port }
+    }
 }
 
 #[derive(Subcommand)]
@@ -115,8 +176,73 @@ fn print_status(status: &Status) {
     println!("{}", b.build().with(Style::sharp()));
 }
 
+fn enter_netns(path: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    let ns = std::fs::File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    // Still single-threaded here, so the whole process moves.
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {} (is it a netns file?)", path.display()))
+}
+
+#[derive(Tabled)]
+struct BindingRow {
+    #[tabled(rename = "LABEL")]
+    label: String,
+    #[tabled(rename = "PROTOCOL")]
+    protocol: Protocol,
+    #[tabled(rename = "PREFIX")]
+    prefix: Prefix,
+    #[tabled(rename = "PORT")]
+    port: String,
+}
+
+fn prometheus(stats: &[control::LabelStats]) -> String {
+    let mut out = String::new();
+    for (name, help, get) in [
+        ("steer_lookups_total", "Connections matched to a label's binding.", (|m: &control::LabelMetrics| m.lookups) as fn(&_) -> u64),
+        ("steer_misses_total", "Matched connections dropped because the label has no socket.", |m| m.misses),
+        ("steer_errors_total", "Matched connections dropped because the socket was refused (sk_assign).", |m| m.errors),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for s in stats {
+            out.push_str(&format!("{name}{{label=\"{}\"}} {}\n", s.label, get(&s.metrics)));
+        }
+    }
+    out
+}
+
+fn serve_metrics(layout: &Layout, addr: std::net::SocketAddr) -> Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr)?;
+    eprintln!("serving metrics on http://{}/metrics", listener.local_addr()?);
+    for conn in listener.incoming() {
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let body = match State::open(layout).and_then(|s| s.metrics()) {
+            Ok(stats) => prometheus(&stats),
+            Err(e) => format!("# error: {e:#}\n"),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let layout = Layout::new(&cli.pin_dir);
+    if let Some(netns) = &cli.netns {
+        enter_netns(netns)?;
+    }
+    let layout = match &cli.pin_dir {
+        Some(dir) => Layout::new(dir),
+        None => Layout::for_netns(&cli.bpffs, steer::netns::current_inode()?),
+    };
     // Every command opens BPF objects; say so before any EPERM can.
     steer::preflight::require_bpf_caps()?;
     if !matches!(cli.command, Command::Load) {
@@ -144,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ports { command } => {
+            let _lock = if matches!(command, PortsCommand::List) { None } else { Some(control::lock_dir(&layout)?) };
             let mut ports = PortMap::open(&layout.ports())?;
             match command {
                 PortsCommand::Add { ports: list } => {
@@ -173,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Socket { command } => match command {
             SocketCommand::Set { pid, fd } => {
+                let _lock = control::lock_dir(&layout)?;
                 let taken = steer::set_socket(&layout.socket(), 0, pid, fd)?;
                 println!(
                     "socket set: {} (cookie {}) from pid {} fd {}",
@@ -186,6 +314,117 @@ fn run(cli: Cli) -> Result<()> {
                 println!("socket cleared");
             }
         },
+        Command::Bind(args) => {
+            let binding = args.binding();
+            if State::open_locked(&layout)?.bind(&binding)? {
+                println!("bound {binding}");
+            } else {
+                println!("already bound: {binding}");
+            }
+        }
+        Command::Unbind(args) => {
+            let binding = args.binding();
+            State::open_locked(&layout)?.unbind(&binding)?;
+            println!("unbound {binding}");
+        }
+        Command::Bindings => {
+            let bindings = State::open(&layout)?.bindings()?;
+            if cli.json {
+                print_json(&BindingsFile { bindings })?;
+            } else {
+                let rows = bindings.into_iter().map(|b| BindingRow {
+                    label: b.label,
+                    protocol: b.protocol,
+                    prefix: b.prefix,
+                    port: if b.port == 0 { "*".into() } else { b.port.to_string() },
+                });
+                println!("{}", Table::new(rows).with(Style::sharp()));
+            }
+        }
+        Command::LoadBindings { file } => {
+            use anyhow::Context;
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let parsed: BindingsFile =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a valid bindings file", file.display()))?;
+            State::open_locked(&layout)?.load_bindings(&parsed)?;
+            println!("loaded {} bindings from {}", parsed.bindings.len(), file.display());
+        }
+        Command::RegisterPid { label, pid, socket } => {
+            let filter = match socket.as_deref() {
+                Some([protocol, address, port]) => {
+                    use anyhow::Context;
+                    Some(control::SocketFilter {
+                        protocol: protocol.parse()?,
+                        address: address.parse().with_context(|| format!("{address:?} is not an IP address"))?,
+                        port: port.parse().with_context(|| format!("{port:?} is not a port"))?,
+                    })
+                }
+                _ => None,
+            };
+            steer::preflight::require_fd_taking_caps()?;
+            let mut state = State::open_locked(&layout)?;
+            for taken in control::sockets_of(pid, filter.as_ref())? {
+                use std::os::fd::AsFd;
+                state.register(&label, &taken.info, taken.socket.as_fd())?;
+                println!("registered {} (pid {pid} fd {}, cookie {}) as {label}", taken.info, taken.fd, taken.info.cookie);
+            }
+        }
+        Command::Register { label } => {
+            let mut state = State::open_locked(&layout)?;
+            for (fd, info) in control::activated_sockets()? {
+                // Safety: activated_sockets checked the fd is open.
+                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                state.register(&label, &info, socket)?;
+                println!("registered {info} (fd {fd}, cookie {}) as {label}", info.cookie);
+            }
+        }
+        Command::Unregister { label } => {
+            let removed = State::open_locked(&layout)?.unregister(&label)?;
+            println!("unregistered {removed} socket(s) of {label}");
+        }
+        Command::List => {
+            let registrations = State::open(&layout)?.registrations()?;
+            if cli.json {
+                print_json(&registrations)?;
+            } else {
+                let mut b = Builder::default();
+                b.push_record(["LABEL", "PROTOCOL", "FAMILY", "ADDRESS", "COOKIE", "OWNER"]);
+                for r in registrations {
+                    let owners: Vec<String> = r.owners.iter().map(ToString::to_string).collect();
+                    b.push_record([
+                        r.label,
+                        r.protocol.to_string(),
+                        r.family.to_string(),
+                        r.address.unwrap_or_else(|| "?".into()),
+                        r.cookie.to_string(),
+                        if owners.is_empty() { "-".into() } else { owners.join(", ") },
+                    ]);
+                }
+                println!("{}", b.build().with(Style::sharp()));
+            }
+        }
+        Command::Metrics { serve } => {
+            if let Some(addr) = serve {
+                State::open(&layout)?;
+                serve_metrics(&layout, addr)?;
+            }
+            let stats = State::open(&layout)?.metrics()?;
+            if cli.json {
+                print_json(&stats)?;
+            } else {
+                let mut b = Builder::default();
+                b.push_record(["LABEL", "LOOKUPS", "MISSES", "ERRORS"]);
+                for s in stats {
+                    b.push_record([s.label, s.metrics.lookups.to_string(), s.metrics.misses.to_string(), s.metrics.errors.to_string()]);
+                }
+                println!("{}", b.build().with(Style::sharp()));
+            }
+        }
+        Command::Upgrade => {
+            let _lock = control::lock_dir(&layout)?;
+            let (old, new) = deploy::upgrade(&layout)?;
+            println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
+        }
         Command::Status => {
             let status = steer::status::status(&layout)?;
             if cli.json {

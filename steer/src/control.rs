@@ -1,0 +1,452 @@
+//! The labelled control plane: labels, bindings, sockets by label, metrics.
+//! Mutations hold an exclusive flock on the state directory, so concurrent
+//! steerctl runs are serialised and none loses another's update.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+use serde::Serialize;
+
+use crate::{
+    bindings::{self, Binding, BindingsFile},
+    bpffs,
+    deploy::Layout,
+    socket::{self, Family, Owner, Protocol, SocketInfo},
+    sys,
+};
+
+pub const MAX_LABELS: u32 = 4096;
+const LABEL_KEY_SIZE: usize = 64;
+
+/// Per-label counters, one copy per CPU in the `metrics` map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LabelMetrics {
+    pub lookups: u64,
+    pub misses: u64,
+    pub errors: u64,
+}
+
+// Safety: plain old data, every bit pattern valid.
+unsafe impl aya::Pod for LabelMetrics {}
+
+fn label_key(label: &str) -> Result<[u8; LABEL_KEY_SIZE]> {
+    let ok = !label.is_empty()
+        && label.len() < LABEL_KEY_SIZE
+        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if !ok {
+        bail!("bad label {label:?}: use 1 to 63 letters, digits, '-', '_', '.' or ':'");
+    }
+    let mut key = [0u8; LABEL_KEY_SIZE];
+    key[..label.len()].copy_from_slice(label.as_bytes());
+    Ok(key)
+}
+
+fn dest_key(label_id: u32, family: Family, protocol: Protocol) -> [u8; 8] {
+    let mut key = [0u8; 8];
+    key[0..4].copy_from_slice(&label_id.to_ne_bytes());
+    key[4] = family.af();
+    key[5] = protocol.number();
+    key
+}
+
+/// A socket registered under a label.
+#[derive(Debug, Clone, Serialize)]
+pub struct Registration {
+    pub label: String,
+    pub family: Family,
+    pub protocol: Protocol,
+    pub cookie: u64,
+    pub address: Option<String>,
+    pub owners: Vec<Owner>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabelStats {
+    pub label: String,
+    #[serde(flatten)]
+    pub metrics: LabelMetrics,
+}
+
+/// The open maps of one state directory.
+pub struct State {
+    labels: MapData,
+    tries: [MapData; 2],
+    active: MapData,
+    sockets: MapData,
+    metrics: Map,
+    _lock: Option<File>,
+}
+
+fn open_map(layout: &Layout, name: &str) -> Result<MapData> {
+    let path = layout.map(name);
+    bpffs::require_pin(&path, &format!("{name} map (is this state loaded by an older steerctl? unload and load again)"))?;
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+impl State {
+    /// Opens the state for reading.
+    pub fn open(layout: &Layout) -> Result<Self> {
+        bpffs::require_dir(&layout.dir)?;
+        Ok(Self {
+            labels: open_map(layout, "labels")?,
+            tries: [open_map(layout, "bindings_0")?, open_map(layout, "bindings_1")?],
+            active: open_map(layout, "active_bindings")?,
+            sockets: open_map(layout, "sockets")?,
+            metrics: Map::from_map_data(open_map(layout, "metrics")?)?,
+            _lock: None,
+        })
+    }
+
+    /// Opens the state for changing it, waiting for other writers.
+    pub fn open_locked(layout: &Layout) -> Result<Self> {
+        crate::preflight::require_bpf_caps()?;
+        let lock = lock_dir(layout)?;
+        let mut state = Self::open(layout)?;
+        state._lock = Some(lock);
+        Ok(state)
+    }
+
+    fn fd(map: &MapData) -> BorrowedFd<'_> {
+        map.fd().as_fd()
+    }
+
+    // ---- labels
+
+    pub fn labels(&self) -> Result<BTreeMap<String, u32>> {
+        let mut out = BTreeMap::new();
+        for key in sys::map_keys(Self::fd(&self.labels), LABEL_KEY_SIZE)? {
+            let mut id = [0u8; 4];
+            if sys::map_lookup(Self::fd(&self.labels), &key, &mut id)?.is_some() {
+                let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+                out.insert(String::from_utf8_lossy(&key[..end]).into_owned(), u32::from_ne_bytes(id));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn label_id(&self, label: &str) -> Result<Option<u32>> {
+        let mut id = [0u8; 4];
+        Ok(sys::map_lookup(Self::fd(&self.labels), &label_key(label)?, &mut id)?.map(|()| u32::from_ne_bytes(id)))
+    }
+
+    fn ensure_label(&mut self, label: &str) -> Result<u32> {
+        if let Some(id) = self.label_id(label)? {
+            return Ok(id);
+        }
+        let used: BTreeSet<u32> = self.labels()?.into_values().collect();
+        let id = (0..MAX_LABELS).find(|id| !used.contains(id)).context("all 4096 labels are in use")?;
+        // A reused id starts its counters from zero.
+        let mut metrics: PerCpuArray<&mut MapData, LabelMetrics> = PerCpuArray::try_from(&mut self.metrics)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        metrics.set(id, PerCpuValues::try_from(vec![LabelMetrics::default(); cpus])?, 0)?;
+        sys::map_update(Self::fd(&self.labels), &label_key(label)?, &id.to_ne_bytes())?;
+        Ok(id)
+    }
+
+    /// Forgets labels with neither bindings nor sockets.
+    fn collect_labels(&self) -> Result<()> {
+        let mut in_use: BTreeSet<u32> = self.binding_entries()?.into_iter().map(|(_, _, id)| id).collect();
+        for key in sys::map_keys(Self::fd(&self.sockets), 8)? {
+            in_use.insert(u32::from_ne_bytes(key[0..4].try_into()?));
+        }
+        for (label, id) in self.labels()? {
+            if !in_use.contains(&id) {
+                sys::map_delete(Self::fd(&self.labels), &label_key(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- bindings
+
+    fn active_index(&self) -> Result<usize> {
+        let mut value = [0u8; 4];
+        sys::map_lookup(Self::fd(&self.active), &0u32.to_ne_bytes(), &mut value)?;
+        Ok(if u32::from_ne_bytes(value) == 1 { 1 } else { 0 })
+    }
+
+    /// (key, value's prefixlen, label id) of every entry of the active trie.
+    fn binding_entries(&self) -> Result<Vec<(Vec<u8>, u32, u32)>> {
+        let trie = Self::fd(&self.tries[self.active_index()?]);
+        let mut out = Vec::new();
+        for key in sys::map_keys(trie, bindings::KEY_SIZE)? {
+            let mut value = [0u8; bindings::VALUE_SIZE];
+            if sys::map_lookup(trie, &key, &mut value)?.is_some() {
+                out.push((key, 0, bindings::decode_label_id(&value)));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn bindings(&self) -> Result<Vec<Binding>> {
+        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let mut out = Vec::new();
+        for (key, _, id) in self.binding_entries()? {
+            let (protocol, prefix, port) = bindings::decode_key(&key)?;
+            let label = names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+            out.push(Binding { label, protocol, prefix, port });
+        }
+        out.sort_by(|a, b| (&a.label, a.protocol, a.prefix, a.port).cmp(&(&b.label, b.protocol, b.prefix, b.port)));
+        Ok(out)
+    }
+
+    /// Label id bound to exactly this (protocol, prefix, port), if any.
+    fn exact_binding(&self, trie: BorrowedFd<'_>, b: &Binding) -> Result<Option<u32>> {
+        let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
+        let mut value = [0u8; bindings::VALUE_SIZE];
+        // The trie answers with the longest match; equal length means this very key.
+        Ok(sys::map_lookup(trie, &key, &mut value)?
+            .filter(|()| u32::from_ne_bytes(value[4..8].try_into().unwrap()) == prefixlen)
+            .map(|()| bindings::decode_label_id(&value)))
+    }
+
+    /// Adds a binding; false when it was already there.
+    pub fn bind(&mut self, b: &Binding) -> Result<bool> {
+        label_key(&b.label)?;
+        let trie_index = self.active_index()?;
+        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        if let Some(id) = self.exact_binding(Self::fd(&self.tries[trie_index]), b)? {
+            let owner = names.get(&id).cloned().unwrap_or_default();
+            if owner == b.label {
+                return Ok(false);
+            }
+            bail!("{} {} {} is already bound to label {owner}; unbind it first", b.protocol, b.prefix, b.port);
+        }
+        let id = self.ensure_label(&b.label)?;
+        let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
+        sys::map_update(Self::fd(&self.tries[trie_index]), &key, &bindings::encode_value(id, prefixlen))
+            .context("adding the binding")?;
+        Ok(true)
+    }
+
+    pub fn unbind(&mut self, b: &Binding) -> Result<()> {
+        let trie = Self::fd(&self.tries[self.active_index()?]);
+        match (self.exact_binding(trie, b)?, self.label_id(&b.label)?) {
+            (Some(bound), Some(id)) if bound == id => {}
+            _ => bail!("no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
+        }
+        let (key, _) = bindings::encode_key(b.protocol, &b.prefix, b.port);
+        sys::map_delete(trie, &key)?;
+        self.collect_labels()
+    }
+
+    /// Replaces every binding with `file`'s in one switch of the active trie.
+    pub fn load_bindings(&mut self, file: &BindingsFile) -> Result<()> {
+        let mut seen: BTreeMap<(Protocol, bindings::Prefix, u16), &str> = BTreeMap::new();
+        for b in &file.bindings {
+            label_key(&b.label)?;
+            if let Some(other) = seen.insert((b.protocol, b.prefix, b.port), &b.label) {
+                if other != b.label {
+                    bail!("{} {} {} is bound to both {other} and {}", b.protocol, b.prefix, b.port, b.label);
+                }
+            }
+        }
+        let active = self.active_index()?;
+        let idle = 1 - active;
+        clear(Self::fd(&self.tries[idle]), bindings::KEY_SIZE)?;
+        for b in &file.bindings {
+            let id = self.ensure_label(&b.label)?;
+            let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
+            sys::map_update(Self::fd(&self.tries[idle]), &key, &bindings::encode_value(id, prefixlen))
+                .with_context(|| format!("adding binding {b}"))?;
+        }
+        sys::map_update(Self::fd(&self.active), &0u32.to_ne_bytes(), &(idle as u32).to_ne_bytes())
+            .context("switching to the new bindings")?;
+        clear(Self::fd(&self.tries[active]), bindings::KEY_SIZE)?;
+        self.collect_labels()
+    }
+
+    // ---- sockets
+
+    /// Registers a checked socket under `label`, replacing the label's
+    /// socket of the same family and protocol.
+    pub fn register(&mut self, label: &str, info: &SocketInfo, socket: BorrowedFd<'_>) -> Result<()> {
+        label_key(label)?;
+        let served: Vec<Binding> = self.bindings()?.into_iter().filter(|b| b.label == label).collect();
+        if !served.is_empty() && !served.iter().any(|b| serves(info, b)) {
+            let kinds: BTreeSet<String> = served
+                .iter()
+                .map(|b| format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }))
+                .collect();
+            bail!(
+                "label {label} is bound to {} but this is a {} {} socket ({info}); register a matching socket",
+                kinds.into_iter().collect::<Vec<_>>().join(", "),
+                info.protocol,
+                info.family
+            );
+        }
+        let id = self.ensure_label(label)?;
+        let fd = socket.as_raw_fd() as u64;
+        sys::map_update(Self::fd(&self.sockets), &dest_key(id, info.family, info.protocol), &fd.to_ne_bytes())
+            .context("inserting into the sockets map")?;
+        Ok(())
+    }
+
+    /// Removes the label's sockets; returns how many.
+    pub fn unregister(&mut self, label: &str) -> Result<usize> {
+        let Some(id) = self.label_id(label)? else { bail!("no label {label}") };
+        let mut removed = 0;
+        for key in sys::map_keys(Self::fd(&self.sockets), 8)? {
+            if u32::from_ne_bytes(key[0..4].try_into()?) == id {
+                sys::map_delete(Self::fd(&self.sockets), &key)?;
+                removed += 1;
+            }
+        }
+        if removed == 0 {
+            bail!("label {label} has no registered socket");
+        }
+        self.collect_labels()?;
+        Ok(removed)
+    }
+
+    pub fn registrations(&self) -> Result<Vec<Registration>> {
+        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let mut out = Vec::new();
+        for key in sys::map_keys(Self::fd(&self.sockets), 8)? {
+            let mut cookie = [0u8; 8];
+            if sys::map_lookup(Self::fd(&self.sockets), &key, &mut cookie)?.is_none() {
+                continue;
+            }
+            let id = u32::from_ne_bytes(key[0..4].try_into()?);
+            let cookie = u64::from_ne_bytes(cookie);
+            let (owners, info) = socket::find_owners(cookie);
+            out.push(Registration {
+                label: names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
+                family: Family::from_af(key[4]).context("bad family in sockets map")?,
+                protocol: if i32::from(key[5]) == libc::IPPROTO_UDP { Protocol::Udp } else { Protocol::Tcp },
+                cookie,
+                address: info.and_then(|i| i.local).map(|a| a.to_string()),
+                owners,
+            });
+        }
+        out.sort_by(|a, b| (&a.label, a.family, a.protocol).cmp(&(&b.label, b.family, b.protocol)));
+        Ok(out)
+    }
+
+    // ---- metrics
+
+    pub fn metrics(&self) -> Result<Vec<LabelStats>> {
+        let metrics: PerCpuArray<&MapData, LabelMetrics> = PerCpuArray::try_from(&self.metrics)?;
+        let mut out = Vec::new();
+        for (label, id) in self.labels()? {
+            let mut sum = LabelMetrics::default();
+            for m in metrics.get(&id, 0)?.iter() {
+                sum.lookups += m.lookups;
+                sum.misses += m.misses;
+                sum.errors += m.errors;
+            }
+            out.push(LabelStats { label, metrics: sum });
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `info`'s socket can take connections matched by `b`.
+fn serves(info: &SocketInfo, b: &Binding) -> bool {
+    info.protocol == b.protocol
+        && match (info.family, b.prefix.addr) {
+            (Family::Ipv4, IpAddr::V4(_)) | (Family::Ipv6, IpAddr::V6(_)) => true,
+            (Family::Ipv6, IpAddr::V4(_)) => !info.v6only,
+            (Family::Ipv4, IpAddr::V6(_)) => false,
+        }
+}
+
+fn clear(map: BorrowedFd<'_>, key_size: usize) -> Result<()> {
+    for key in sys::map_keys(map, key_size)? {
+        sys::map_delete(map, &key)?;
+    }
+    Ok(())
+}
+
+/// Takes the state directory's exclusive lock; released when the File drops.
+pub fn lock_dir(layout: &Layout) -> Result<File> {
+    bpffs::require_dir(&layout.dir)?;
+    let dir = File::open(&layout.dir).with_context(|| format!("opening {}", layout.dir.display()))?;
+    // Safety: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the state directory");
+    }
+    Ok(dir)
+}
+
+/// Which of a process's sockets `register-pid` should take.
+#[derive(Debug, Clone)]
+pub struct SocketFilter {
+    pub protocol: Protocol,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// The steerable sockets of `pid` matching `filter`: with a filter exactly
+/// one, without one at most one per family and protocol.
+pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<socket::TakenSocket>> {
+    let process = procfs::process::Process::new(pid).map_err(|_| anyhow::anyhow!("no process with PID {pid}"))?;
+    let mut found = Vec::new();
+    for entry in process.fd().with_context(|| format!("listing fds of process {pid}"))?.flatten() {
+        if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
+            continue;
+        }
+        let Ok(taken) = socket::take_steerable(pid, entry.fd) else { continue };
+        let wanted = filter.is_none_or(|f| {
+            taken.info.protocol == f.protocol
+                && taken.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
+        });
+        if wanted {
+            found.push(taken);
+        }
+    }
+    let describe = |list: &[socket::TakenSocket]| {
+        list.iter().map(|t| format!("fd {} ({})", t.fd, t.info)).collect::<Vec<_>>().join(", ")
+    };
+    match filter {
+        Some(f) if found.is_empty() => {
+            bail!("process {pid} has no listening/bound {} socket on {}", f.protocol, std::net::SocketAddr::new(f.address, f.port))
+        }
+        Some(_) if found.len() > 1 => bail!("process {pid} has several matching sockets: {}", describe(&found)),
+        None if found.is_empty() => {
+            bail!("process {pid} has no listening TCP or bound UDP socket in this network namespace")
+        }
+        None => {
+            let kinds: BTreeSet<(Family, Protocol)> = found.iter().map(|t| (t.info.family, t.info.protocol)).collect();
+            if kinds.len() != found.len() {
+                bail!(
+                    "process {pid} has several sockets of one family and protocol, name one with `tcp|udp ADDR PORT`: {}",
+                    describe(&found)
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(found)
+}
+
+/// Sockets handed over by systemd socket activation (LISTEN_PID/LISTEN_FDS).
+pub fn activated_sockets() -> Result<Vec<(i32, SocketInfo)>> {
+    let pid: u32 = std::env::var("LISTEN_PID")
+        .context("LISTEN_PID is not set: `register` takes sockets passed by systemd socket activation")?
+        .parse()
+        .context("LISTEN_PID is not a number")?;
+    if pid != std::process::id() {
+        bail!("LISTEN_PID is {pid}, not this process ({}): the sockets were meant for another process", std::process::id());
+    }
+    let count: i32 = std::env::var("LISTEN_FDS").context("LISTEN_FDS is not set")?.parse().context("LISTEN_FDS is not a number")?;
+    if count < 1 {
+        bail!("LISTEN_FDS is {count}: no sockets were passed");
+    }
+    let mut out = Vec::new();
+    for fd in 3..3 + count {
+        // Safety: systemd passes fds 3.. open for this process's lifetime.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let info = socket::inspect(borrowed).with_context(|| format!("passed fd {fd}"))?;
+        socket::check_steerable(&info).with_context(|| format!("passed fd {fd} cannot be steered to"))?;
+        out.push((fd, info));
+    }
+    Ok(out)
+}
