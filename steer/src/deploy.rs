@@ -151,17 +151,20 @@ pub fn upgrade(layout: &Layout) -> Result<(u32, u32)> {
     let mut ebpf = load_object(layout)?;
     let program = program(&mut ebpf);
     let new_id = program.info()?.id();
+    // Pin beside the old one first (bpffs names take no dots), so a failure
+    // before the switch leaves everything as it was.
+    let staged = layout.dir.join(format!("{PROGRAM}_new"));
+    let _ = std::fs::remove_file(&staged);
+    program.pin(&staged).context("pinning the new program")?;
+    let staged_guard = Rollback { paths: vec![staged.clone()], dir: None };
     if layout.link().exists() {
         let link = crate::sys::obj_get(&layout.link()).context("opening the pinned link")?;
         use std::os::fd::AsFd;
         let prog_fd = program.fd()?.as_fd();
         crate::sys::link_update(link.as_fd(), prog_fd).context("switching the link to the new program")?;
     }
-    // Pin beside the old one, then rename over it: the pin path never dangles.
-    let staged = layout.dir.join(format!("{PROGRAM}.new"));
-    let _ = std::fs::remove_file(&staged);
-    program.pin(&staged).context("pinning the new program")?;
     std::fs::rename(&staged, layout.program()).context("replacing the program pin")?;
+    staged_guard.disarm();
     info!("upgraded program {old_id} -> {new_id}");
     Ok((old_id, new_id))
 }

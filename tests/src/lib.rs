@@ -215,3 +215,131 @@ pub fn read_all(mut r: impl Read) -> String {
     let _ = r.read_to_string(&mut s);
     s
 }
+
+impl TestNs {
+    /// A TCP listener inside the namespace that answers every connection
+    /// with `name` and closes; it lives until the test process ends.
+    pub fn named_tcp_server(&self, addr: &str, name: &str) -> SocketAddr {
+        let listener = self.enter(|| std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}")));
+        let local = listener.local_addr().unwrap();
+        let reply = format!("{name}\n");
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = (&conn).write_all(reply.as_bytes());
+            }
+        });
+        local
+    }
+
+    /// Connects to `addr` and returns the first line the server sends.
+    pub fn first_line(&self, addr: SocketAddr) -> std::io::Result<String> {
+        self.enter(|| {
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            Ok(line.trim_end().to_string())
+        })
+    }
+
+    /// Adds `ip route add local PREFIX dev lo`, so every address in it is
+    /// this host's (how tubular-style deployments own whole prefixes).
+    pub fn add_local_route(&self, prefix: &str) {
+        let family = if prefix.contains(':') { "-6" } else { "-4" };
+        must(Command::new("ip").args(["-n", &self.name, family, "route", "add", "local", prefix, "dev", "lo"]));
+    }
+}
+
+/// A UDP echo server written the way sk_lookup needs: it learns each
+/// datagram's original destination (IP_RECVORIGDSTADDR) and replies from it
+/// (IP_PKTINFO), so clients see the reply come from the address they used.
+pub mod udp_echo {
+    use std::{
+        io::{IoSlice, IoSliceMut},
+        net::{SocketAddr, UdpSocket},
+        os::fd::AsRawFd,
+    };
+
+    use nix::sys::socket::{
+        ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, sendmsg, setsockopt, sockopt,
+    };
+
+    /// Binds `addr` and echoes forever on a thread; returns the socket's address.
+    pub fn spawn(ns: &super::TestNs, addr: &str) -> SocketAddr {
+        let socket = ns.enter(|| {
+            let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+            if s.local_addr().unwrap().is_ipv4() {
+                setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).unwrap();
+            } else {
+                setsockopt(&s, sockopt::Ipv6OrigDstAddr, &true).unwrap();
+                // Replying from an address the socket is not bound to.
+                let one: libc::c_int = 1;
+                // Safety: plain setsockopt with an int.
+                let rc = unsafe {
+                    libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, (&raw const one).cast(), 4)
+                };
+                assert_eq!(rc, 0, "IPV6_FREEBIND");
+            }
+            s
+        });
+        let local = socket.local_addr().unwrap();
+        std::thread::spawn(move || serve(socket));
+        local
+    }
+
+    fn serve(socket: UdpSocket) {
+        let fd = socket.as_raw_fd();
+        let mut buf = [0u8; 2048];
+        loop {
+            let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+            let (len, peer, orig) = {
+                let mut iov = [IoSliceMut::new(&mut buf)];
+                let Ok(msg) = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()) else {
+                    return;
+                };
+                let mut orig = None;
+                for c in msg.cmsgs().into_iter().flatten() {
+                    match c {
+                        ControlMessageOwned::Ipv4OrigDstAddr(a) => orig = Some(OrigDst::V4(a.sin_addr)),
+                        ControlMessageOwned::Ipv6OrigDstAddr(a) => orig = Some(OrigDst::V6(a.sin6_addr)),
+                        _ => {}
+                    }
+                }
+                (msg.bytes, msg.address, orig)
+            };
+            let Some(peer) = peer else { continue };
+            let iov = [IoSlice::new(&buf[..len])];
+            let _ = match orig {
+                Some(OrigDst::V4(addr)) => {
+                    let info = libc::in_pktinfo { ipi_ifindex: 0, ipi_spec_dst: addr, ipi_addr: addr };
+                    sendmsg(fd, &iov, &[ControlMessage::Ipv4PacketInfo(&info)], MsgFlags::empty(), Some(&peer))
+                }
+                Some(OrigDst::V6(addr)) => {
+                    let info = libc::in6_pktinfo { ipi6_addr: addr, ipi6_ifindex: 0 };
+                    sendmsg(fd, &iov, &[ControlMessage::Ipv6PacketInfo(&info)], MsgFlags::empty(), Some(&peer))
+                }
+                None => sendmsg(fd, &iov, &[], MsgFlags::empty(), Some(&peer)),
+            };
+        }
+    }
+
+    enum OrigDst {
+        V4(libc::in_addr),
+        V6(libc::in6_addr),
+    }
+
+    /// From a connected client socket (which only accepts replies from the
+    /// address it sent to), sends `text` to `to` and returns the reply.
+    pub fn request(ns: &super::TestNs, to: SocketAddr, text: &str) -> std::io::Result<String> {
+        ns.enter(|| {
+            let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let client = UdpSocket::bind(any)?;
+            client.connect(to)?;
+            client.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            client.send(text.as_bytes())?;
+            let mut buf = [0u8; 2048];
+            let n = client.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+    }
+}

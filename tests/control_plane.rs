@@ -1,0 +1,353 @@
+//! The labelled control plane on a real kernel: bindings by protocol,
+//! prefix and port, sockets by label, UDP and IPv6, atomic reloads,
+//! concurrency, upgrade and metrics.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use steer_tests::{TestNs, bin, stderr, udp_echo};
+
+fn me() -> String {
+    std::process::id().to_string()
+}
+
+fn loaded() -> TestNs {
+    let ns = TestNs::new(std::thread::current().name().unwrap_or("cp"));
+    ns.steerctl_ok(&["load"]);
+    ns.steerctl_ok(&["attach"]);
+    ns
+}
+
+fn register(ns: &TestNs, label: &str, proto: &str, addr: SocketAddr) {
+    ns.steerctl_ok(&["register-pid", label, &me(), proto, &addr.ip().to_string(), &addr.port().to_string()]);
+}
+
+fn who(ns: &TestNs, addr: &str) -> String {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.first_line(addr).unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// Labels a..d, each with its own socket; bindings overlap on purpose.
+fn overlapping(ns: &TestNs, v6: bool) {
+    let (wide, narrow, host, server_addr) = if v6 {
+        ("2001:db8::/32", "2001:db8::/64", "2001:db8::5/128", "[::1]:0")
+    } else {
+        ("127.0.0.0/8", "127.0.0.0/24", "127.0.0.5/32", "127.0.0.1:0")
+    };
+    for label in ["a", "b", "c", "d"] {
+        let addr = ns.named_tcp_server(server_addr, label);
+        register(ns, label, "tcp", addr);
+    }
+    ns.steerctl_ok(&["bind", "a", "tcp", wide, "0"]);
+    ns.steerctl_ok(&["bind", "b", "tcp", wide, "80"]);
+    ns.steerctl_ok(&["bind", "c", "tcp", narrow, "0"]);
+    ns.steerctl_ok(&["bind", "d", "tcp", host, "80"]);
+}
+
+#[test]
+fn overlapping_ipv4_bindings_take_longest_prefix_then_exact_port() {
+    let ns = loaded();
+    overlapping(&ns, false);
+    // Same /8 prefix: the exact port beats the wildcard.
+    assert_eq!(who(&ns, "127.1.0.1:80"), "b");
+    assert_eq!(who(&ns, "127.1.0.1:81"), "a");
+    // A longer prefix beats an exact port on a shorter one.
+    assert_eq!(who(&ns, "127.0.0.9:80"), "c");
+    assert_eq!(who(&ns, "127.0.0.9:443"), "c");
+    assert_eq!(who(&ns, "127.0.0.5:80"), "d");
+    assert_eq!(who(&ns, "127.0.0.5:81"), "c");
+}
+
+#[test]
+fn overlapping_ipv6_bindings_take_longest_prefix_then_exact_port() {
+    let ns = loaded();
+    ns.add_local_route("2001:db8::/32");
+    overlapping(&ns, true);
+    assert_eq!(who(&ns, "[2001:db8:1::1]:80"), "b");
+    assert_eq!(who(&ns, "[2001:db8:1::1]:81"), "a");
+    assert_eq!(who(&ns, "[2001:db8::9]:80"), "c");
+    assert_eq!(who(&ns, "[2001:db8::5]:80"), "d");
+    assert_eq!(who(&ns, "[2001:db8::5]:22"), "c");
+    // IPv4 traffic does not match IPv6 bindings.
+    let err = ns.first_line("127.0.0.5:80".parse().unwrap()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn udp_echo_over_ipv4_and_ipv6() {
+    let ns = loaded();
+    ns.add_local_route("2001:db8::/64");
+    let v4 = udp_echo::spawn(&ns, "127.0.0.1:5353");
+    let v6 = udp_echo::spawn(&ns, "[::1]:5353");
+    register(&ns, "dns", "udp", v4);
+    register(&ns, "dns", "udp", v6);
+    ns.steerctl_ok(&["bind", "dns", "udp", "127.0.0.0/8", "5353"]);
+    ns.steerctl_ok(&["bind", "dns", "udp", "2001:db8::/64", "5353"]);
+    // The client's socket is connected, so a reply from any other address
+    // than the one it asked would never reach it.
+    for to in ["127.0.0.1:5353", "127.0.0.44:5353", "[2001:db8::44]:5353", "[2001:db8::1]:5353"] {
+        let to: SocketAddr = to.parse().unwrap();
+        assert_eq!(udp_echo::request(&ns, to, &format!("q {to}")).unwrap(), format!("q {to}"));
+    }
+    // TCP on the same address and port is not bound.
+    assert!(ns.first_line("127.0.0.44:5353".parse().unwrap()).is_err());
+    let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert!(list.as_array().unwrap().iter().all(|r| r["protocol"] == "udp" && r["label"] == "dns"));
+}
+
+#[test]
+fn label_protocol_and_family_must_match_the_socket() {
+    let ns = loaded();
+    ns.steerctl_ok(&["bind", "web", "tcp", "127.0.0.0/8", "80"]);
+    udp_echo::spawn(&ns, "127.0.0.1:8080");
+    let out = ns.steerctl(&["register-pid", "web", &me(), "udp", "127.0.0.1", "8080"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("label web is bound to tcp ipv4 but this is a udp ipv4 socket"),
+        "{}",
+        stderr(&out)
+    );
+    let v6 = ns.enter(v6only_listener);
+    let out = ns.steerctl(&["register-pid", "web", &me(), "tcp", "::1", &v6.local_addr().unwrap().port().to_string()]);
+    assert!(stderr(&out).contains("but this is a tcp ipv6 socket"), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
+    assert_eq!(list, serde_json::json!([]));
+}
+
+/// An IPv6-only TCP listener on [::1] (cannot serve IPv4 bindings).
+fn v6only_listener() -> std::net::TcpListener {
+    use nix::sys::socket::*;
+    let s = socket(AddressFamily::Inet6, SockType::Stream, SockFlag::empty(), None).unwrap();
+    setsockopt(&s, sockopt::Ipv6V6Only, &true).unwrap();
+    bind(s.as_raw_fd(), &SockaddrIn6::from(std::net::SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, 0, 0, 0))).unwrap();
+    listen(&s, Backlog::new(16).unwrap()).unwrap();
+    std::net::TcpListener::from(s)
+}
+
+#[test]
+fn register_takes_systemd_activated_sockets() {
+    let ns = loaded();
+    let listener = ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+    let port = listener.local_addr().unwrap().port();
+    let spawn_register = |listen_pid: &str| {
+        let fd = listener.as_raw_fd();
+        let mut cmd = ns.command("sh");
+        cmd.arg("-c")
+            .arg(format!("LISTEN_PID={listen_pid} exec \"$0\" \"$@\""))
+            .arg(bin("steerctl"))
+            .args(["--pin-dir", ns.pin_dir().to_str().unwrap(), "register", "svc"])
+            .env("LISTEN_FDS", "1");
+        // systemd passes sockets from fd 3 on.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || if libc::dup2(fd, 3) < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) });
+        }
+        cmd.output().unwrap()
+    };
+    let out = spawn_register("1");
+    assert!(stderr(&out).contains("LISTEN_PID is 1, not this process"), "{}", stderr(&out));
+    let out = spawn_register("$$");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
+    assert_eq!(list[0]["label"], "svc");
+    assert_eq!(list[0]["address"], format!("127.0.0.1:{port}"));
+    ns.steerctl_ok(&["bind", "svc", "tcp", "127.0.0.77", "0"]);
+    let accepted = std::thread::spawn(move || listener.accept().map(|(_, peer)| peer));
+    ns.enter(|| std::net::TcpStream::connect("127.0.0.77:9999").unwrap());
+    accepted.join().unwrap().unwrap();
+}
+
+#[test]
+fn load_bindings_replaces_atomically_and_a_bad_file_changes_nothing() {
+    let ns = loaded();
+    let dir = std::env::temp_dir().join(format!("steer-lb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    ns.steerctl_ok(&["bind", "old", "tcp", "10.0.0.0/8", "22"]);
+    let good = serde_json::json!({"bindings": [
+        {"label": "web", "protocol": "tcp", "prefix": "127.0.0.0/8", "port": 80},
+        {"label": "web", "protocol": "tcp", "prefix": "::1/128", "port": 443},
+        {"label": "dns", "protocol": "udp", "prefix": "127.0.0.53/32", "port": 0},
+    ]});
+    let file = dir.join("good.json");
+    std::fs::write(&file, good.to_string()).unwrap();
+    ns.steerctl_ok(&["load-bindings", file.to_str().unwrap()]);
+    let first = ns.steerctl_ok(&["--json", "bindings"]);
+    let mut expected = good["bindings"].as_array().unwrap().clone();
+    expected.sort_by_key(|b| (b["label"].to_string(), b["protocol"].to_string(), b["prefix"].to_string()));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&first).unwrap()["bindings"], serde_json::Value::Array(expected));
+    // Idempotent, and `bindings --json` reads back in.
+    std::fs::write(&file, &first).unwrap();
+    ns.steerctl_ok(&["load-bindings", file.to_str().unwrap()]);
+    assert_eq!(ns.steerctl_ok(&["--json", "bindings"]), first);
+
+    for (name, text, message) in [
+        ("syntax.json", "{\"bindings\": [", "is not a valid bindings file"),
+        ("prefix.json", r#"{"bindings":[{"label":"x","protocol":"tcp","prefix":"300.0.0.1","port":1}]}"#, "not an IPv4 or IPv6 address"),
+        ("proto.json", r#"{"bindings":[{"label":"x","protocol":"sctp","prefix":"::1","port":1}]}"#, "unknown variant"),
+        ("label.json", r#"{"bindings":[{"label":"bad label","protocol":"tcp","prefix":"::1","port":1}]}"#, "bad label"),
+        (
+            "clash.json",
+            r#"{"bindings":[{"label":"x","protocol":"tcp","prefix":"::1","port":1},{"label":"y","protocol":"tcp","prefix":"::1","port":1}]}"#,
+            "is bound to both x and y",
+        ),
+    ] {
+        let bad = dir.join(name);
+        std::fs::write(&bad, text).unwrap();
+        let out = ns.steerctl(&["load-bindings", bad.to_str().unwrap()]);
+        assert!(!out.status.success(), "{name} should be refused");
+        assert!(stderr(&out).contains(message), "{name}: {}", stderr(&out));
+        assert_eq!(ns.steerctl_ok(&["--json", "bindings"]), first, "{name} changed the bindings");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn concurrent_binds_all_land() {
+    let ns = loaded();
+    let pin_dir = ns.pin_dir();
+    let handles: Vec<_> = (1..=20)
+        .map(|i| {
+            let mut cmd = ns.command(bin("steerctl"));
+            cmd.args(["--pin-dir", pin_dir.to_str().unwrap(), "bind", &format!("l{i}"), "tcp", &format!("127.0.0.{i}"), "80"]);
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let bindings: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "bindings"])).unwrap();
+    let labels: std::collections::BTreeSet<String> =
+        bindings["bindings"].as_array().unwrap().iter().map(|b| b["label"].as_str().unwrap().to_string()).collect();
+    assert_eq!(labels.len(), 20, "{bindings}");
+    // Each label got its own id: every socket answers for its own address.
+    for i in [1, 7, 20] {
+        let addr = ns.named_tcp_server("127.0.0.1:0", &format!("l{i}"));
+        register(&ns, &format!("l{i}"), "tcp", addr);
+    }
+    for i in [1, 7, 20] {
+        assert_eq!(who(&ns, &format!("127.0.0.{i}:80")), format!("l{i}"));
+    }
+}
+
+#[test]
+fn upgrade_keeps_serving_without_refusing_a_connection() {
+    let ns = Arc::new(loaded());
+    let addr = ns.named_tcp_server("127.0.0.1:0", "web");
+    register(&ns, "web", "tcp", addr);
+    ns.steerctl_ok(&["bind", "web", "tcp", "127.0.0.0/8", "80"]);
+    let before = ns.status();
+    let done = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let client = {
+        let (ns, done, ok, failed) = (ns.clone(), done.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            ns.enter(|| {
+                // Bounded: stops after the upgrades or 200,000 connections.
+                for _ in 0..200_000 {
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match std::net::TcpStream::connect("127.0.0.80:80") {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+    };
+    while ok.load(Ordering::SeqCst) < 50 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..3 {
+        ns.steerctl_ok(&["upgrade"]);
+    }
+    let during = ok.load(Ordering::SeqCst);
+    while ok.load(Ordering::SeqCst) < during + 50 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "connections refused during upgrade ({} ok)", ok.load(Ordering::SeqCst));
+    let after = ns.status();
+    assert_ne!(after["program"]["id"], before["program"]["id"]);
+    assert_eq!(after["link"]["program_id"], after["program"]["id"]);
+    assert_eq!(after["link"]["id"], before["link"]["id"]);
+    assert_eq!(who(&ns, "127.0.0.80:80"), "web");
+}
+
+#[test]
+fn metrics_count_lookups_misses_and_serve_prometheus() {
+    let mut ns = loaded();
+    let addr = ns.named_tcp_server("127.0.0.1:0", "web");
+    register(&ns, "web", "tcp", addr);
+    ns.steerctl_ok(&["bind", "web", "tcp", "127.0.0.0/8", "80"]);
+    for _ in 0..5 {
+        assert_eq!(who(&ns, "127.0.0.2:80"), "web");
+    }
+    ns.steerctl_ok(&["unregister", "web"]);
+    // The label stays while bound; with no socket its connections are dropped.
+    assert!(ns.first_line("127.0.0.2:80".parse().unwrap()).is_err());
+    let metrics: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "metrics"])).unwrap();
+    assert_eq!(metrics, serde_json::json!([{"label": "web", "lookups": 6, "misses": 1, "errors": 0}]));
+
+    let mut serve = ns.command(bin("steerctl"));
+    serve.args(["--pin-dir", ns.pin_dir().to_str().unwrap(), "metrics", "--serve", "127.0.0.1:9100"]);
+    ns.spawn(serve);
+    let body = (0..100)
+        .find_map(|_| {
+            let got = ns.enter(|| -> std::io::Result<String> {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok(body)
+            });
+            if got.is_err() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            got.ok()
+        })
+        .expect("metrics server answered");
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("# TYPE steer_lookups_total counter"), "{body}");
+    assert!(body.contains("steer_lookups_total{label=\"web\"} 6"), "{body}");
+    assert!(body.contains("steer_misses_total{label=\"web\"} 1"), "{body}");
+}
+
+#[test]
+fn netns_and_bpffs_flags_drive_a_namespace_from_outside() {
+    let ns = TestNs::new("flags");
+    let netns = format!("/run/netns/{}", ns.name);
+    let bpffs = ns.bpffs.to_str().unwrap().to_string();
+    // Run from the test's own namespace, not through `ip netns exec`.
+    let steerctl = |args: &[&str]| {
+        let out = Command::new(bin("steerctl")).args(["--netns", &netns, "--bpffs", &bpffs]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    steerctl(&["load"]);
+    steerctl(&["attach"]);
+    let state_dir = ns.bpffs.join("steer").join(ns.inode().to_string());
+    assert!(state_dir.join("steer_dispatch_link").exists(), "state not in {}", state_dir.display());
+    let addr = ns.named_tcp_server("127.0.0.1:0", "outside");
+    steerctl(&["bind", "outside", "tcp", "127.0.0.0/8", "8443"]);
+    steerctl(&["register-pid", "outside", &me(), "tcp", "127.0.0.1", &addr.port().to_string()]);
+    assert_eq!(who(&ns, "127.0.0.3:8443"), "outside");
+    let status: serde_json::Value = serde_json::from_str(&steerctl(&["--json", "status"])).unwrap();
+    assert_eq!(status["link"]["netns_inode"].as_u64(), Some(ns.inode()));
+    steerctl(&["unload"]);
+    assert!(ns.pins().is_empty(), "{:?}", ns.pins());
+    let out = Command::new(bin("steerctl")).args(["--netns", "/nonexistent", "status"]).output().unwrap();
+    assert!(stderr(&out).contains("opening network namespace /nonexistent"), "{}", stderr(&out));
+}
