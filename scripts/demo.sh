@@ -10,6 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --quiet
 export PATH="$PWD/target/debug:$PATH"
 
@@ -48,6 +49,18 @@ echo
 echo '$ scripts/verify-nmap.sh 127.0.0.1 1-1000'
 scripts/verify-nmap.sh 127.0.0.1 1-1000
 echo
+# The same socket under a label: every port of 127.0.0.0/8 with one binding.
+run steerctl bind echo tcp 127.0.0.0/8 0
+run steerctl register-pid echo "$ncat_pid"
+echo "\$ echo 'hello label' | ncat --no-shutdown -i 1 127.0.0.53 4242"
+echo 'hello label' | ncat --no-shutdown -i 1 127.0.0.53 4242 2>/dev/null || true
+echo
+run steerctl bindings
+run steerctl list
+run steerctl metrics
+run steerctl unbind echo tcp 127.0.0.0/8 0
+run steerctl unregister echo
+
 run steerctl ports del 777
 echo '$ scripts/verify-nmap.sh 127.0.0.1 1-1000'
 scripts/verify-nmap.sh 127.0.0.1 1-1000

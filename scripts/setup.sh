@@ -17,11 +17,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-command -v cargo >/dev/null 2>&1 || {
-    echo "setup.sh: no Rust toolchain; install rustup (https://rustup.rs) first" >&2
-    exit 1
-}
-# The BPF object is rebuilt (and checked) with nightly's build-std and llc.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v cargo >/dev/null 2>&1; then
+    command -v curl >/dev/null 2>&1 || apt-get install -y -qq curl >/dev/null
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+fi
+# Only rebuilding the BPF object needs nightly (build-std, llc); the tools
+# themselves build on stable with the committed object.
+if ! rustup toolchain list | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
+fi
 if rustup toolchain list | grep -q '^nightly'; then
     rustup component add rust-src llvm-tools --toolchain nightly >/dev/null 2>&1 || true
 fi

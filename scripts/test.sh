@@ -9,6 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
 if rustup toolchain list | grep -q '^nightly'; then
     cargo xtask build-ebpf --check
 elif [ -n "${CI:-}" ]; then

@@ -306,6 +306,11 @@ impl State {
         Ok(removed)
     }
 
+    /// How many sockets are registered, without looking for their owners.
+    pub fn registered_count(&self) -> Result<usize> {
+        Ok(sys::map_keys(Self::fd(&self.sockets), 8)?.len())
+    }
+
     pub fn registrations(&self) -> Result<Vec<Registration>> {
         let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
         let mut out = Vec::new();

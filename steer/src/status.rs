@@ -44,6 +44,9 @@ pub struct Status {
     pub link: Option<LinkStatus>,
     pub ports: Vec<u16>,
     pub socket: Option<SocketStatus>,
+    pub labels: usize,
+    pub bindings: usize,
+    pub registered_sockets: usize,
 }
 
 pub fn status(layout: &Layout) -> Result<Status> {
@@ -80,7 +83,16 @@ pub fn status(layout: &Layout) -> Result<Status> {
     } else {
         None
     };
+    let (labels, bindings, registered_sockets) = if layout.map("labels").exists() {
+        let state = crate::control::State::open(layout)?;
+        (state.labels()?.len(), state.bindings()?.len(), state.registered_count()?)
+    } else {
+        (0, 0, 0)
+    };
     Ok(Status {
+        labels,
+        bindings,
+        registered_sockets,
         pin_dir: layout.dir.display().to_string(),
         current_netns_inode: netns::current_inode()?,
         program,

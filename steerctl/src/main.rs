@@ -173,6 +173,10 @@ fn print_status(status: &Status) {
         }
         None => b.push_record(["socket", "none"]),
     }
+    b.push_record([
+        "labels".to_string(),
+        format!("{} ({} bindings, {} sockets; see `steerctl bindings` and `steerctl list`)", status.labels, status.bindings, status.registered_sockets),
+    ]);
     println!("{}", b.build().with(Style::sharp()));
 }
 
