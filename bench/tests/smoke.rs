@@ -1,0 +1,34 @@
+//! Runs the benchmark in smoke mode and checks only that it measured
+//! something for every row: timings on a shared machine are not asserted.
+//! Needs root, like the rest of the workspace's real-kernel tests.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn assert_positive_numbers(section: &str, row: &Value) {
+    let fields = row.as_object().unwrap_or_else(|| panic!("{section} row is not an object: {row}"));
+    let numbers: Vec<_> = fields.iter().filter(|(_, v)| v.is_number()).collect();
+    assert!(!numbers.is_empty(), "{section} row has no numbers: {row}");
+    for (name, value) in numbers {
+        assert!(value.as_f64().is_some_and(|v| v > 0.0), "{section} row {row}: {name} is not positive");
+    }
+}
+
+#[test]
+fn quick_json_run_measures_every_row() {
+    let out = Command::new(env!("CARGO_BIN_EXE_steer-bench")).args(["--quick", "--json"]).output().expect("running steer-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "steer-bench --quick --json failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("output is not JSON ({e}); stderr: {stderr}"));
+
+    for section in ["connection_rate", "program_cost", "program_cost_by_bindings", "control_plane"] {
+        let rows = report[section].as_array().unwrap_or_else(|| panic!("no {section} array in {report}"));
+        assert!(!rows.is_empty(), "{section} has no rows");
+        for row in rows {
+            assert_positive_numbers(section, row);
+        }
+    }
+    let tests: Vec<_> = report["connection_rate"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap_or("")).collect();
+    assert!(tests.iter().any(|t| t.starts_with("tcp")) && tests.iter().any(|t| t.starts_with("udp")), "missing a protocol: {tests:?}");
+}
