@@ -72,6 +72,7 @@ fn unload_leaves_no_pins() {
         [
             "steer",
             "steer/active_bindings",
+            "steer/binding_lengths",
             "steer/bindings_0",
             "steer/bindings_1",
             "steer/echo_ports",

@@ -88,8 +88,9 @@ pub fn program_cost_at_scale(
         state.load_bindings(&file)?;
         state.register(LABEL, &info, socket.as_fd())?;
         drop(state);
+        let lengths: std::collections::BTreeSet<u8> = file.bindings.iter().map(|b| b.prefix.len).collect();
         let program = Program {
-            name: format!("{} with {n} bindings", steer::deploy::PROGRAM),
+            name: format!("{} with {n} bindings ({} prefix lengths)", steer::deploy::PROGRAM, lengths.len()),
             fd: crate::bpf::obj_get(&layout.program())?,
         };
         rows.extend(cost::measure(std::slice::from_ref(&program), &hit, &miss, repeat, samples)?);

@@ -20,7 +20,7 @@ use core::{ffi::c_void, ptr};
 use aya_ebpf::bindings::{
     bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release},
     bpf_map_type::{
-        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_LPM_TRIE, BPF_MAP_TYPE_PERCPU_ARRAY,
+        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
         BPF_MAP_TYPE_SOCKHASH, BPF_MAP_TYPE_SOCKMAP,
     },
     sk_action::{SK_DROP, SK_PASS},
@@ -107,25 +107,25 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const BPF_F_NO_PREALLOC: usize = 1;
 
-/// LPM trie key: protocol and port always match in full, then the address
-/// (IPv4 as v4-mapped IPv6) up to the binding's prefix length.
-#[repr(C, packed)]
+/// Binding key: one hash entry per (protocol, prefix length, port,
+/// masked address), IPv4 as v4-mapped IPv6 (its /N is /96+N here).
+#[repr(C)]
 pub struct BindingKey {
-    prefixlen: u32,
     protocol: u8,
+    prefixlen: u8,
     port: [u8; 2],
     addr: [u8; 16],
 }
 
-/// Bits of a BindingKey after `prefixlen`: protocol, port, address.
-const FULL_PREFIX: u32 = (1 + 2 + 16) * 8;
-
+/// The prefix lengths in use, longest first. A lookup probes only these, so
+/// its cost follows the number of distinct lengths, never of bindings.
 #[repr(C)]
-pub struct Binding {
-    label_id: u32,
-    /// The key's prefixlen, to compare an exact-port hit with a wildcard one.
-    prefixlen: u32,
+pub struct PrefixLengths {
+    count: u32,
+    lengths: [u8; 132],
 }
+
+const MAX_LENGTHS: usize = 129;
 
 /// A label's socket for one address family and transport.
 #[repr(C)]
@@ -147,10 +147,13 @@ pub struct LabelMetrics {
 
 pub const MAX_LABELS: usize = 4096;
 
-// Two tries so `load-bindings` can fill the idle one and switch with a single
-// write to `active_bindings`: lookups see the old set or the new, never a mix.
-btf_map!(Bindings0, BINDINGS_0, "bindings_0", BPF_MAP_TYPE_LPM_TRIE, BindingKey, Binding, 1048576, BPF_F_NO_PREALLOC);
-btf_map!(Bindings1, BINDINGS_1, "bindings_1", BPF_MAP_TYPE_LPM_TRIE, BindingKey, Binding, 1048576, BPF_F_NO_PREALLOC);
+// Two binding sets so `load-bindings` can fill the idle one and switch with
+// a single write to `active_bindings`: lookups see the old set or the new,
+// never a mix. Values are label ids.
+btf_map!(Bindings0, BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
+btf_map!(Bindings1, BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
+// Index 0 and 1: the prefix lengths of bindings_0 and bindings_1.
+btf_map!(BindingLengths, BINDING_LENGTHS, "binding_lengths", BPF_MAP_TYPE_ARRAY, u32, PrefixLengths, 2);
 btf_map!(ActiveBindings, ACTIVE_BINDINGS, "active_bindings", BPF_MAP_TYPE_ARRAY, u32, u32, 1);
 btf_map!(Sockets, SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, DestKey, u64, 4096);
 btf_map!(Metrics, METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, LabelMetrics, 4096);
@@ -193,6 +196,15 @@ pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     seed_dispatch(ctx)
 }
 
+/// The address (as two big-endian halves) with all but its first `len`
+/// bits cleared.
+#[inline(always)]
+fn masked(hi: u64, lo: u64, len: u32) -> (u64, u64) {
+    let hi_mask = if len >= 64 { u64::MAX } else if len == 0 { 0 } else { u64::MAX << (64 - len) };
+    let lo_mask = if len >= 128 { u64::MAX } else if len <= 64 { 0 } else { u64::MAX << (128 - len) };
+    (hi & hi_mask, lo & lo_mask)
+}
+
 /// Reads a context word with a 4-byte load, the width the verifier allows.
 #[inline(always)]
 fn ctx_word(word: *const u32) -> [u8; 4] {
@@ -205,7 +217,6 @@ fn ctx_word(word: *const u32) -> [u8; 4] {
 pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
-    let mut key = BindingKey { prefixlen: FULL_PREFIX, protocol: protocol as u8, port: (port as u16).to_be_bytes(), addr: [0; 16] };
     // Addresses are in network order in the context; copying the words'
     // bytes keeps that order. All five words are read up front, each at a
     // constant offset: the verifier rejects a ctx pointer the compiler
@@ -217,37 +228,52 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
         ctx_word(unsafe { &raw const (*ctx).local_ip6[2] }),
         ctx_word(unsafe { &raw const (*ctx).local_ip6[3] }),
     ];
-    if family == AF_INET {
-        key.addr[10] = 0xff;
-        key.addr[11] = 0xff;
-        key.addr[12..16].copy_from_slice(&ip4);
+    let (addr_hi, addr_lo) = if family == AF_INET {
+        (0, 0x0000_ffff_0000_0000 | u64::from(u32::from_be_bytes(ip4)))
     } else {
-        for (i, word) in ip6.iter().enumerate() {
-            key.addr[i * 4..i * 4 + 4].copy_from_slice(word);
-        }
-    }
+        (
+            u64::from(u32::from_be_bytes(ip6[0])) << 32 | u64::from(u32::from_be_bytes(ip6[1])),
+            u64::from(u32::from_be_bytes(ip6[2])) << 32 | u64::from(u32::from_be_bytes(ip6[3])),
+        )
+    };
 
     let zero: u32 = 0;
     // Safety: map and key pointers are valid for the duration of each call.
     let active = unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const u32;
-    let use_second = !active.is_null() && unsafe { *active } == 1;
-    let lookup = |key: &BindingKey| -> *const Binding {
-        let trie = if use_second { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
-        unsafe { map_lookup_elem(trie, ptr::from_ref(key).cast()) }.cast_const().cast()
-    };
-    let exact = lookup(&key);
-    key.port = [0, 0];
-    let wildcard = lookup(&key);
-    // Longest prefix first; on a tie the exact port beats the wildcard.
-    let binding = match (exact.is_null(), wildcard.is_null()) {
-        (true, true) => return seed_dispatch(ctx),
-        (false, true) => exact,
-        (true, false) => wildcard,
-        (false, false) => {
-            if unsafe { (*wildcard).prefixlen > (*exact).prefixlen } { wildcard } else { exact }
+    let set: u32 = if !active.is_null() && unsafe { *active } == 1 { 1 } else { 0 };
+    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&set).cast()) } as *const PrefixLengths;
+    if lengths.is_null() {
+        return seed_dispatch(ctx);
+    }
+    let bindings = if set == 1 { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
+    let count = unsafe { (*lengths).count } as usize;
+    let mut key = BindingKey { protocol: protocol as u8, prefixlen: 0, port: [0; 2], addr: [0; 16] };
+    let mut found: *const u32 = ptr::null();
+    // Longest prefix first; at each length the exact port before the wildcard.
+    for i in 0..MAX_LENGTHS {
+        if i >= count {
+            break;
         }
-    };
-    let label_id = unsafe { (*binding).label_id };
+        let len = u32::from(unsafe { (*lengths).lengths[i] });
+        let (hi, lo) = masked(addr_hi, addr_lo, len);
+        key.prefixlen = len as u8;
+        key.addr[..8].copy_from_slice(&hi.to_be_bytes());
+        key.addr[8..].copy_from_slice(&lo.to_be_bytes());
+        key.port = (port as u16).to_be_bytes();
+        found = unsafe { map_lookup_elem(bindings, ptr::from_ref(&key).cast()) }.cast_const().cast();
+        if !found.is_null() {
+            break;
+        }
+        key.port = [0, 0];
+        found = unsafe { map_lookup_elem(bindings, ptr::from_ref(&key).cast()) }.cast_const().cast();
+        if !found.is_null() {
+            break;
+        }
+    }
+    if found.is_null() {
+        return seed_dispatch(ctx);
+    }
+    let label_id = unsafe { *found };
 
     let metrics = unsafe { map_lookup_elem(map_ptr(&METRICS), ptr::from_ref(&label_id).cast()) } as *mut LabelMetrics;
     if !metrics.is_null() {

@@ -1,11 +1,13 @@
 //! Bindings: (protocol, address prefix, port) -> label, and their key
-//! encoding in the `bindings_*` LPM tries.
+//! encoding in the `bindings_*` hash maps (one entry per protocol, prefix and port).
 
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
+
+use std::collections::BTreeSet;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -108,57 +110,49 @@ pub struct BindingsFile {
     pub bindings: Vec<Binding>,
 }
 
-pub const KEY_SIZE: usize = 4 + 1 + 2 + 16;
-pub const VALUE_SIZE: usize = 8;
-/// Bits after the key's prefixlen field that always match: protocol, port.
-const FIXED_BITS: u32 = 24;
+/// Key in the `bindings_*` hash maps: protocol, prefix length (in the
+/// v4-mapped space), port (big-endian), masked address.
+pub const KEY_SIZE: usize = 1 + 1 + 2 + 16;
+/// `binding_lengths` entries: a u32 count, then up to 129 lengths (132 with padding).
+pub const LENGTHS_SIZE: usize = 4 + 132;
 
-fn protocol_number(p: Protocol) -> u8 {
-    match p {
-        Protocol::Tcp => libc::IPPROTO_TCP as u8,
-        Protocol::Udp => libc::IPPROTO_UDP as u8,
-    }
-}
-
-/// The LPM key of (protocol, prefix, port) and its prefixlen.
-pub fn encode_key(protocol: Protocol, prefix: &Prefix, port: u16) -> ([u8; KEY_SIZE], u32) {
-    let (addr, addr_bits) = prefix.mapped();
-    let prefixlen = FIXED_BITS + addr_bits;
+/// The key of (protocol, prefix, port).
+pub fn encode_key(protocol: Protocol, prefix: &Prefix, port: u16) -> [u8; KEY_SIZE] {
+    let (addr, bits) = prefix.mapped();
     let mut key = [0u8; KEY_SIZE];
-    key[0..4].copy_from_slice(&prefixlen.to_ne_bytes());
-    key[4] = protocol_number(protocol);
-    key[5..7].copy_from_slice(&port.to_be_bytes());
-    key[7..].copy_from_slice(&addr);
-    (key, prefixlen)
-}
-
-pub fn encode_value(label_id: u32, prefixlen: u32) -> [u8; VALUE_SIZE] {
-    let mut v = [0u8; VALUE_SIZE];
-    v[0..4].copy_from_slice(&label_id.to_ne_bytes());
-    v[4..8].copy_from_slice(&prefixlen.to_ne_bytes());
-    v
+    key[0] = protocol.number();
+    key[1] = bits as u8;
+    key[2..4].copy_from_slice(&port.to_be_bytes());
+    key[4..].copy_from_slice(&addr);
+    key
 }
 
 /// (protocol, prefix, port) back from a key.
 pub fn decode_key(key: &[u8]) -> Result<(Protocol, Prefix, u16)> {
-    let prefixlen = u32::from_ne_bytes(key[0..4].try_into()?);
-    let protocol = match i32::from(key[4]) {
+    let protocol = match i32::from(key[0]) {
         libc::IPPROTO_TCP => Protocol::Tcp,
         libc::IPPROTO_UDP => Protocol::Udp,
         other => bail!("binding with unknown protocol {other}"),
     };
-    let port = u16::from_be_bytes([key[5], key[6]]);
-    let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&key[7..])?);
-    let bits = prefixlen.saturating_sub(FIXED_BITS);
+    let bits = key[1];
+    let port = u16::from_be_bytes([key[2], key[3]]);
+    let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&key[4..])?);
     let prefix = match addr.to_ipv4_mapped() {
-        Some(v4) if bits >= 96 => Prefix::new(IpAddr::V4(v4), (bits - 96) as u8)?,
-        _ => Prefix::new(IpAddr::V6(addr), bits as u8)?,
+        Some(v4) if bits >= 96 => Prefix::new(IpAddr::V4(v4), bits - 96)?,
+        _ => Prefix::new(IpAddr::V6(addr), bits)?,
     };
     Ok((protocol, prefix, port))
 }
 
-pub fn decode_label_id(value: &[u8]) -> u32 {
-    u32::from_ne_bytes(value[0..4].try_into().expect("4 bytes"))
+/// The prefix-length list the program probes, longest first.
+pub fn encode_lengths(keys: impl IntoIterator<Item = u8>) -> [u8; LENGTHS_SIZE] {
+    let lengths: BTreeSet<u8> = keys.into_iter().collect();
+    let mut out = [0u8; LENGTHS_SIZE];
+    out[0..4].copy_from_slice(&(lengths.len() as u32).to_ne_bytes());
+    for (slot, len) in out[4..].iter_mut().zip(lengths.iter().rev()) {
+        *slot = *len;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -181,15 +175,17 @@ mod tests {
             [(Protocol::Tcp, "127.0.0.0/8", 80), (Protocol::Udp, "::1/128", 0), (Protocol::Tcp, "0.0.0.0/0", 53), (Protocol::Udp, "::/0", 9)]
         {
             let prefix: Prefix = prefix.parse().unwrap();
-            let (key, _) = encode_key(proto, &prefix, port);
+            let key = encode_key(proto, &prefix, port);
             assert_eq!(decode_key(&key).unwrap(), (proto, prefix, port));
         }
     }
 
     #[test]
-    fn ipv4_keys_are_longer_than_any_ipv6_catch_all() {
-        let (_, v4_any) = encode_key(Protocol::Tcp, &"0.0.0.0/0".parse().unwrap(), 80);
-        let (_, v6_any) = encode_key(Protocol::Tcp, &"::/0".parse().unwrap(), 80);
-        assert!(v4_any > v6_any);
+    fn ipv4_lengths_sit_above_every_ipv6_one_but_128() {
+        let v4_any = encode_key(Protocol::Tcp, &"0.0.0.0/0".parse().unwrap(), 80);
+        let v4_host = encode_key(Protocol::Tcp, &"10.1.2.3".parse().unwrap(), 80);
+        assert_eq!((v4_any[1], v4_host[1]), (96, 128));
+        let lengths = encode_lengths([96, 128, 24, 128]);
+        assert_eq!(&lengths[..7], &[3, 0, 0, 0, 128, 96, 24]);
     }
 }

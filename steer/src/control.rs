@@ -77,7 +77,8 @@ pub struct LabelStats {
 /// The open maps of one state directory.
 pub struct State {
     labels: MapData,
-    tries: [MapData; 2],
+    sets: [MapData; 2],
+    lengths: MapData,
     active: MapData,
     sockets: MapData,
     metrics: Map,
@@ -96,7 +97,8 @@ impl State {
         bpffs::require_dir(&layout.dir)?;
         Ok(Self {
             labels: open_map(layout, "labels")?,
-            tries: [open_map(layout, "bindings_0")?, open_map(layout, "bindings_1")?],
+            sets: [open_map(layout, "bindings_0")?, open_map(layout, "bindings_1")?],
+            lengths: open_map(layout, "binding_lengths")?,
             active: open_map(layout, "active_bindings")?,
             sockets: open_map(layout, "sockets")?,
             metrics: Map::from_map_data(open_map(layout, "metrics")?)?,
@@ -152,7 +154,7 @@ impl State {
 
     /// Forgets labels with neither bindings nor sockets.
     fn collect_labels(&self) -> Result<()> {
-        let mut in_use: BTreeSet<u32> = self.binding_entries()?.into_iter().map(|(_, _, id)| id).collect();
+        let mut in_use: BTreeSet<u32> = self.binding_entries()?.into_iter().map(|(_, id)| id).collect();
         for key in sys::map_keys(Self::fd(&self.sockets), 8)? {
             in_use.insert(u32::from_ne_bytes(key[0..4].try_into()?));
         }
@@ -172,23 +174,46 @@ impl State {
         Ok(if u32::from_ne_bytes(value) == 1 { 1 } else { 0 })
     }
 
-    /// (key, value's prefixlen, label id) of every entry of the active trie.
-    fn binding_entries(&self) -> Result<Vec<(Vec<u8>, u32, u32)>> {
-        let trie = Self::fd(&self.tries[self.active_index()?]);
+    /// (key, label id) of every binding of the set in use.
+    fn binding_entries(&self) -> Result<Vec<(Vec<u8>, u32)>> {
+        let set = Self::fd(&self.sets[self.active_index()?]);
         let mut out = Vec::new();
-        for key in sys::map_keys(trie, bindings::KEY_SIZE)? {
-            let mut value = [0u8; bindings::VALUE_SIZE];
-            if sys::map_lookup(trie, &key, &mut value)?.is_some() {
-                out.push((key, 0, bindings::decode_label_id(&value)));
+        for key in sys::map_keys(set, bindings::KEY_SIZE)? {
+            let mut id = [0u8; 4];
+            if sys::map_lookup(set, &key, &mut id)?.is_some() {
+                out.push((key, u32::from_ne_bytes(id)));
             }
         }
         Ok(out)
     }
 
+    /// Adds `len` to set `index`'s prefix-length list unless it is there;
+    /// no scan of the bindings, so a bind costs the same at any count.
+    fn add_length(&self, index: usize, len: u8) -> Result<()> {
+        let mut current = [0u8; bindings::LENGTHS_SIZE];
+        sys::map_lookup(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &mut current)?;
+        let count = u32::from_ne_bytes(current[0..4].try_into()?) as usize;
+        let known = &current[4..4 + count.min(bindings::LENGTHS_SIZE - 4)];
+        if known.contains(&len) {
+            return Ok(());
+        }
+        let lengths = bindings::encode_lengths(known.iter().copied().chain([len]));
+        sys::map_update(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &lengths)
+            .context("updating the prefix-length list")
+    }
+
+    /// Rewrites set `index`'s prefix-length list from its keys.
+    fn write_lengths(&self, index: usize) -> Result<()> {
+        let keys = sys::map_keys(Self::fd(&self.sets[index]), bindings::KEY_SIZE)?;
+        let lengths = bindings::encode_lengths(keys.iter().map(|k| k[1]));
+        sys::map_update(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &lengths)
+            .context("updating the prefix-length list")
+    }
+
     pub fn bindings(&self) -> Result<Vec<Binding>> {
         let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
         let mut out = Vec::new();
-        for (key, _, id) in self.binding_entries()? {
+        for (key, id) in self.binding_entries()? {
             let (protocol, prefix, port) = bindings::decode_key(&key)?;
             let label = names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
             out.push(Binding { label, protocol, prefix, port });
@@ -198,21 +223,18 @@ impl State {
     }
 
     /// Label id bound to exactly this (protocol, prefix, port), if any.
-    fn exact_binding(&self, trie: BorrowedFd<'_>, b: &Binding) -> Result<Option<u32>> {
-        let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
-        let mut value = [0u8; bindings::VALUE_SIZE];
-        // The trie answers with the longest match; equal length means this very key.
-        Ok(sys::map_lookup(trie, &key, &mut value)?
-            .filter(|()| u32::from_ne_bytes(value[4..8].try_into().unwrap()) == prefixlen)
-            .map(|()| bindings::decode_label_id(&value)))
+    fn exact_binding(&self, set: BorrowedFd<'_>, b: &Binding) -> Result<Option<u32>> {
+        let mut id = [0u8; 4];
+        Ok(sys::map_lookup(set, &bindings::encode_key(b.protocol, &b.prefix, b.port), &mut id)?
+            .map(|()| u32::from_ne_bytes(id)))
     }
 
     /// Adds a binding; false when it was already there.
     pub fn bind(&mut self, b: &Binding) -> Result<bool> {
         label_key(&b.label)?;
-        let trie_index = self.active_index()?;
+        let index = self.active_index()?;
         let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
-        if let Some(id) = self.exact_binding(Self::fd(&self.tries[trie_index]), b)? {
+        if let Some(id) = self.exact_binding(Self::fd(&self.sets[index]), b)? {
             let owner = names.get(&id).cloned().unwrap_or_default();
             if owner == b.label {
                 return Ok(false);
@@ -220,24 +242,26 @@ impl State {
             bail!("{} {} {} is already bound to label {owner}; unbind it first", b.protocol, b.prefix, b.port);
         }
         let id = self.ensure_label(&b.label)?;
-        let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
-        sys::map_update(Self::fd(&self.tries[trie_index]), &key, &bindings::encode_value(id, prefixlen))
-            .context("adding the binding")?;
+        let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
+        sys::map_update(Self::fd(&self.sets[index]), &key, &id.to_ne_bytes()).context("adding the binding")?;
+        // After the key: a lookup in between just does not see it yet.
+        self.add_length(index, key[1])?;
         Ok(true)
     }
 
     pub fn unbind(&mut self, b: &Binding) -> Result<()> {
-        let trie = Self::fd(&self.tries[self.active_index()?]);
-        match (self.exact_binding(trie, b)?, self.label_id(&b.label)?) {
+        let index = self.active_index()?;
+        let set = Self::fd(&self.sets[index]);
+        match (self.exact_binding(set, b)?, self.label_id(&b.label)?) {
             (Some(bound), Some(id)) if bound == id => {}
             _ => bail!("no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
         }
-        let (key, _) = bindings::encode_key(b.protocol, &b.prefix, b.port);
-        sys::map_delete(trie, &key)?;
+        sys::map_delete(set, &bindings::encode_key(b.protocol, &b.prefix, b.port))?;
+        self.write_lengths(index)?;
         self.collect_labels()
     }
 
-    /// Replaces every binding with `file`'s in one switch of the active trie.
+    /// Replaces every binding with `file`'s in one switch of the active set.
     pub fn load_bindings(&mut self, file: &BindingsFile) -> Result<()> {
         let mut seen: BTreeMap<(Protocol, bindings::Prefix, u16), &str> = BTreeMap::new();
         for b in &file.bindings {
@@ -250,16 +274,18 @@ impl State {
         }
         let active = self.active_index()?;
         let idle = 1 - active;
-        clear(Self::fd(&self.tries[idle]), bindings::KEY_SIZE)?;
+        clear(Self::fd(&self.sets[idle]), bindings::KEY_SIZE)?;
         for b in &file.bindings {
             let id = self.ensure_label(&b.label)?;
-            let (key, prefixlen) = bindings::encode_key(b.protocol, &b.prefix, b.port);
-            sys::map_update(Self::fd(&self.tries[idle]), &key, &bindings::encode_value(id, prefixlen))
+            let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
+            sys::map_update(Self::fd(&self.sets[idle]), &key, &id.to_ne_bytes())
                 .with_context(|| format!("adding binding {b}"))?;
         }
+        self.write_lengths(idle)?;
         sys::map_update(Self::fd(&self.active), &0u32.to_ne_bytes(), &(idle as u32).to_ne_bytes())
             .context("switching to the new bindings")?;
-        clear(Self::fd(&self.tries[active]), bindings::KEY_SIZE)?;
+        clear(Self::fd(&self.sets[active]), bindings::KEY_SIZE)?;
+        self.write_lengths(active)?;
         self.collect_labels()
     }
 

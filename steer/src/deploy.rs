@@ -25,8 +25,17 @@ pub const PORT_MAP: &str = "echo_ports";
 pub const SOCKET_MAP: &str = "echo_socket";
 pub const LINK: &str = "steer_dispatch_link";
 /// Every map of the object; all are pinned by name in the state directory.
-pub const MAPS: [&str; 8] =
-    [PORT_MAP, SOCKET_MAP, "bindings_0", "bindings_1", "active_bindings", "sockets", "metrics", "labels"];
+pub const MAPS: [&str; 9] = [
+    PORT_MAP,
+    SOCKET_MAP,
+    "bindings_0",
+    "bindings_1",
+    "binding_lengths",
+    "active_bindings",
+    "sockets",
+    "metrics",
+    "labels",
+];
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Where steerctl pins things inside its bpffs directory.
