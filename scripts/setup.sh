@@ -8,9 +8,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 need_apt=()
-for tool in bpftool:bpftool ncat:ncat nmap:nmap ip:iproute2 setpriv:util-linux gcc:build-essential; do
+# clang-19 and libbpf-dev build the seed's C program that steer-bench compares against.
+for tool in bpftool:bpftool ncat:ncat nmap:nmap ip:iproute2 setpriv:util-linux gcc:build-essential clang-19:clang-19; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt+=("${tool#*:}")
 done
+[ -e /usr/include/bpf/bpf_helpers.h ] || need_apt+=(libbpf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
