@@ -19,4 +19,12 @@ else
     echo "test.sh: no nightly toolchain, skipping the BPF object freshness check" >&2
 fi
 cargo build --workspace --all-targets
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run: cargo's last line is some crate's
+# (often empty) doc-test summary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

@@ -1,42 +1,17 @@
-//! The two bpf(2) commands the steer library does not export.
+//! BPF_PROG_TEST_RUN for sk_lookup programs; the rest comes from steer::sys.
 
 use std::{
     io,
     mem::size_of,
     net::Ipv4Addr,
-    os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-        unix::ffi::OsStrExt,
-    },
-    path::Path,
+    os::fd::{AsRawFd, BorrowedFd},
 };
 
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 pub const SK_PASS: u32 = 1;
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // Safety: attr is a live, properly sized bpf_attr prefix for cmd.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
-}
-
-/// Opens a pinned BPF object.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
-    #[repr(C)]
-    struct ObjGetAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // Safety: BPF_OBJ_GET returned a new fd we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
+pub use steer::sys::{bpf, obj_get};
 
 /// The kernel's `struct bpf_sk_lookup` (72 bytes): the test-run context.
 #[repr(C)]

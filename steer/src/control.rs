@@ -418,29 +418,17 @@ pub struct SocketFilter {
 /// The steerable sockets of `pid` matching `filter`: with a filter exactly
 /// one, without one at most one per family and protocol.
 pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<socket::TakenSocket>> {
-    let process = procfs::process::Process::new(pid).map_err(|_| anyhow::anyhow!("no process with PID {pid}"))?;
-    let mut found = Vec::new();
-    for entry in process.fd().with_context(|| format!("listing fds of process {pid}"))?.flatten() {
-        if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
-            continue;
-        }
-        let Ok(taken) = socket::take_steerable(pid, entry.fd) else { continue };
-        let wanted = filter.is_none_or(|f| {
-            taken.info.protocol == f.protocol
-                && taken.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
+    let mut found = socket::steerable_sockets(pid)?;
+    if let Some(f) = filter {
+        found.retain(|t| {
+            t.info.protocol == f.protocol && t.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
         });
-        if wanted {
-            found.push(taken);
-        }
     }
-    let describe = |list: &[socket::TakenSocket]| {
-        list.iter().map(|t| format!("fd {} ({})", t.fd, t.info)).collect::<Vec<_>>().join(", ")
-    };
     match filter {
         Some(f) if found.is_empty() => {
             bail!("process {pid} has no listening/bound {} socket on {}", f.protocol, std::net::SocketAddr::new(f.address, f.port))
         }
-        Some(_) if found.len() > 1 => bail!("process {pid} has several matching sockets: {}", describe(&found)),
+        Some(_) if found.len() > 1 => bail!("process {pid} has several matching sockets: {}", socket::describe(&found)),
         None if found.is_empty() => {
             bail!("process {pid} has no listening TCP or bound UDP socket in this network namespace")
         }
@@ -449,7 +437,7 @@ pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<socket:
             if kinds.len() != found.len() {
                 bail!(
                     "process {pid} has several sockets of one family and protocol, name one with `tcp|udp ADDR PORT`: {}",
-                    describe(&found)
+                    socket::describe(&found)
                 );
             }
         }
@@ -480,4 +468,43 @@ pub fn activated_sockets() -> Result<Vec<(i32, SocketInfo)>> {
         out.push((fd, info));
     }
     Ok(out)
+}
+
+/// The metrics in the Prometheus text exposition format.
+pub fn prometheus(stats: &[LabelStats]) -> String {
+    let counters: [(&str, &str, fn(&LabelMetrics) -> u64); 3] = [
+        ("steer_lookups_total", "Connections matched to a label's binding.", |m| m.lookups),
+        ("steer_misses_total", "Matched connections dropped because the label has no socket.", |m| m.misses),
+        ("steer_errors_total", "Matched connections dropped because the socket was refused (sk_assign).", |m| m.errors),
+    ];
+    let mut out = String::new();
+    for (name, help, value) in counters {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for s in stats {
+            out.push_str(&format!("{name}{{label=\"{}\"}} {}\n", s.label, value(&s.metrics)));
+        }
+    }
+    out
+}
+
+/// Answers every HTTP request on `addr` with the current metrics, until killed.
+pub fn serve_metrics(layout: &Layout, addr: std::net::SocketAddr) -> Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    log::info!("serving metrics on http://{}/metrics", listener.local_addr()?);
+    for mut conn in listener.incoming().flatten() {
+        // The request itself does not matter: every path gets the metrics.
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let body = match State::open(layout).and_then(|s| s.metrics()) {
+            Ok(stats) => prometheus(&stats),
+            Err(e) => format!("# error: {e:#}\n"),
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
 }

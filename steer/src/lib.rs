@@ -12,7 +12,7 @@ pub mod netns;
 pub mod preflight;
 pub mod socket;
 pub mod status;
-mod sys;
+pub mod sys;
 
 use std::{os::fd::AsFd, path::Path};
 

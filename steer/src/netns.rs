@@ -8,3 +8,11 @@ pub const CURRENT: &str = "/proc/self/ns/net";
 pub fn current_inode() -> Result<u64> {
     Ok(std::fs::metadata(CURRENT).context("reading /proc/self/ns/net")?.ino())
 }
+
+/// Moves the calling thread (at start-up: the whole process) into the
+/// network namespace at `path`, such as /run/netns/NAME.
+pub fn enter(path: &std::path::Path) -> Result<()> {
+    let ns = std::fs::File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering network namespace {} (is it a netns file?)", path.display()))
+}

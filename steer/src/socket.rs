@@ -238,6 +238,16 @@ pub fn take_steerable(pid: i32, fd: i32) -> Result<TakenSocket> {
 
 /// The single steerable socket among `pid`'s fds.
 pub fn find_steerable(pid: i32) -> Result<TakenSocket> {
+    let mut found = steerable_sockets(pid)?;
+    match found.len() {
+        1 => Ok(found.pop().expect("one element")),
+        0 => bail!("process {pid} has no listening TCP or bound UDP socket in this network namespace"),
+        _ => bail!("process {pid} has several sockets, pick one with --fd: {}", describe(&found)),
+    }
+}
+
+/// Every socket of `pid` that sk_lookup could steer to, duplicated.
+pub fn steerable_sockets(pid: i32) -> Result<Vec<TakenSocket>> {
     let process = procfs::process::Process::new(pid).map_err(|_| anyhow::anyhow!("no process with PID {pid}"))?;
     let mut found = Vec::new();
     for entry in process.fd().with_context(|| format!("listing fds of process {pid}"))?.flatten() {
@@ -248,14 +258,12 @@ pub fn find_steerable(pid: i32) -> Result<TakenSocket> {
             found.push(taken);
         }
     }
-    match found.len() {
-        1 => Ok(found.pop().expect("one element")),
-        0 => bail!("process {pid} has no listening TCP or bound UDP socket in this network namespace"),
-        _ => {
-            let list: Vec<String> = found.iter().map(|t| format!("fd {} ({})", t.fd, t.info)).collect();
-            bail!("process {pid} has several sockets, pick one with --fd: {}", list.join(", "))
-        }
-    }
+    Ok(found)
+}
+
+/// "fd 3 (tcp 127.0.0.1:80), ..." for error messages.
+pub fn describe(sockets: &[TakenSocket]) -> String {
+    sockets.iter().map(|t| format!("fd {} ({})", t.fd, t.info)).collect::<Vec<_>>().join(", ")
 }
 
 /// A process holding a socket.

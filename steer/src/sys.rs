@@ -31,7 +31,8 @@ struct InfoAttr {
     info: u64,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+/// bpf(2) with `attr` as the leading part of `union bpf_attr` for `cmd`.
+pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // Safety: attr is a live, properly sized bpf_attr prefix for cmd.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }

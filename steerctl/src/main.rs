@@ -180,14 +180,6 @@ fn print_status(status: &Status) {
     println!("{}", b.build().with(Style::sharp()));
 }
 
-fn enter_netns(path: &std::path::Path) -> Result<()> {
-    use anyhow::Context;
-    let ns = std::fs::File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
-    // Still single-threaded here, so the whole process moves.
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-        .with_context(|| format!("entering network namespace {} (is it a netns file?)", path.display()))
-}
-
 #[derive(Tabled)]
 struct BindingRow {
     #[tabled(rename = "LABEL")]
@@ -200,48 +192,10 @@ struct BindingRow {
     port: String,
 }
 
-fn prometheus(stats: &[control::LabelStats]) -> String {
-    let mut out = String::new();
-    for (name, help, get) in [
-        ("steer_lookups_total", "Connections matched to a label's binding.", (|m: &control::LabelMetrics| m.lookups) as fn(&_) -> u64),
-        ("steer_misses_total", "Matched connections dropped because the label has no socket.", |m| m.misses),
-        ("steer_errors_total", "Matched connections dropped because the socket was refused (sk_assign).", |m| m.errors),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-        for s in stats {
-            out.push_str(&format!("{name}{{label=\"{}\"}} {}\n", s.label, get(&s.metrics)));
-        }
-    }
-    out
-}
-
-fn serve_metrics(layout: &Layout, addr: std::net::SocketAddr) -> Result<()> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind(addr)?;
-    eprintln!("serving metrics on http://{}/metrics", listener.local_addr()?);
-    for conn in listener.incoming() {
-        let mut conn = match conn {
-            Ok(c) => c,
-            Err(_) => continue,
-        };
-        let mut request = [0u8; 1024];
-        let _ = conn.read(&mut request);
-        let body = match State::open(layout).and_then(|s| s.metrics()) {
-            Ok(stats) => prometheus(&stats),
-            Err(e) => format!("# error: {e:#}\n"),
-        };
-        let _ = write!(
-            conn,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    }
-    Ok(())
-}
-
 fn run(cli: Cli) -> Result<()> {
     if let Some(netns) = &cli.netns {
-        enter_netns(netns)?;
+        // Still single-threaded here, so the whole process moves.
+        steer::netns::enter(netns)?;
     }
     let layout = match &cli.pin_dir {
         Some(dir) => Layout::new(dir),
@@ -410,7 +364,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Metrics { serve } => {
             if let Some(addr) = serve {
                 State::open(&layout)?;
-                serve_metrics(&layout, addr)?;
+                eprintln!("serving metrics on http://{addr}/metrics");
+                control::serve_metrics(&layout, addr)?;
             }
             let stats = State::open(&layout)?.metrics()?;
             if cli.json {
