@@ -240,3 +240,53 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn bpffs_not_mounted_at_the_default_place() {
+    // `ip netns exec` gives the command a fresh /sys without bpffs, the
+    // state a new user meets before mounting it.
+    let ns = TestNs::new("nobpffs");
+    for args in [&["load"][..], &["status"], &["ports", "list"]] {
+        let out = ns.run("steerctl", args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("is not on a bpf filesystem; mount it with `mount -t bpf bpf /sys/fs/bpf`"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn sockmap_key_out_of_range() {
+    let mut ns = TestNs::new("sockkey");
+    let cookie = loaded(&mut ns);
+    let listener = ns.enter(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let map = ns.pin_dir().join("echo_socket");
+    let out = ns.run("sockmap-update", &[&me(), &listener.as_raw_fd().to_string(), map.to_str().unwrap(), "5"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("key 5 is out of the socket map's range"), "{}", stderr(&out));
+    assert_eq!(ns.status()["socket"]["cookie"].as_u64(), Some(cookie));
+}
+
+#[test]
+fn concurrent_loads_leave_one_consistent_state() {
+    let ns = TestNs::new("loadrace");
+    let loads: Vec<_> = (0..6)
+        .map(|_| {
+            let mut cmd = ns.command(steer_tests::bin("steerctl"));
+            cmd.arg("--pin-dir").arg(ns.pin_dir()).arg("load");
+            std::thread::spawn(move || cmd.output().unwrap())
+        })
+        .collect();
+    let outs: Vec<_> = loads.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(outs.iter().filter(|o| o.status.success()).count(), 1, "exactly one load wins");
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(stderr(o).contains("already loaded"), "{}", stderr(o));
+    }
+    let status = ns.status();
+    assert_eq!(status["program"]["name"], "steer_dispatch");
+    ns.steerctl_ok(&["attach"]);
+    ns.steerctl_ok(&["unload"]);
+    assert!(ns.pins().is_empty(), "{:?}", ns.pins());
+}

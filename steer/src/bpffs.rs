@@ -20,8 +20,10 @@ fn mount_hint(path: &Path) -> String {
 /// Fails unless `dir` is an existing directory on bpffs.
 pub fn require_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
-        if dir.parent().is_some_and(|p| p.is_dir() && !is_bpffs(p)) {
-            bail!("{} is not on a bpf filesystem; {}", dir.display(), mount_hint(dir));
+        if let Some(existing) = dir.ancestors().skip(1).find(|p| p.is_dir()) {
+            if !is_bpffs(existing) {
+                bail!("{} is not on a bpf filesystem; {}", existing.display(), mount_hint(dir));
+            }
         }
         bail!("no steer state at {}: run `steerctl load` first, or pass the --pin-dir it was loaded with", dir.display());
     }

@@ -106,10 +106,12 @@ impl State {
         })
     }
 
-    /// Opens the state for changing it, waiting for other writers.
+    /// Opens the state for changing it, waiting for other writers. (Callers
+    /// already holding `deploy::lock` use `open`: a second flock would wait
+    /// on the first.)
     pub fn open_locked(layout: &Layout) -> Result<Self> {
         crate::preflight::require_bpf_caps()?;
-        let lock = lock_dir(layout)?;
+        let lock = crate::deploy::lock(layout)?;
         let mut state = Self::open(layout)?;
         state._lock = Some(lock);
         Ok(state)
@@ -394,17 +396,6 @@ fn clear(map: BorrowedFd<'_>, key_size: usize) -> Result<()> {
         sys::map_delete(map, &key)?;
     }
     Ok(())
-}
-
-/// Takes the state directory's exclusive lock; released when the File drops.
-pub fn lock_dir(layout: &Layout) -> Result<File> {
-    bpffs::require_dir(&layout.dir)?;
-    let dir = File::open(&layout.dir).with_context(|| format!("opening {}", layout.dir.display()))?;
-    // Safety: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("locking the state directory");
-    }
-    Ok(dir)
 }
 
 /// Which of a process's sockets `register-pid` should take.

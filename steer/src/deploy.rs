@@ -121,11 +121,30 @@ fn program(ebpf: &mut aya::Ebpf) -> &mut SkLookup {
     ebpf.program_mut(PROGRAM).expect("checked by load_object").try_into().expect("checked by load_object")
 }
 
+/// Takes the state directory's exclusive lock, serialising steerctl runs
+/// that change state; released when the File drops.
+pub fn lock(layout: &Layout) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    bpffs::require_dir(&layout.dir)?;
+    let dir = File::open(&layout.dir).with_context(|| format!("opening {}", layout.dir.display()))?;
+    // Safety: flock on an fd we own.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("locking the state directory");
+    }
+    Ok(dir)
+}
+
 /// Loads the dispatcher and pins it with its maps under `layout.dir`.
 pub fn load(layout: &Layout) -> Result<u32> {
     preflight::require_kernel()?;
     preflight::require_bpf_caps()?;
     bpffs::require_creatable_dir(&layout.dir)?;
+    let created_dir = !layout.dir.exists();
+    if created_dir {
+        std::fs::create_dir_all(&layout.dir).with_context(|| format!("creating {}", layout.dir.display()))?;
+    }
+    // Under the lock, a concurrent load either finds our pins or we find its.
+    let _lock = lock(layout)?;
     if let Some(existing) = layout.pins().iter().find(|p| p.exists()) {
         bail!(
             "already loaded: {} exists; run `steerctl --pin-dir {} unload` first",
@@ -133,11 +152,7 @@ pub fn load(layout: &Layout) -> Result<u32> {
             layout.dir.display()
         );
     }
-    let mut rollback = Rollback { paths: layout.pins(), dir: None };
-    if !layout.dir.exists() {
-        std::fs::create_dir_all(&layout.dir).with_context(|| format!("creating {}", layout.dir.display()))?;
-        rollback.dir = Some(layout.dir.clone());
-    }
+    let rollback = Rollback { paths: layout.pins(), dir: created_dir.then(|| layout.dir.clone()) };
     let mut ebpf = load_object(layout)?;
     let program = program(&mut ebpf);
     let id = program.info()?.id();

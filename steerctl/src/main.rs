@@ -90,6 +90,16 @@ enum Command {
     Upgrade,
 }
 
+impl Command {
+    fn changes_state(&self) -> bool {
+        match self {
+            Command::Ports { command } => !matches!(command, PortsCommand::List),
+            Command::Status | Command::Bindings | Command::List | Command::Metrics { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct BindingArgs {
     label: String,
@@ -203,9 +213,17 @@ fn run(cli: Cli) -> Result<()> {
     };
     // Every command opens BPF objects; say so before any EPERM can.
     steer::preflight::require_bpf_caps()?;
-    if !matches!(cli.command, Command::Load) {
-        steer::bpffs::require_dir(&layout.dir)?;
-    }
+    // Every command that changes state holds the state directory's lock
+    // throughout, so concurrent runs are serialised and none loses an update.
+    // (`load` takes it itself once the directory exists.)
+    let _lock = match &cli.command {
+        Command::Load => None,
+        command if command.changes_state() => Some(deploy::lock(&layout)?),
+        _ => {
+            steer::bpffs::require_dir(&layout.dir)?;
+            None
+        }
+    };
     match cli.command {
         Command::Load => {
             let id = deploy::load(&layout)?;
@@ -228,7 +246,6 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Ports { command } => {
-            let _lock = if matches!(command, PortsCommand::List) { None } else { Some(control::lock_dir(&layout)?) };
             let mut ports = PortMap::open(&layout.ports())?;
             match command {
                 PortsCommand::Add { ports: list } => {
@@ -258,7 +275,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Socket { command } => match command {
             SocketCommand::Set { pid, fd } => {
-                let _lock = control::lock_dir(&layout)?;
                 let taken = steer::set_socket(&layout.socket(), 0, pid, fd)?;
                 println!(
                     "socket set: {} (cookie {}) from pid {} fd {}",
@@ -274,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Bind(args) => {
             let binding = args.binding();
-            if State::open_locked(&layout)?.bind(&binding)? {
+            if State::open(&layout)?.bind(&binding)? {
                 println!("bound {binding}");
             } else {
                 println!("already bound: {binding}");
@@ -282,7 +298,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Unbind(args) => {
             let binding = args.binding();
-            State::open_locked(&layout)?.unbind(&binding)?;
+            State::open(&layout)?.unbind(&binding)?;
             println!("unbound {binding}");
         }
         Command::Bindings => {
@@ -304,7 +320,7 @@ fn run(cli: Cli) -> Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let parsed: BindingsFile =
                 serde_json::from_str(&text).with_context(|| format!("{} is not a valid bindings file", file.display()))?;
-            State::open_locked(&layout)?.load_bindings(&parsed)?;
+            State::open(&layout)?.load_bindings(&parsed)?;
             println!("loaded {} bindings from {}", parsed.bindings.len(), file.display());
         }
         Command::RegisterPid { label, pid, socket } => {
@@ -320,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 _ => None,
             };
             steer::preflight::require_fd_taking_caps()?;
-            let mut state = State::open_locked(&layout)?;
+            let mut state = State::open(&layout)?;
             for taken in control::sockets_of(pid, filter.as_ref())? {
                 use std::os::fd::AsFd;
                 state.register(&label, &taken.info, taken.socket.as_fd())?;
@@ -328,7 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Register { label } => {
-            let mut state = State::open_locked(&layout)?;
+            let mut state = State::open(&layout)?;
             for (fd, info) in control::activated_sockets()? {
                 // Safety: activated_sockets checked the fd is open.
                 let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -337,7 +353,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Unregister { label } => {
-            let removed = State::open_locked(&layout)?.unregister(&label)?;
+            let removed = State::open(&layout)?.unregister(&label)?;
             println!("unregistered {removed} socket(s) of {label}");
         }
         Command::List => {
@@ -380,7 +396,6 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Upgrade => {
-            let _lock = control::lock_dir(&layout)?;
             let (old, new) = deploy::upgrade(&layout)?;
             println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
         }
