@@ -193,7 +193,6 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
         work.steer_to(&sockets)?;
         connection_rate.push(rate::measure(work, &mut set_attached, counts.rounds, n)?);
     }
-    drop(set_attached);
     steer::deploy::unload(&layout)?;
 
     Ok(Report {

@@ -53,7 +53,7 @@ pub fn synthetic(n: usize, hit_port: u16) -> BindingsFile {
         };
         bindings.push(Binding {
             label: format!("l{}", i as usize % LABELS),
-            protocol: if i % 5 == 0 { Protocol::Udp } else { Protocol::Tcp },
+            protocol: if i.is_multiple_of(5) { Protocol::Udp } else { Protocol::Tcp },
             prefix: Prefix::new(IpAddr::V4(addr), len).unwrap(),
             port,
         });

@@ -11,6 +11,8 @@
 //! keeps working beside steerctl.
 #![no_std]
 #![no_main]
+// Program entry points take the kernel's context pointer, valid by contract.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use core::{ffi::c_void, ptr};
 

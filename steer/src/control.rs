@@ -463,7 +463,8 @@ pub fn activated_sockets() -> Result<Vec<(i32, SocketInfo)>> {
 
 /// The metrics in the Prometheus text exposition format.
 pub fn prometheus(stats: &[LabelStats]) -> String {
-    let counters: [(&str, &str, fn(&LabelMetrics) -> u64); 3] = [
+    type Counter = (&'static str, &'static str, fn(&LabelMetrics) -> u64);
+    let counters: [Counter; 3] = [
         ("steer_lookups_total", "Connections matched to a label's binding.", |m| m.lookups),
         ("steer_misses_total", "Matched connections dropped because the label has no socket.", |m| m.misses),
         ("steer_errors_total", "Matched connections dropped because the socket was refused (sk_assign).", |m| m.errors),
