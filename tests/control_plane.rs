@@ -351,3 +351,15 @@ fn netns_and_bpffs_flags_drive_a_namespace_from_outside() {
     let out = Command::new(bin("steerctl")).args(["--netns", "/nonexistent", "status"]).output().unwrap();
     assert!(stderr(&out).contains("opening network namespace /nonexistent"), "{}", stderr(&out));
 }
+
+#[test]
+fn dual_stack_ipv6_socket_serves_ipv4_bindings() {
+    let ns = loaded();
+    // [::]:port without IPV6_V6ONLY takes IPv4 too.
+    let addr = ns.named_tcp_server("[::]:0", "dual");
+    ns.steerctl_ok(&["register-pid", "dual", &me(), "tcp", "::", &addr.port().to_string()]);
+    ns.steerctl_ok(&["bind", "dual", "tcp", "127.0.0.0/8", "8080"]);
+    assert_eq!(who(&ns, "127.0.0.8:8080"), "dual");
+    let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
+    assert_eq!(list[0]["family"], "ipv6");
+}

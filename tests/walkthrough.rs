@@ -46,6 +46,18 @@ fn ports_del_closes_a_port_again() {
 }
 
 #[test]
+fn socket_clear_refuses_the_steered_ports() {
+    let mut ns = TestNs::new("sockclear");
+    steered_echo(&mut ns);
+    ns.steerctl_ok(&["socket", "clear"]);
+    // Listed but socketless ports are dropped, never passed on.
+    ns.assert_refused(7);
+    assert!(ns.status()["socket"].is_null());
+    let out = ns.steerctl(&["socket", "clear"]);
+    assert!(steer_tests::stderr(&out).contains("no socket is set"), "{}", steer_tests::stderr(&out));
+}
+
+#[test]
 fn detach_restores_normal_lookup() {
     let mut ns = TestNs::new("detach");
     steered_echo(&mut ns);

@@ -78,6 +78,7 @@ impl PortMap {
 pub struct SocketMap {
     data: MapData,
     value_size: u32,
+    is_sockmap: bool,
 }
 
 impl SocketMap {
@@ -93,7 +94,7 @@ impl SocketMap {
         if info.key_size() != 4 {
             bail!("{} has {}-byte keys; only u32 keys are supported", path.display(), info.key_size());
         }
-        Ok(Self { data, value_size: info.value_size() })
+        Ok(Self { data, value_size: info.value_size(), is_sockmap: matches!(info.map_type(), Ok(MapType::SockMap)) })
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
@@ -124,7 +125,12 @@ impl SocketMap {
             .map(|()| u64::from_ne_bytes(value)))
     }
 
+    /// Removes the socket at `key`; false when there was none.
     pub fn remove(&self, key: u32) -> Result<bool> {
-        sys::map_delete(self.fd(), &key.to_ne_bytes()).context("removing from the socket map")
+        match sys::map_delete(self.fd(), &key.to_ne_bytes()) {
+            // A SOCKMAP answers EINVAL, not ENOENT, for an empty slot.
+            Err(e) if self.is_sockmap && e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            other => other.context("removing from the socket map"),
+        }
     }
 }

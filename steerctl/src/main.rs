@@ -51,6 +51,7 @@ enum Command {
         command: PortsCommand,
     },
     /// Manage the socket that serves the steered ports.
+    #[command(alias = "sockets")]
     Socket {
         #[command(subcommand)]
         command: SocketCommand,
