@@ -3,14 +3,7 @@
 # serves ports 7, 77 and 777 through sk_lookup, in a throwaway network
 # namespace `steer-demo`, checked with nmap. Leaves nothing behind.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [ "$(id -u)" -ne 0 ]; then
-    exec sudo -E "$0" "$@"
-fi
-
-scripts/setup.sh
-export PATH="$HOME/.cargo/bin:$PATH"
+source "$(dirname "$0")/common.sh"
 cargo build --workspace --quiet
 export PATH="$PWD/target/debug:$PATH"
 

@@ -2,14 +2,7 @@
 # Runs every test: the committed BPF object against its source, unit tests,
 # and the real-kernel tests (each in a network namespace of its own).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-if [ "$(id -u)" -ne 0 ]; then
-    exec sudo -E "$0" "$@"
-fi
-
-scripts/setup.sh
-export PATH="$HOME/.cargo/bin:$PATH"
+source "$(dirname "$0")/common.sh"
 if rustup toolchain list | grep -q '^nightly'; then
     cargo xtask build-ebpf --check
 elif [ -n "${CI:-}" ]; then
