@@ -94,6 +94,7 @@ pub fn test_run(prog: BorrowedFd<'_>, ctx: &SkLookupCtx, repeat: u32) -> io::Res
         ctx_out: (&raw mut out) as u64,
         ..Default::default()
     };
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    // Safety: attr is the test-run part of bpf_attr; ctx_out is as large as ctx_size_out says.
+    unsafe { bpf(BPF_PROG_TEST_RUN, &mut attr) }?;
     Ok(TestRun { retval: attr.retval, duration_ns: attr.duration, cookie: out.cookie })
 }

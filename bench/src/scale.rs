@@ -86,7 +86,7 @@ pub fn program_cost_at_scale(
         let file = synthetic(n, hit_port);
         let mut state = State::open_locked(layout)?;
         state.load_bindings(&file)?;
-        state.register(LABEL, &info, socket.as_fd())?;
+        state.register(LABEL, &[(&info, socket.as_fd())])?;
         drop(state);
         let lengths: std::collections::BTreeSet<u8> = file.bindings.iter().map(|b| b.prefix.len).collect();
         let program = Program {

@@ -154,10 +154,14 @@ pub const MAX_LABELS: usize = 4096;
 // never a mix. Values are label ids.
 btf_map!(Bindings0, BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
 btf_map!(Bindings1, BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
-// Index 0 and 1: the prefix lengths of bindings_0 and bindings_1.
-btf_map!(BindingLengths, BINDING_LENGTHS, "binding_lengths", BPF_MAP_TYPE_ARRAY, u32, PrefixLengths, 2);
+// Two length lists per set (index set * 2 + version), so a change to the
+// list is written to the idle copy and switched in, never rewritten under a
+// running lookup.
+btf_map!(BindingLengths, BINDING_LENGTHS, "binding_lengths", BPF_MAP_TYPE_ARRAY, u32, PrefixLengths, 4);
+// Bit 0: the binding set in use; bit 1: the version of its length list.
 btf_map!(ActiveBindings, ACTIVE_BINDINGS, "active_bindings", BPF_MAP_TYPE_ARRAY, u32, u32, 1);
-btf_map!(Sockets, SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, DestKey, u64, 4096);
+// Up to four (family, protocol) sockets for each of the 4096 labels.
+btf_map!(Sockets, SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, DestKey, u64, 16384);
 btf_map!(Metrics, METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, LabelMetrics, 4096);
 // Label name (NUL padded) -> id; only userspace reads it, it lives here so
 // that it is pinned beside the rest of the state.
@@ -242,8 +246,10 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     let zero: u32 = 0;
     // Safety: map and key pointers are valid for the duration of each call.
     let active = unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const u32;
-    let set: u32 = if !active.is_null() && unsafe { *active } == 1 { 1 } else { 0 };
-    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&set).cast()) } as *const PrefixLengths;
+    let state: u32 = if active.is_null() { 0 } else { unsafe { *active } };
+    let set = state & 1;
+    let lengths_slot = set * 2 + ((state >> 1) & 1);
+    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&lengths_slot).cast()) } as *const PrefixLengths;
     if lengths.is_null() {
         return seed_dispatch(ctx);
     }

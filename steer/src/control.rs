@@ -85,10 +85,36 @@ pub struct State {
     _lock: Option<File>,
 }
 
+/// Type, key size and value size each map of the state must have; the raw
+/// map calls below size their buffers by these.
+fn expected_shape(name: &str) -> (aya::maps::MapType, u32, u32) {
+    use aya::maps::MapType::*;
+    match name {
+        "labels" => (Hash, LABEL_KEY_SIZE as u32, 4),
+        "bindings_0" | "bindings_1" => (Hash, bindings::KEY_SIZE as u32, 4),
+        "binding_lengths" => (Array, 4, bindings::LENGTHS_SIZE as u32),
+        "active_bindings" => (Array, 4, 4),
+        "sockets" => (SockHash, 8, 8),
+        "metrics" => (PerCpuArray, 4, std::mem::size_of::<LabelMetrics>() as u32),
+        _ => unreachable!("unknown state map {name}"),
+    }
+}
+
 fn open_map(layout: &Layout, name: &str) -> Result<MapData> {
     let path = layout.map(name);
-    bpffs::require_pin(&path, &format!("{name} map (is this state loaded by an older steerctl? unload and load again)"))?;
-    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    let stale = "is this state from another steerctl version? `steerctl unload` and load again";
+    bpffs::require_pin(&path, &format!("{name} map ({stale})"))?;
+    let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let info = map.info()?;
+    let (kind, key, value) = expected_shape(name);
+    if sys::bpf_fd_kind(map.fd().as_fd()).as_deref() != Some("bpf-map")
+        || !info.map_type().is_ok_and(|t| t == kind)
+        || info.key_size() != key
+        || info.value_size() != value
+    {
+        bail!("{} is not the {name} map this steerctl expects ({stale})", path.display());
+    }
+    Ok(map)
 }
 
 impl State {
@@ -170,10 +196,21 @@ impl State {
 
     // ---- bindings
 
-    fn active_index(&self) -> Result<usize> {
+    /// `active_bindings`: bit 0 the binding set in use, bit 1 the version
+    /// of its length list (slot set * 2 + version of `binding_lengths`).
+    fn active_state(&self) -> Result<u32> {
         let mut value = [0u8; 4];
         sys::map_lookup(Self::fd(&self.active), &0u32.to_ne_bytes(), &mut value)?;
-        Ok(if u32::from_ne_bytes(value) == 1 { 1 } else { 0 })
+        Ok(u32::from_ne_bytes(value) & 3)
+    }
+
+    fn active_index(&self) -> Result<usize> {
+        Ok((self.active_state()? & 1) as usize)
+    }
+
+    fn set_active_state(&self, state: u32) -> Result<()> {
+        sys::map_update(Self::fd(&self.active), &0u32.to_ne_bytes(), &state.to_ne_bytes())
+            .context("switching the active bindings")
     }
 
     /// (key, label id) of every binding of the set in use.
@@ -189,27 +226,33 @@ impl State {
         Ok(out)
     }
 
-    /// Adds `len` to set `index`'s prefix-length list unless it is there;
-    /// no scan of the bindings, so a bind costs the same at any count.
-    fn add_length(&self, index: usize, len: u8) -> Result<()> {
-        let mut current = [0u8; bindings::LENGTHS_SIZE];
-        sys::map_lookup(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &mut current)?;
-        let count = u32::from_ne_bytes(current[0..4].try_into()?) as usize;
-        let known = &current[4..4 + count.min(bindings::LENGTHS_SIZE - 4)];
-        if known.contains(&len) {
-            return Ok(());
-        }
-        let lengths = bindings::encode_lengths(known.iter().copied().chain([len]));
-        sys::map_update(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &lengths)
-            .context("updating the prefix-length list")
+    fn read_lengths(&self, slot: u32) -> Result<Vec<u8>> {
+        let mut value = [0u8; bindings::LENGTHS_SIZE];
+        sys::map_lookup(Self::fd(&self.lengths), &slot.to_ne_bytes(), &mut value)?;
+        let count = (u32::from_ne_bytes(value[0..4].try_into()?) as usize).min(bindings::LENGTHS_SIZE - 4);
+        Ok(value[4..4 + count].to_vec())
     }
 
-    /// Rewrites set `index`'s prefix-length list from its keys.
-    fn write_lengths(&self, index: usize) -> Result<()> {
-        let keys = sys::map_keys(Self::fd(&self.sets[index]), bindings::KEY_SIZE)?;
-        let lengths = bindings::encode_lengths(keys.iter().map(|k| k[1]));
-        sys::map_update(Self::fd(&self.lengths), &(index as u32).to_ne_bytes(), &lengths)
-            .context("updating the prefix-length list")
+    /// Publishes a new length list for the set in use: written to the idle
+    /// copy, then switched in with one write, never rewritten under a lookup.
+    fn publish_lengths(&self, lengths: impl IntoIterator<Item = u8>) -> Result<()> {
+        let state = self.active_state()?;
+        let (set, version) = (state & 1, (state >> 1) & 1);
+        let slot = set * 2 + (1 - version);
+        sys::map_update(Self::fd(&self.lengths), &slot.to_ne_bytes(), &bindings::encode_lengths(lengths))
+            .context("updating the prefix-length list")?;
+        self.set_active_state(set | (1 - version) << 1)
+    }
+
+    /// Makes sure lookups probe `len`; no scan of the bindings, so a bind
+    /// costs the same at any count.
+    fn add_length(&self, len: u8) -> Result<()> {
+        let state = self.active_state()?;
+        let current = self.read_lengths((state & 1) * 2 + ((state >> 1) & 1))?;
+        if current.contains(&len) {
+            return Ok(());
+        }
+        self.publish_lengths(current.into_iter().chain([len]))
     }
 
     pub fn bindings(&self) -> Result<Vec<Binding>> {
@@ -236,18 +279,23 @@ impl State {
         label_key(&b.label)?;
         let index = self.active_index()?;
         let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
         if let Some(id) = self.exact_binding(Self::fd(&self.sets[index]), b)? {
             let owner = names.get(&id).cloned().unwrap_or_default();
             if owner == b.label {
+                // Repairs a length list an interrupted bind left short.
+                self.add_length(key[1])?;
                 return Ok(false);
             }
             bail!("{} {} {} is already bound to label {owner}; unbind it first", b.protocol, b.prefix, b.port);
         }
+        // The length first: probing a length with no key yet is harmless.
+        self.add_length(key[1])?;
         let id = self.ensure_label(&b.label)?;
-        let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
-        sys::map_update(Self::fd(&self.sets[index]), &key, &id.to_ne_bytes()).context("adding the binding")?;
-        // After the key: a lookup in between just does not see it yet.
-        self.add_length(index, key[1])?;
+        if let Err(e) = sys::map_update(Self::fd(&self.sets[index]), &key, &id.to_ne_bytes()) {
+            let _ = self.collect_labels();
+            return Err(e).context("adding the binding");
+        }
         Ok(true)
     }
 
@@ -259,61 +307,91 @@ impl State {
             _ => bail!("no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
         }
         sys::map_delete(set, &bindings::encode_key(b.protocol, &b.prefix, b.port))?;
-        self.write_lengths(index)?;
+        let keys = sys::map_keys(set, bindings::KEY_SIZE)?;
+        self.publish_lengths(keys.iter().map(|k| k[1]))?;
         self.collect_labels()
+    }
+
+    fn fill_set(&mut self, index: usize, list: &[Binding]) -> Result<()> {
+        let mut ids = BTreeMap::new();
+        for b in list {
+            if !ids.contains_key(&b.label) {
+                ids.insert(b.label.clone(), self.ensure_label(&b.label)?);
+            }
+        }
+        for b in list {
+            let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
+            sys::map_update(Self::fd(&self.sets[index]), &key, &ids[&b.label].to_ne_bytes())
+                .with_context(|| format!("adding binding {b}"))?;
+        }
+        Ok(())
     }
 
     /// Replaces every binding with `file`'s in one switch of the active set.
     pub fn load_bindings(&mut self, file: &BindingsFile) -> Result<()> {
-        let mut seen: BTreeMap<(Protocol, bindings::Prefix, u16), &str> = BTreeMap::new();
+        // By key: 10.0.0.0/8 and ::ffff:10.0.0.0/104 are one binding.
+        let mut seen: BTreeMap<[u8; bindings::KEY_SIZE], &str> = BTreeMap::new();
         for b in &file.bindings {
             label_key(&b.label)?;
-            if let Some(other) = seen.insert((b.protocol, b.prefix, b.port), &b.label) {
+            if let Some(other) = seen.insert(bindings::encode_key(b.protocol, &b.prefix, b.port), &b.label) {
                 if other != b.label {
                     bail!("{} {} {} is bound to both {other} and {}", b.protocol, b.prefix, b.port, b.label);
                 }
             }
         }
-        let active = self.active_index()?;
-        let idle = 1 - active;
+        let idle = 1 - self.active_index()?;
+        // The idle set still holds the set before last; lookups no longer use it.
         clear(Self::fd(&self.sets[idle]), bindings::KEY_SIZE)?;
-        for b in &file.bindings {
-            let id = self.ensure_label(&b.label)?;
-            let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
-            sys::map_update(Self::fd(&self.sets[idle]), &key, &id.to_ne_bytes())
-                .with_context(|| format!("adding binding {b}"))?;
+        let filled = self.fill_set(idle, &file.bindings);
+        if let Err(e) = filled {
+            // Labels made for the file go again; the bindings in use were never touched.
+            let _ = self.collect_labels();
+            return Err(e);
         }
-        self.write_lengths(idle)?;
-        sys::map_update(Self::fd(&self.active), &0u32.to_ne_bytes(), &(idle as u32).to_ne_bytes())
-            .context("switching to the new bindings")?;
-        clear(Self::fd(&self.sets[active]), bindings::KEY_SIZE)?;
-        self.write_lengths(active)?;
+        let slot = idle as u32 * 2;
+        sys::map_update(
+            Self::fd(&self.lengths),
+            &slot.to_ne_bytes(),
+            &bindings::encode_lengths(seen.keys().map(|k| k[1])),
+        )
+        .context("writing the new prefix-length list")?;
+        // The old set stays as it is: a lookup that began before the switch
+        // may still be reading it.
+        self.set_active_state(idle as u32)?;
         self.collect_labels()
     }
 
     // ---- sockets
 
-    /// Registers a checked socket under `label`, replacing the label's
-    /// socket of the same family and protocol.
-    pub fn register(&mut self, label: &str, info: &SocketInfo, socket: BorrowedFd<'_>) -> Result<()> {
+    /// Registers checked sockets under `label`, each replacing the label's
+    /// socket of its family and protocol. All are checked before any is
+    /// inserted, so a mismatch changes nothing.
+    pub fn register(&mut self, label: &str, sockets: &[(&SocketInfo, BorrowedFd<'_>)]) -> Result<()> {
         label_key(label)?;
         let served: Vec<Binding> = self.bindings()?.into_iter().filter(|b| b.label == label).collect();
-        if !served.is_empty() && !served.iter().any(|b| serves(info, b)) {
-            let kinds: BTreeSet<String> = served
-                .iter()
-                .map(|b| format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }))
-                .collect();
-            bail!(
-                "label {label} is bound to {} but this is a {} {} socket ({info}); register a matching socket",
-                kinds.into_iter().collect::<Vec<_>>().join(", "),
-                info.protocol,
-                info.family
-            );
+        for (info, _) in sockets {
+            if !served.is_empty() && !served.iter().any(|b| serves(info, b)) {
+                let kinds: BTreeSet<String> = served
+                    .iter()
+                    .map(|b| format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }))
+                    .collect();
+                bail!(
+                    "label {label} is bound to {} but this is a {} {} socket ({info}); register a matching socket",
+                    kinds.into_iter().collect::<Vec<_>>().join(", "),
+                    info.protocol,
+                    info.family
+                );
+            }
         }
         let id = self.ensure_label(label)?;
-        let fd = socket.as_raw_fd() as u64;
-        sys::map_update(Self::fd(&self.sockets), &dest_key(id, info.family, info.protocol), &fd.to_ne_bytes())
-            .context("inserting into the sockets map")?;
+        for (info, socket) in sockets {
+            let fd = socket.as_raw_fd() as u64;
+            if let Err(e) = sys::map_update(Self::fd(&self.sockets), &dest_key(id, info.family, info.protocol), &fd.to_ne_bytes())
+            {
+                let _ = self.collect_labels();
+                return Err(e).context("inserting into the sockets map");
+            }
+        }
         Ok(())
     }
 
@@ -387,7 +465,10 @@ fn serves(info: &SocketInfo, b: &Binding) -> bool {
         && match (info.family, b.prefix.addr) {
             (Family::Ipv4, IpAddr::V4(_)) | (Family::Ipv6, IpAddr::V6(_)) => true,
             (Family::Ipv6, IpAddr::V4(_)) => !info.v6only,
-            (Family::Ipv4, IpAddr::V6(_)) => false,
+            // Such as ::/0: IPv4 lookups match it as v4-mapped addresses.
+            (Family::Ipv4, IpAddr::V6(_)) => {
+                b.prefix.len <= 96 && b.prefix.contains(IpAddr::V6(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()))
+            }
         }
 }
 

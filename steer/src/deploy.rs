@@ -121,17 +121,33 @@ fn program(ebpf: &mut aya::Ebpf) -> &mut SkLookup {
     ebpf.program_mut(PROGRAM).expect("checked by load_object").try_into().expect("checked by load_object")
 }
 
-/// Takes the state directory's exclusive lock, serialising steerctl runs
-/// that change state; released when the File drops.
+/// Takes the state directory's lock: exclusive for changes, shared for
+/// reads, so concurrent steerctl runs never lose an update or read one half
+/// done. Released when the File drops.
 pub fn lock(layout: &Layout) -> Result<File> {
-    use std::os::fd::AsRawFd;
-    bpffs::require_dir(&layout.dir)?;
-    let dir = File::open(&layout.dir).with_context(|| format!("opening {}", layout.dir.display()))?;
-    // Safety: flock on an fd we own.
-    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("locking the state directory");
+    lock_as(layout, libc::LOCK_EX)
+}
+
+pub fn lock_shared(layout: &Layout) -> Result<File> {
+    lock_as(layout, libc::LOCK_SH)
+}
+
+fn lock_as(layout: &Layout, how: libc::c_int) -> Result<File> {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    loop {
+        bpffs::require_dir(&layout.dir)?;
+        let dir = File::open(&layout.dir).with_context(|| format!("opening {}", layout.dir.display()))?;
+        // Safety: flock on an fd we own.
+        if unsafe { libc::flock(dir.as_raw_fd(), how) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the state directory");
+        }
+        // An unload may have removed the directory while we waited: then
+        // the lock is on a dead inode and the path names another, or none.
+        match std::fs::metadata(&layout.dir) {
+            Ok(now) if now.ino() == dir.metadata()?.ino() => return Ok(dir),
+            _ => continue,
+        }
     }
-    Ok(dir)
 }
 
 /// Loads the dispatcher and pins it with its maps under `layout.dir`.

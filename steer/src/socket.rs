@@ -254,8 +254,12 @@ pub fn steerable_sockets(pid: i32) -> Result<Vec<TakenSocket>> {
         if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
             continue;
         }
-        if let Ok(taken) = take_steerable(pid, entry.fd) {
-            found.push(taken);
+        // Failing to take the fd (EPERM, exit) is an error; a socket that
+        // cannot be steered to is just not a candidate.
+        let socket = take_fd(pid, entry.fd)?;
+        let Ok(info) = inspect(socket.as_fd()) else { continue };
+        if check_steerable(&info).is_ok() {
+            found.push(TakenSocket { pid, fd: entry.fd, info, socket });
         }
     }
     Ok(found)

@@ -32,8 +32,12 @@ struct InfoAttr {
 }
 
 /// bpf(2) with `attr` as the leading part of `union bpf_attr` for `cmd`.
-pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // Safety: attr is a live, properly sized bpf_attr prefix for cmd.
+///
+/// # Safety
+/// `attr` must have the layout `cmd` expects, and every buffer it points to
+/// must be live and as large as the kernel will write.
+pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // Safety: upheld by the caller.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
@@ -46,8 +50,11 @@ fn map_elem(cmd: libc::c_long, map: BorrowedFd<'_>, key: &[u8], value: *mut u8, 
         value: value as u64,
         flags,
     };
-    bpf(cmd, &mut attr).map(drop)
+    unsafe { bpf(cmd, &mut attr) }.map(drop)
 }
+
+// The map helpers below trust `key` and `value` to be the map's key and value
+// sizes: callers size them from map info they have checked.
 
 /// Looks `key` up; `Ok(None)` when absent.
 pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<Option<()>> {
@@ -87,14 +94,18 @@ pub fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
         info_len: size_of::<[u32; 32]>() as u32,
         info: info.as_mut_ptr() as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    const BPF_LINK_TYPE_NETNS: u32 = 5;
+    if info[0] != BPF_LINK_TYPE_NETNS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace link"));
+    }
     Ok(NetnsLinkInfo { id: info[1], prog_id: info[2], netns_ino: info[4] })
 }
 
 /// Detaches a link even if other holders keep it open.
 pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = [link.as_raw_fd() as u32, 0u32];
-    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
+    unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -157,7 +168,7 @@ pub fn obj_get(path: &std::path::Path) -> io::Result<OwnedFd> {
         file_flags: u32,
     }
     let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr) }?;
     // Safety: BPF_OBJ_GET returned a new fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -184,7 +195,7 @@ pub fn map_keys(map: BorrowedFd<'_>, key_size: usize) -> io::Result<Vec<Vec<u8>>
             value: next.as_mut_ptr() as u64,
             flags: 0,
         };
-        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        match unsafe { bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) } {
             Ok(_) => keys.push(next),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
             Err(e) => return Err(e),
@@ -208,5 +219,5 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
         flags: 0,
         old_prog_fd: 0,
     };
-    bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+    unsafe { bpf(BPF_LINK_UPDATE, &mut attr) }.map(drop)
 }

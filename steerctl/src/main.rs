@@ -220,10 +220,12 @@ fn run(cli: Cli) -> Result<()> {
     let _lock = match &cli.command {
         Command::Load => None,
         command if command.changes_state() => Some(deploy::lock(&layout)?),
-        _ => {
+        // `metrics --serve` runs until killed: it must not hold off writers.
+        Command::Metrics { serve: Some(_) } => {
             steer::bpffs::require_dir(&layout.dir)?;
             None
         }
+        _ => Some(deploy::lock_shared(&layout)?),
     };
     match cli.command {
         Command::Load => {
@@ -256,10 +258,13 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 PortsCommand::Del { ports: list } => {
+                    // All or nothing: an unlisted port fails before any goes.
+                    let steered = ports.list()?;
+                    if let Some(port) = list.iter().find(|p| !steered.contains(p)) {
+                        bail!("port {port} is not steered");
+                    }
                     for port in list {
-                        if !ports.remove(port)? {
-                            bail!("port {port} is not steered");
-                        }
+                        ports.remove(port)?;
                         println!("port {port} no longer steered");
                     }
                 }
@@ -338,18 +343,21 @@ fn run(cli: Cli) -> Result<()> {
             };
             steer::preflight::require_fd_taking_caps()?;
             let mut state = State::open(&layout)?;
-            for taken in control::sockets_of(pid, filter.as_ref())? {
-                use std::os::fd::AsFd;
-                state.register(&label, &taken.info, taken.socket.as_fd())?;
-                println!("registered {} (pid {pid} fd {}, cookie {}) as {label}", taken.info, taken.fd, taken.info.cookie);
+            let taken = control::sockets_of(pid, filter.as_ref())?;
+            use std::os::fd::AsFd;
+            let sockets: Vec<_> = taken.iter().map(|t| (&t.info, t.socket.as_fd())).collect();
+            state.register(&label, &sockets)?;
+            for t in &taken {
+                println!("registered {} (pid {pid} fd {}, cookie {}) as {label}", t.info, t.fd, t.info.cookie);
             }
         }
         Command::Register { label } => {
-            let mut state = State::open(&layout)?;
-            for (fd, info) in control::activated_sockets()? {
-                // Safety: activated_sockets checked the fd is open.
-                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                state.register(&label, &info, socket)?;
+            let activated = control::activated_sockets()?;
+            // Safety: activated_sockets checked each fd is open, for the process's life.
+            let sockets: Vec<_> =
+                activated.iter().map(|(fd, info)| (info, unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) })).collect();
+            State::open(&layout)?.register(&label, &sockets)?;
+            for (fd, info) in &activated {
                 println!("registered {info} (fd {fd}, cookie {}) as {label}", info.cookie);
             }
         }

@@ -42,6 +42,27 @@ pub struct TestNs {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// Removes the namespaces and bpffs mounts of test runs that were killed
+/// before their Drop could (names carry the run's pid).
+fn sweep_dead_runs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        for name in String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().next()) {
+            let parts: Vec<&str> = name.split('-').collect();
+            let [prefix, _, pid, _] = parts[..] else { continue };
+            let Ok(pid) = pid.parse::<i32>() else { continue };
+            if prefix != "steer" || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let base = std::env::temp_dir().join(format!("{name}.d"));
+            let _ = umount2(&base.join("bpffs"), MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_dir_all(base);
+        }
+    });
+}
+
 fn must(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -49,14 +70,16 @@ fn must(cmd: &mut Command) {
 
 impl TestNs {
     pub fn new(test: &str) -> Self {
+        sweep_dead_runs();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("steer-{}-{}-{n}", &test[..test.len().min(12)], std::process::id());
+        let short: String = test.chars().filter(char::is_ascii_alphanumeric).take(12).collect();
+        let name = format!("steer-{short}-{}-{n}", std::process::id());
         let base = std::env::temp_dir().join(format!("{name}.d"));
         let bpffs = base.join("bpffs");
-        std::fs::create_dir_all(&bpffs).expect("creating bpffs mount point");
         must(Command::new("ip").args(["netns", "add", &name]));
         // From here on Drop cleans up, even if the rest of setup fails.
         let ns = TestNs { name, bpffs, children: Vec::new() };
+        std::fs::create_dir_all(&ns.bpffs).expect("creating bpffs mount point");
         must(Command::new("ip").args(["-n", &ns.name, "link", "set", "lo", "up"]));
         mount(Some("bpf"), &ns.bpffs, Some("bpf"), MsFlags::empty(), None::<&str>).expect("mounting bpffs");
         ns
@@ -140,7 +163,7 @@ impl TestNs {
     /// comes back; Err on refusal or a silent close.
     pub fn echo(&self, port: u16, line: &str) -> std::io::Result<String> {
         self.enter(|| {
-            let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+            let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(5))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             stream.write_all(format!("{line}\n").as_bytes())?;
             let mut reply = String::new();
@@ -151,7 +174,8 @@ impl TestNs {
 
     /// Asserts a TCP connect to `port` is refused.
     pub fn assert_refused(&self, port: u16) {
-        let err = self.enter(|| TcpStream::connect(("127.0.0.1", port)).map(drop)).expect_err("connect should fail");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let err = self.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map(drop)).expect_err("connect should fail");
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "port {port}: {err}");
     }
 
