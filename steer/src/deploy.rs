@@ -187,6 +187,9 @@ pub fn upgrade(layout: &Layout) -> Result<(u32, u32)> {
     if let Some(missing) = MAPS.iter().map(|m| layout.map(m)).find(|p| !p.exists()) {
         bail!("{} is missing: this state predates the current maps; unload and load again", missing.display());
     }
+    // The new program reuses the pinned maps as they are: they must be the
+    // shapes it was built for.
+    crate::control::State::open(layout)?;
     let old_id = aya::programs::ProgramInfo::from_pin(layout.program())?.id();
     let mut ebpf = load_object(layout)?;
     let program = program(&mut ebpf);
