@@ -129,11 +129,7 @@ pub fn encode_key(protocol: Protocol, prefix: &Prefix, port: u16) -> [u8; KEY_SI
 
 /// (protocol, prefix, port) back from a key.
 pub fn decode_key(key: &[u8]) -> Result<(Protocol, Prefix, u16)> {
-    let protocol = match i32::from(key[0]) {
-        libc::IPPROTO_TCP => Protocol::Tcp,
-        libc::IPPROTO_UDP => Protocol::Udp,
-        other => bail!("binding with unknown protocol {other}"),
-    };
+    let Some(protocol) = Protocol::from_number(key[0]) else { bail!("binding with unknown protocol {}", key[0]) };
     let bits = key[1];
     let port = u16::from_be_bytes([key[2], key[3]]);
     let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&key[4..])?);

@@ -161,6 +161,11 @@ impl State {
         Ok(out)
     }
 
+    /// Label names by id.
+    fn label_names(&self) -> Result<BTreeMap<u32, String>> {
+        Ok(self.labels()?.into_iter().map(|(name, id)| (id, name)).collect())
+    }
+
     pub fn label_id(&self, label: &str) -> Result<Option<u32>> {
         let mut id = [0u8; 4];
         Ok(sys::map_lookup(Self::fd(&self.labels), &label_key(label)?, &mut id)?.map(|()| u32::from_ne_bytes(id)))
@@ -238,7 +243,7 @@ impl State {
     fn publish_lengths(&self, lengths: impl IntoIterator<Item = u8>) -> Result<()> {
         let state = self.active_state()?;
         let (set, version) = (state & 1, (state >> 1) & 1);
-        let slot = set * 2 + (1 - version);
+        let slot = lengths_slot(set, 1 - version);
         sys::map_update(Self::fd(&self.lengths), &slot.to_ne_bytes(), &bindings::encode_lengths(lengths))
             .context("updating the prefix-length list")?;
         self.set_active_state(set | (1 - version) << 1)
@@ -248,7 +253,7 @@ impl State {
     /// costs the same at any count.
     fn add_length(&self, len: u8) -> Result<()> {
         let state = self.active_state()?;
-        let current = self.read_lengths((state & 1) * 2 + ((state >> 1) & 1))?;
+        let current = self.read_lengths(lengths_slot(state & 1, (state >> 1) & 1))?;
         if current.contains(&len) {
             return Ok(());
         }
@@ -256,7 +261,7 @@ impl State {
     }
 
     pub fn bindings(&self) -> Result<Vec<Binding>> {
-        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let names = self.label_names()?;
         let mut out = Vec::new();
         for (key, id) in self.binding_entries()? {
             let (protocol, prefix, port) = bindings::decode_key(&key)?;
@@ -278,7 +283,7 @@ impl State {
     pub fn bind(&mut self, b: &Binding) -> Result<bool> {
         label_key(&b.label)?;
         let index = self.active_index()?;
-        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let names = self.label_names()?;
         let key = bindings::encode_key(b.protocol, &b.prefix, b.port);
         if let Some(id) = self.exact_binding(Self::fd(&self.sets[index]), b)? {
             let owner = names.get(&id).cloned().unwrap_or_default();
@@ -348,7 +353,7 @@ impl State {
             let _ = self.collect_labels();
             return Err(e);
         }
-        let slot = idle as u32 * 2;
+        let slot = lengths_slot(idle as u32, 0);
         sys::map_update(
             Self::fd(&self.lengths),
             &slot.to_ne_bytes(),
@@ -418,7 +423,7 @@ impl State {
     }
 
     pub fn registrations(&self) -> Result<Vec<Registration>> {
-        let names: BTreeMap<u32, String> = self.labels()?.into_iter().map(|(n, id)| (id, n)).collect();
+        let names = self.label_names()?;
         let mut out = Vec::new();
         for key in sys::map_keys(Self::fd(&self.sockets), 8)? {
             let mut cookie = [0u8; 8];
@@ -431,7 +436,7 @@ impl State {
             out.push(Registration {
                 label: names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
                 family: Family::from_af(key[4]).context("bad family in sockets map")?,
-                protocol: if i32::from(key[5]) == libc::IPPROTO_UDP { Protocol::Udp } else { Protocol::Tcp },
+                protocol: Protocol::from_number(key[5]).context("bad protocol in sockets map")?,
                 cookie,
                 address: info.and_then(|i| i.local).map(|a| a.to_string()),
                 owners,
@@ -457,6 +462,12 @@ impl State {
         }
         Ok(out)
     }
+}
+
+/// Where in `binding_lengths` the list for binding set `set`, copy
+/// `version`, lives (the program computes the same).
+fn lengths_slot(set: u32, version: u32) -> u32 {
+    set * 2 + version
 }
 
 /// Whether `info`'s socket can take connections matched by `b`.

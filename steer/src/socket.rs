@@ -49,6 +49,14 @@ impl Protocol {
             Protocol::Udp => libc::IPPROTO_UDP as u8,
         }
     }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match i32::from(number) {
+            libc::IPPROTO_TCP => Some(Protocol::Tcp),
+            libc::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]

@@ -2,7 +2,7 @@
 //! binaries run inside it, and cleanup of everything on drop, pass or fail.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Write},
     net::{SocketAddr, TcpStream},
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -231,13 +231,6 @@ impl Drop for TestNs {
 /// stderr of a finished command, for message assertions.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Reads all of a reader; handy for child output.
-pub fn read_all(mut r: impl Read) -> String {
-    let mut s = String::new();
-    let _ = r.read_to_string(&mut s);
-    s
 }
 
 impl TestNs {
