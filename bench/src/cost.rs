@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+use steer::common::{map, names};
 
 use crate::{
     bpf::{self, SK_PASS, SkLookupCtx},
@@ -51,7 +52,13 @@ impl std::fmt::Display for Skipped {
 /// Times every program on a hit and a miss lookup, interleaving programs
 /// so that drift hits all of them alike. Each program's maps must list
 /// `hit.local_port` and hold a socket matching `hit.protocol`.
-pub fn measure(programs: &[Program], hit: &SkLookupCtx, miss: &SkLookupCtx, repeat: u32, samples: usize) -> Result<Vec<CostRow>> {
+pub fn measure(
+    programs: &[Program],
+    hit: &SkLookupCtx,
+    miss: &SkLookupCtx,
+    repeat: u32,
+    samples: usize,
+) -> Result<Vec<CostRow>> {
     for p in programs {
         check(p, hit, miss)?;
     }
@@ -84,11 +91,21 @@ fn run(fd: BorrowedFd<'_>, ctx: &SkLookupCtx, repeat: u32, name: &str) -> Result
 fn check(p: &Program, hit: &SkLookupCtx, miss: &SkLookupCtx) -> Result<()> {
     let h = run(p.fd.as_fd(), hit, 1, &p.name)?;
     if h.retval != SK_PASS || h.cookie == 0 {
-        bail!("{}: a listed port returned {} with socket cookie {}, expected SK_PASS and a socket", p.name, h.retval, h.cookie);
+        bail!(
+            "{}: a listed port returned {} with socket cookie {}, expected SK_PASS and a socket",
+            p.name,
+            h.retval,
+            h.cookie
+        );
     }
     let m = run(p.fd.as_fd(), miss, 1, &p.name)?;
     if m.retval != SK_PASS || m.cookie != 0 {
-        bail!("{}: an unlisted port returned {} with socket cookie {}, expected SK_PASS and no socket", p.name, m.retval, m.cookie);
+        bail!(
+            "{}: an unlisted port returned {} with socket cookie {}, expected SK_PASS and no socket",
+            p.name,
+            m.retval,
+            m.cookie
+        );
     }
     Ok(())
 }
@@ -96,17 +113,32 @@ fn check(p: &Program, hit: &SkLookupCtx, miss: &SkLookupCtx) -> Result<()> {
 /// steer's programs' maps, or the reference's, set up like the live ones:
 /// `port` listed and `socket` at key 0.
 fn fill_maps(maps: &Path, port: u16, socket: BorrowedFd<'_>) -> Result<()> {
-    steer::maps::PortMap::open(&maps.join("echo_ports"))?.add(port)?;
-    steer::maps::SocketMap::open(&maps.join("echo_socket"))?.insert(0, socket)
+    steer::maps::PortMap::open(&maps.join(map::ECHO_PORTS))?.add(port)?;
+    Ok(steer::maps::SocketMap::<u32>::open(&maps.join(map::ECHO_SOCKET))?.insert(&0, socket)?)
 }
 
 /// Loads every program of `object` with bpftool, maps pinned under
 /// `<bpffs>/<tag>/maps`, programs under `<bpffs>/<tag>/progs`, and opens `wanted`.
-fn bpftool_load(sandbox: &Sandbox, tag: &str, object: &Path, wanted: &str, port: u16, socket: BorrowedFd<'_>) -> Result<OwnedFd> {
+fn bpftool_load(
+    sandbox: &Sandbox,
+    tag: &str,
+    object: &Path,
+    wanted: &str,
+    port: u16,
+    socket: BorrowedFd<'_>,
+) -> Result<OwnedFd> {
     let base = sandbox.bpffs.join(tag);
     let (progs, maps) = (base.join("progs"), base.join("maps"));
     std::fs::create_dir_all(&maps)?;
-    sandbox::run(Command::new("bpftool").arg("prog").arg("loadall").arg(object).arg(&progs).args(["type", "sk_lookup", "pinmaps"]).arg(&maps))?;
+    sandbox::run(
+        Command::new("bpftool")
+            .arg("prog")
+            .arg("loadall")
+            .arg(object)
+            .arg(&progs)
+            .args(["type", "sk_lookup", "pinmaps"])
+            .arg(&maps),
+    )?;
     fill_maps(&maps, port, socket)?;
     let pin = progs.join(wanted);
     bpf::obj_get(&pin).with_context(|| format!("opening {}", pin.display()))
@@ -122,8 +154,8 @@ pub fn rust_echo(sandbox: &Sandbox, port: u16, socket: BorrowedFd<'_>) -> Result
     }
     let load = || -> Result<OwnedFd> {
         let object = sandbox.path("dispatch.bpf.o");
-        std::fs::write(&object, steer::deploy::DISPATCH_OBJECT)?;
-        bpftool_load(sandbox, "rust", &object, "echo_dispatch", port, socket)
+        std::fs::write(&object, steer::DISPATCH_OBJECT)?;
+        bpftool_load(sandbox, "rust", &object, names::ECHO_PROGRAM, port, socket)
     };
     load().map(|fd| Program { name: name.into(), fd }).map_err(|e| skip(format!("{e:#}")))
 }
@@ -149,7 +181,8 @@ pub fn c_reference(sandbox: &Sandbox, port: u16, socket: BorrowedFd<'_>) -> Resu
         if Path::new(&multiarch).is_dir() {
             clang.arg(format!("-I{multiarch}"));
         }
-        sandbox::run(clang.arg("-c").arg(&source).arg("-o").arg(&object)).context("building the C reference (is libbpf-dev installed?)")?;
+        sandbox::run(clang.arg("-c").arg(&source).arg("-o").arg(&object))
+            .context("building the C reference (is libbpf-dev installed?)")?;
         bpftool_load(sandbox, "ref", &object, "echo_dispatch", port, socket)
     };
     load().map(|fd| Program { name: name.into(), fd }).map_err(|e| skip(format!("{e:#}")))

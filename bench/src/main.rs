@@ -12,10 +12,10 @@ use std::os::fd::AsFd;
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
+use steer::{Dispatcher, common::names::STEER_PROGRAM, socket::Protocol};
 use tabled::{Table, Tabled, settings::Style};
 
 use crate::{
-    bpf::SkLookupCtx,
     cost::{CostRow, Skipped},
     rate::{RateRow, TcpWorkload, UdpWorkload, Workload},
     sandbox::Sandbox,
@@ -122,7 +122,10 @@ fn main() -> Result<()> {
 /// them on one CPU and sometimes on two, and rates jump by half between
 /// runs. On one CPU each op costs its CPU time, steered or not.
 fn pin_to_one_cpu() -> Result<usize> {
-    use nix::{sched::{CpuSet, sched_getaffinity, sched_setaffinity}, unistd::Pid};
+    use nix::{
+        sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+        unistd::Pid,
+    };
     let allowed = sched_getaffinity(Pid::from_raw(0)).context("sched_getaffinity")?;
     // The last allowed CPU: CPU 0 tends to take more interrupts.
     let cpu = (0..CpuSet::count()).rev().find(|&c| allowed.is_set(c).unwrap_or(false)).context("no CPU allowed")?;
@@ -134,9 +137,10 @@ fn pin_to_one_cpu() -> Result<usize> {
 
 fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<Report> {
     let layout = steer::Layout::new(sandbox.bpffs.join("steer"));
-    steer::deploy::load(&layout).context("loading steer's dispatcher")?;
-    steer::maps::PortMap::open(&layout.ports())?.add(STEERED_PORT)?;
-    let sockets = steer::maps::SocketMap::open(&layout.socket())?;
+    Dispatcher::load(&layout).context("loading steer's dispatcher")?.0.add_ports(&[STEERED_PORT])?;
+    // The benchmark swaps the seed socket between workloads; it owns the
+    // sandbox, so it writes the map directly rather than under the lock.
+    let sockets = steer::maps::SocketMap::<u32>::open(&layout.socket())?;
 
     let mut tcp = TcpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
     let mut udp = UdpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
@@ -144,19 +148,22 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
 
     // Program cost first, while every socket map holds the TCP listener.
     let mut programs = vec![cost::Program {
-        name: format!("{} (rust, steerctl's)", steer::deploy::PROGRAM),
+        name: format!("{} (rust, steerctl's)", STEER_PROGRAM),
         fd: bpf::obj_get(&layout.program()).context("opening steer's pinned program")?,
     }];
     let mut skipped = Vec::new();
     let listener = tcp.listener();
-    for extra in [cost::rust_echo(sandbox, STEERED_PORT, listener.as_fd()), cost::c_reference(sandbox, STEERED_PORT, listener.as_fd())] {
+    for extra in [
+        cost::rust_echo(sandbox, STEERED_PORT, listener.as_fd()),
+        cost::c_reference(sandbox, STEERED_PORT, listener.as_fd()),
+    ] {
         match extra {
             Ok(p) => programs.push(p),
             Err(s) => skipped.push(s),
         }
     }
-    let hit = SkLookupCtx::loopback_v4(libc::IPPROTO_TCP, STEERED_PORT);
-    let miss = SkLookupCtx::loopback_v4(libc::IPPROTO_TCP, NATIVE_PORT);
+    let hit = bpf::loopback_v4(Protocol::Tcp, STEERED_PORT);
+    let miss = bpf::loopback_v4(Protocol::Tcp, NATIVE_PORT);
     // Further rows (other programs, binding-count scaling) append here.
     let program_cost = cost::measure(&programs, &hit, &miss, counts.test_repeat, counts.test_samples)?;
     drop(programs);
@@ -173,15 +180,16 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
             (Some(first), Some(last)) => (last.hit_ns / first.hit_ns, last.miss_ns / first.miss_ns),
             _ => (f64::NAN, f64::NAN),
         };
-    let control_plane = scale::control_plane(&layout, counts.control_bindings, counts.cli_sample, &std::env::temp_dir())?;
+    let control_plane =
+        scale::control_plane(&layout, counts.control_bindings, counts.cli_sample, &std::env::temp_dir())?;
 
     let mut attached = false;
     let mut set_attached = |on: bool| -> Result<()> {
         if on != attached {
             if on {
-                steer::deploy::attach(&layout.program(), &layout.link())?;
+                Dispatcher::open_write(&layout)?.attach()?;
             } else {
-                steer::deploy::detach(&layout.link())?;
+                Dispatcher::open_write(&layout)?.detach()?;
             }
             attached = on;
         }
@@ -193,7 +201,7 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
         work.steer_to(&sockets)?;
         connection_rate.push(rate::measure(work, &mut set_attached, counts.rounds, n)?);
     }
-    steer::deploy::unload(&layout)?;
+    Dispatcher::open_write(&layout)?.unload()?;
 
     Ok(Report {
         quick,
@@ -242,7 +250,11 @@ fn print_tables(report: &Report) {
         unlisted: format!("{:.0} ({:.3})", r.unlisted_ops_per_s, r.unlisted_over_native),
         steered: format!("{:.0}", r.steered_ops_per_s),
         ratio: format!("{:.3}", r.steered_over_native),
-        goal: if r.steered_over_native >= report.goal_steered_over_native { "met".into() } else { format!("below {}", report.goal_steered_over_native) },
+        goal: if r.steered_over_native >= report.goal_steered_over_native {
+            "met".into()
+        } else {
+            format!("below {}", report.goal_steered_over_native)
+        },
     });
     println!("Connection rate on CPU {} (medians; ratios are medians of per-round ratios)", report.cpu);
     println!("{}", Table::new(rates).with(Style::sharp()));
@@ -268,7 +280,11 @@ fn print_tables(report: &Report) {
     let mut b = tabled::builder::Builder::default();
     b.push_record(["operation", "bindings", "seconds"]);
     for r in &report.control_plane {
-        b.push_record([r.operation.clone(), r.bindings.to_string(), format!("{:.3}{}", r.seconds, if r.extrapolated { " (extrapolated)" } else { "" })]);
+        b.push_record([
+            r.operation.clone(),
+            r.bindings.to_string(),
+            format!("{:.3}{}", r.seconds, if r.extrapolated { " (extrapolated)" } else { "" }),
+        ]);
     }
     println!("\nControl plane: time to add bindings");
     println!("{}", b.build().with(Style::sharp()));

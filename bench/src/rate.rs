@@ -36,7 +36,7 @@ pub trait Workload {
     /// Runs `n` requests against `variant`'s address.
     fn run(&mut self, variant: Variant, n: usize) -> Result<()>;
     /// Puts this workload's steered-to socket in the socket map.
-    fn steer_to(&self, sockets: &steer::maps::SocketMap) -> Result<()>;
+    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -155,9 +155,9 @@ impl Workload for TcpWorkload {
         Ok(())
     }
 
-    fn steer_to(&self, sockets: &steer::maps::SocketMap) -> Result<()> {
+    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()> {
         use std::os::fd::AsFd;
-        sockets.insert(0, self.target.as_fd())
+        Ok(sockets.insert(&0, self.target.as_fd())?)
     }
 }
 
@@ -212,8 +212,8 @@ impl Workload for UdpWorkload {
         Ok(())
     }
 
-    fn steer_to(&self, sockets: &steer::maps::SocketMap) -> Result<()> {
+    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()> {
         use std::os::fd::AsFd;
-        sockets.insert(0, self.target.as_fd())
+        Ok(sockets.insert(&0, self.target.as_fd())?)
     }
 }

@@ -12,16 +12,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use steer::{
-    Layout,
+    Dispatcher, Layout,
     bindings::{Binding, BindingsFile, Prefix},
-    control::State,
+    common::names::STEER_PROGRAM,
     socket::Protocol,
 };
 
-use crate::{
-    bpf::SkLookupCtx,
-    cost::{self, CostRow, Program},
-};
+use crate::cost::{self, CostRow, Program};
 
 /// The label every synthetic binding set routes the hit lookup to.
 const LABEL: &str = "bench";
@@ -76,7 +73,7 @@ pub fn program_cost_at_scale(
     repeat: u32,
     samples: usize,
 ) -> Result<Vec<CostRow>> {
-    let mut hit = SkLookupCtx::loopback_v4(libc::IPPROTO_TCP, hit_port);
+    let mut hit = crate::bpf::loopback_v4(Protocol::Tcp, hit_port);
     hit.local_ip4 = u32::from_ne_bytes(HIT_ADDR.octets());
     let mut miss = hit;
     miss.local_ip4 = u32::from_ne_bytes(MISS_ADDR.octets());
@@ -84,18 +81,18 @@ pub fn program_cost_at_scale(
     let mut rows = Vec::new();
     for &n in counts {
         let file = synthetic(n, hit_port);
-        let mut state = State::open_locked(layout)?;
+        let state = Dispatcher::open_write(layout)?;
         state.load_bindings(&file)?;
         state.register(LABEL, &[(&info, socket.as_fd())])?;
         drop(state);
         let lengths: std::collections::BTreeSet<u8> = file.bindings.iter().map(|b| b.prefix.len).collect();
         let program = Program {
-            name: format!("{} with {n} bindings ({} prefix lengths)", steer::deploy::PROGRAM, lengths.len()),
+            name: format!("{STEER_PROGRAM} with {n} bindings ({} prefix lengths)", lengths.len()),
             fd: crate::bpf::obj_get(&layout.program())?,
         };
         rows.extend(cost::measure(std::slice::from_ref(&program), &hit, &miss, repeat, samples)?);
     }
-    State::open_locked(layout)?.load_bindings(&BindingsFile::default())?;
+    Dispatcher::open_write(layout)?.load_bindings(&BindingsFile::default())?;
     Ok(rows)
 }
 
@@ -115,19 +112,29 @@ pub fn control_plane(layout: &Layout, n: usize, cli_sample: usize, scratch: &Pat
     let file = synthetic(n, 1);
     let n = file.bindings.len();
     let mut rows = Vec::new();
-    let reset = || State::open_locked(layout)?.load_bindings(&BindingsFile::default());
+    let reset = || -> Result<()> { Ok(Dispatcher::open_write(layout)?.load_bindings(&BindingsFile::default())?) };
 
     reset()?;
     let start = Instant::now();
-    State::open_locked(layout)?.load_bindings(&file)?;
-    rows.push(ControlRow { operation: "load-bindings (library)".into(), bindings: n, seconds: start.elapsed().as_secs_f64(), extrapolated: false });
+    Dispatcher::open_write(layout)?.load_bindings(&file)?;
+    rows.push(ControlRow {
+        operation: "load-bindings (library)".into(),
+        bindings: n,
+        seconds: start.elapsed().as_secs_f64(),
+        extrapolated: false,
+    });
 
     reset()?;
     let start = Instant::now();
     for b in &file.bindings {
-        State::open_locked(layout)?.bind(b)?;
+        Dispatcher::open_write(layout)?.bind(b)?;
     }
-    rows.push(ControlRow { operation: "repeated bind (library)".into(), bindings: n, seconds: start.elapsed().as_secs_f64(), extrapolated: false });
+    rows.push(ControlRow {
+        operation: "repeated bind (library)".into(),
+        bindings: n,
+        seconds: start.elapsed().as_secs_f64(),
+        extrapolated: false,
+    });
 
     if let Some(steerctl) = steerctl_binary() {
         let pin_dir = layout.dir.to_str().context("pin dir is not UTF-8")?;
@@ -136,17 +143,35 @@ pub fn control_plane(layout: &Layout, n: usize, cli_sample: usize, scratch: &Pat
         std::fs::write(&path, serde_json::to_vec(&file)?)?;
         let start = Instant::now();
         run(Command::new(&steerctl).args(["--pin-dir", pin_dir, "load-bindings"]).arg(&path))?;
-        rows.push(ControlRow { operation: "steerctl load-bindings".into(), bindings: n, seconds: start.elapsed().as_secs_f64(), extrapolated: false });
+        rows.push(ControlRow {
+            operation: "steerctl load-bindings".into(),
+            bindings: n,
+            seconds: start.elapsed().as_secs_f64(),
+            extrapolated: false,
+        });
 
         reset()?;
         let sample = cli_sample.min(n);
         let start = Instant::now();
         for b in &file.bindings[..sample] {
             let (prefix, port) = (b.prefix.to_string(), b.port.to_string());
-            run(Command::new(&steerctl).args(["--pin-dir", pin_dir, "bind", &b.label, &b.protocol.to_string(), &prefix, &port]))?;
+            run(Command::new(&steerctl).args([
+                "--pin-dir",
+                pin_dir,
+                "bind",
+                &b.label,
+                &b.protocol.to_string(),
+                &prefix,
+                &port,
+            ]))?;
         }
         let per_call = start.elapsed().as_secs_f64() / sample as f64;
-        rows.push(ControlRow { operation: format!("steerctl bind x{n} (from {sample})"), bindings: n, seconds: per_call * n as f64, extrapolated: true });
+        rows.push(ControlRow {
+            operation: format!("steerctl bind x{n} (from {sample})"),
+            bindings: n,
+            seconds: per_call * n as f64,
+            extrapolated: true,
+        });
     }
     reset()?;
     Ok(rows)

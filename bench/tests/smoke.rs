@@ -17,10 +17,14 @@ fn assert_positive_numbers(section: &str, row: &Value) {
 
 #[test]
 fn quick_json_run_measures_every_row() {
-    let out = Command::new(env!("CARGO_BIN_EXE_steer-bench")).args(["--quick", "--json"]).output().expect("running steer-bench");
+    let out = Command::new(env!("CARGO_BIN_EXE_steer-bench"))
+        .args(["--quick", "--json"])
+        .output()
+        .expect("running steer-bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "steer-bench --quick --json failed: {stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("output is not JSON ({e}); stderr: {stderr}"));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("output is not JSON ({e}); stderr: {stderr}"));
 
     for section in ["connection_rate", "program_cost", "program_cost_by_bindings", "control_plane"] {
         let rows = report[section].as_array().unwrap_or_else(|| panic!("no {section} array in {report}"));
@@ -29,6 +33,10 @@ fn quick_json_run_measures_every_row() {
             assert_positive_numbers(section, row);
         }
     }
-    let tests: Vec<_> = report["connection_rate"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap_or("")).collect();
-    assert!(tests.iter().any(|t| t.starts_with("tcp")) && tests.iter().any(|t| t.starts_with("udp")), "missing a protocol: {tests:?}");
+    let tests: Vec<_> =
+        report["connection_rate"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap_or("")).collect();
+    assert!(
+        tests.iter().any(|t| t.starts_with("tcp")) && tests.iter().any(|t| t.starts_with("udp")),
+        "missing a protocol: {tests:?}"
+    );
 }

@@ -5,10 +5,8 @@
 //! label's socket; when no binding matches it falls back to the seed's
 //! port list. `echo_dispatch` is the seed program alone.
 //!
-//! The seed maps keep the seed C program's names, types and layouts
-//! (`echo_ports`: HASH u16 -> u8, `echo_socket`: SOCKMAP u32 -> u64), so
-//! `bpftool map update pinned .../echo_ports key 0x07 0x00 value 0x00`
-//! keeps working beside steerctl.
+//! Every map, key and value layout comes from `steer-common`, which the
+//! userspace side shares.
 #![no_std]
 #![no_main]
 // Program entry points take the kernel's context pointer, valid by contract.
@@ -16,35 +14,14 @@
 
 use core::{ffi::c_void, ptr};
 
-// Only aya-ebpf's ABI constants are used: its context and helper types
+// Only aya-ebpf's helper numbers are used: its context and helper types
 // carry bindgen bitfield names into BTF that the kernel rejects, and libbpf
 // then drops the object's BTF.
-use aya_ebpf::bindings::{
-    bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release},
-    bpf_map_type::{
-        BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
-        BPF_MAP_TYPE_SOCKHASH, BPF_MAP_TYPE_SOCKMAP,
-    },
-    sk_action::{SK_DROP, SK_PASS},
+use aya_ebpf::bindings::bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release};
+use steer_common::{
+    ActiveBindings, BindingKey, LabelMetrics, MAX_LENGTHS, PrefixLengths, SocketKey, bpf_sk_lookup,
+    kernel::{AF_INET, AF_INET6, SK_DROP, SK_PASS},
 };
-
-/// The kernel's `struct bpf_sk_lookup`, declared without bitfield helper
-/// types; the kernel recognises the context by this struct name.
-#[allow(non_camel_case_types)]
-#[repr(C)]
-pub struct bpf_sk_lookup {
-    sk_or_cookie: u64,
-    family: u32,
-    protocol: u32,
-    remote_ip4: u32,
-    remote_ip6: [u32; 4],
-    remote_port: u16,
-    _remote_port_pad: u16,
-    local_ip4: u32,
-    local_ip6: [u32; 4],
-    local_port: u32,
-    ingress_ifindex: u32,
-}
 
 // Helpers called by number, typed with plain pointers for the BTF reason above.
 #[inline(always)]
@@ -67,105 +44,44 @@ unsafe fn sk_release(sk: *mut c_void) -> i64 {
     unsafe { f(sk) }
 }
 
-/// Declares a BTF map definition (libbpf's `.maps` layout) under a plain
-/// struct name: the kernel rejects BTF type names with generics in them,
-/// which aya-ebpf's own `btf_maps` types produce.
-macro_rules! btf_map {
-    ($def:ident, $static:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:literal) => {
-        btf_map!($def, $static, $name, $type, $key, $value, $max, 0);
-    };
-    ($def:ident, $static:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:literal, $flags:expr) => {
-        #[repr(C)]
-        pub struct $def {
-            r#type: *const [i32; $type as usize],
-            key: *const $key,
-            value: *const $value,
-            max_entries: *const [i32; $max],
-            map_flags: *const [i32; $flags],
+/// Declares steer-common's maps as BTF map definitions (libbpf's `.maps`
+/// layout) under plain struct names: the kernel rejects BTF type names with
+/// generics in them, which aya-ebpf's own `btf_maps` types produce.
+macro_rules! btf_maps {
+    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr;)*) => {
+        /// The BTF map definition structs, one per map.
+        // Named after the maps' statics, so BTF shows which is which.
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+        mod defs {
+            $(
+                #[repr(C)]
+                pub struct $ident {
+                    pub r#type: *const [i32; steer_common::kernel::$type as usize],
+                    pub key: *const $key,
+                    pub value: *const $value,
+                    pub max_entries: *const [i32; ($max) as usize],
+                    pub map_flags: *const [i32; ($flags) as usize],
+                }
+                // Safety: the fields are placeholders the loader reads from
+                // BTF; nothing dereferences them.
+                unsafe impl Sync for $ident {}
+            )*
         }
-        // Safety: the fields are placeholders the loader reads from BTF;
-        // nothing dereferences them.
-        unsafe impl Sync for $def {}
-
-        #[unsafe(link_section = ".maps")]
-        #[unsafe(export_name = $name)]
-        static $static: $def = $def {
-            r#type: ptr::null(),
-            key: ptr::null(),
-            value: ptr::null(),
-            max_entries: ptr::null(),
-            map_flags: ptr::null(),
-        };
+        $(
+            #[unsafe(link_section = ".maps")]
+            #[unsafe(export_name = $name)]
+            static $ident: defs::$ident = defs::$ident {
+                r#type: ptr::null(),
+                key: ptr::null(),
+                value: ptr::null(),
+                max_entries: ptr::null(),
+                map_flags: ptr::null(),
+            };
+        )*
     };
 }
 
-// Ports to steer: key is the destination port in host order, value unused.
-btf_map!(EchoPorts, ECHO_PORTS, "echo_ports", BPF_MAP_TYPE_HASH, u16, u8, 1024);
-// The one socket serving every listed port, at key 0. A u64 value lets
-// userspace read back the socket cookie.
-btf_map!(EchoSocket, ECHO_SOCKET, "echo_socket", BPF_MAP_TYPE_SOCKMAP, u32, u64, 1);
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-const BPF_F_NO_PREALLOC: usize = 1;
-
-/// Binding key: one hash entry per (protocol, prefix length, port,
-/// masked address), IPv4 as v4-mapped IPv6 (its /N is /96+N here).
-#[repr(C)]
-pub struct BindingKey {
-    protocol: u8,
-    prefixlen: u8,
-    port: [u8; 2],
-    addr: [u8; 16],
-}
-
-/// The prefix lengths in use, longest first. A lookup probes only these, so
-/// its cost follows the number of distinct lengths, never of bindings.
-#[repr(C)]
-pub struct PrefixLengths {
-    count: u32,
-    lengths: [u8; 132],
-}
-
-const MAX_LENGTHS: usize = 129;
-
-/// A label's socket for one address family and transport.
-#[repr(C)]
-pub struct DestKey {
-    label_id: u32,
-    family: u8,
-    protocol: u8,
-    _pad: [u8; 2],
-}
-
-#[repr(C)]
-pub struct LabelMetrics {
-    lookups: u64,
-    /// Binding matched but the label has no socket.
-    misses: u64,
-    /// bpf_sk_assign refused the label's socket.
-    errors: u64,
-}
-
-pub const MAX_LABELS: usize = 4096;
-
-// Two binding sets so `load-bindings` can fill the idle one and switch with
-// a single write to `active_bindings`: lookups see the old set or the new,
-// never a mix. Values are label ids.
-btf_map!(Bindings0, BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
-btf_map!(Bindings1, BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, BindingKey, u32, 1048576, BPF_F_NO_PREALLOC);
-// Two length lists per set (index set * 2 + version), so a change to the
-// list is written to the idle copy and switched in, never rewritten under a
-// running lookup.
-btf_map!(BindingLengths, BINDING_LENGTHS, "binding_lengths", BPF_MAP_TYPE_ARRAY, u32, PrefixLengths, 4);
-// Bit 0: the binding set in use; bit 1: the version of its length list.
-btf_map!(ActiveBindings, ACTIVE_BINDINGS, "active_bindings", BPF_MAP_TYPE_ARRAY, u32, u32, 1);
-// Up to four (family, protocol) sockets for each of the 4096 labels.
-btf_map!(Sockets, SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, DestKey, u64, 16384);
-btf_map!(Metrics, METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, LabelMetrics, 4096);
-// Label name (NUL padded) -> id; only userspace reads it, it lives here so
-// that it is pinned beside the rest of the state.
-btf_map!(Labels, LABELS, "labels", BPF_MAP_TYPE_HASH, [u8; 64], u32, 4096);
+steer_common::for_each_map!(btf_maps);
 
 #[inline(always)]
 fn map_ptr<T>(map: &T) -> *mut c_void {
@@ -202,15 +118,6 @@ pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     seed_dispatch(ctx)
 }
 
-/// The address (as two big-endian halves) with all but its first `len`
-/// bits cleared.
-#[inline(always)]
-fn masked(hi: u64, lo: u64, len: u32) -> (u64, u64) {
-    let hi_mask = if len >= 64 { u64::MAX } else if len == 0 { 0 } else { u64::MAX << (64 - len) };
-    let lo_mask = if len >= 128 { u64::MAX } else if len <= 64 { 0 } else { u64::MAX << (128 - len) };
-    (hi & hi_mask, lo & lo_mask)
-}
-
 /// Reads a context word with a 4-byte load, the width the verifier allows.
 #[inline(always)]
 fn ctx_word(word: *const u32) -> [u8; 4] {
@@ -245,15 +152,16 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
 
     let zero: u32 = 0;
     // Safety: map and key pointers are valid for the duration of each call.
-    let active = unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const u32;
-    let state: u32 = if active.is_null() { 0 } else { unsafe { *active } };
-    let set = state & 1;
-    let lengths_slot = set * 2 + ((state >> 1) & 1);
-    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&lengths_slot).cast()) } as *const PrefixLengths;
+    let active =
+        unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const ActiveBindings;
+    let state = if active.is_null() { ActiveBindings::default() } else { unsafe { *active } };
+    let lengths_slot = state.lengths_slot();
+    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&lengths_slot).cast()) }
+        as *const PrefixLengths;
     if lengths.is_null() {
         return seed_dispatch(ctx);
     }
-    let bindings = if set == 1 { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
+    let bindings = if state.set() == 1 { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
     let count = unsafe { (*lengths).count } as usize;
     let mut key = BindingKey { protocol: protocol as u8, prefixlen: 0, port: [0; 2], addr: [0; 16] };
     let mut found: *const u32 = ptr::null();
@@ -263,7 +171,7 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
             break;
         }
         let len = u32::from(unsafe { (*lengths).lengths[i] });
-        let (hi, lo) = masked(addr_hi, addr_lo, len);
+        let (hi, lo) = steer_common::mask(addr_hi, addr_lo, len);
         key.prefixlen = len as u8;
         key.addr[..8].copy_from_slice(&hi.to_be_bytes());
         key.addr[8..].copy_from_slice(&lo.to_be_bytes());
@@ -288,7 +196,7 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
         // Per-CPU slot: no other CPU writes it.
         unsafe { (*metrics).lookups += 1 };
     }
-    let mut dest = DestKey { label_id, family: family as u8, protocol: protocol as u8, _pad: [0; 2] };
+    let mut dest = SocketKey::new(label_id, family as u8, protocol as u8);
     let mut sk = unsafe { map_lookup_elem(map_ptr(&SOCKETS), ptr::from_ref(&dest).cast()) };
     if sk.is_null() && family == AF_INET {
         // A dual-stack IPv6 socket serves IPv4 too.

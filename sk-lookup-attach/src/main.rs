@@ -18,13 +18,13 @@ struct Args {
 fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
-    match steer::deploy::attach(&args.prog_pin, &args.link_pin) {
+    match steer::dispatcher::attach(&args.prog_pin, &args.link_pin) {
         Ok(id) => {
             println!("link {id} pinned at {}", args.link_pin.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("sk-lookup-attach: error: {e:#}");
+            eprintln!("sk-lookup-attach: error: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }

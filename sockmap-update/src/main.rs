@@ -13,7 +13,7 @@ struct Args {
     pid: i32,
     /// The socket's file descriptor number inside that process.
     fd: i32,
-    /// Pinned sockmap, e.g. /sys/fs/bpf/steer/echo_socket.
+    /// Pinned sockmap, e.g. /sys/fs/bpf/steer/<netns inode>/echo_socket.
     map: PathBuf,
     /// Key to store the socket under.
     #[arg(default_value_t = 0)]
@@ -23,7 +23,7 @@ struct Args {
 fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
-    match steer::set_socket(&args.map, args.key, args.pid, Some(args.fd)) {
+    match steer::dispatcher::update_sockmap(&args.map, args.key, args.pid, args.fd) {
         Ok(taken) => {
             println!(
                 "socket {} (cookie {}) of pid {} fd {} stored at key {} of {}",
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("sockmap-update: error: {e:#}");
+            eprintln!("sockmap-update: error: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }

@@ -1,20 +1,20 @@
 //! Checks that pins go to a mounted bpf filesystem.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+
+use crate::error::{Error, Result, fail};
 
 fn is_bpffs(path: &Path) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
 }
 
-fn mount_hint(path: &Path) -> String {
-    let mount_point = path
-        .ancestors()
-        .find(|p| p.parent().is_some_and(|parent| parent == Path::new("/sys/fs")))
-        .unwrap_or(path);
-    format!("mount it with `mount -t bpf bpf {}`", mount_point.display())
+fn not_bpffs(path: &Path, pin: &Path) -> Error {
+    // Suggest the conventional mount point when the path is under /sys/fs.
+    let mount_point =
+        pin.ancestors().find(|p| p.parent().is_some_and(|parent| parent == Path::new("/sys/fs"))).unwrap_or(pin);
+    Error::NotBpffs { path: path.to_path_buf(), mount_point: PathBuf::from(mount_point) }
 }
 
 /// Fails unless `dir` is an existing directory on bpffs.
@@ -22,13 +22,13 @@ pub fn require_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         if let Some(existing) = dir.ancestors().skip(1).find(|p| p.is_dir()) {
             if !is_bpffs(existing) {
-                bail!("{} is not on a bpf filesystem; {}", existing.display(), mount_hint(dir));
+                return Err(not_bpffs(existing, dir));
             }
         }
-        bail!("no steer state at {}: run `steerctl load` first, or pass the --pin-dir it was loaded with", dir.display());
+        return Err(Error::NotLoaded { dir: dir.to_path_buf() });
     }
     if !is_bpffs(dir) {
-        bail!("{} is not on a bpf filesystem; {}", dir.display(), mount_hint(dir));
+        return Err(not_bpffs(dir, dir));
     }
     Ok(())
 }
@@ -40,8 +40,8 @@ pub fn require_creatable_dir(dir: &Path) -> Result<()> {
     }
     match dir.ancestors().skip(1).find(|p| p.is_dir()) {
         Some(existing) if is_bpffs(existing) => Ok(()),
-        Some(existing) => bail!("{} is not on a bpf filesystem; {}", existing.display(), mount_hint(dir)),
-        None => bail!("{} has no existing parent directory", dir.display()),
+        Some(existing) => Err(not_bpffs(existing, dir)),
+        None => fail!(Invalid, "{} has no existing parent directory", dir.display()),
     }
 }
 
@@ -49,11 +49,11 @@ pub fn require_creatable_dir(dir: &Path) -> Result<()> {
 pub fn require_pin(path: &Path, what: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         if dir.is_dir() && !is_bpffs(dir) {
-            bail!("{} is not on a bpf filesystem; {}", dir.display(), mount_hint(path));
+            return Err(not_bpffs(dir, path));
         }
     }
     if !path.exists() {
-        bail!("no {what} pinned at {}", path.display());
+        fail!(Pin, "no {what} pinned at {}", path.display());
     }
     Ok(())
 }

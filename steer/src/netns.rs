@@ -1,5 +1,8 @@
-use anyhow::{Context, Result};
-use std::os::unix::fs::MetadataExt;
+//! The network namespace steer acts on.
+
+use std::{os::unix::fs::MetadataExt, path::Path};
+
+use crate::error::{Context, Result};
 
 pub const CURRENT: &str = "/proc/self/ns/net";
 
@@ -11,7 +14,7 @@ pub fn current_inode() -> Result<u64> {
 
 /// Moves the calling thread (at start-up: the whole process) into the
 /// network namespace at `path`, such as /run/netns/NAME.
-pub fn enter(path: &std::path::Path) -> Result<()> {
+pub fn enter(path: &Path) -> Result<()> {
     let ns = std::fs::File::open(path).with_context(|| format!("opening network namespace {}", path.display()))?;
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("entering network namespace {} (is it a netns file?)", path.display()))

@@ -1,7 +1,7 @@
 //! Up-front checks for the kernel and privileges, so failures say what to do
 //! instead of surfacing as a bare EPERM or EINVAL halfway through.
 
-use anyhow::{Context, Result, bail};
+use crate::error::{Context, Result, fail};
 
 /// sk_lookup programs and bpf_sk_assign from them arrived in Linux 5.9.
 pub const MIN_KERNEL: (u32, u32) = (5, 9);
@@ -23,19 +23,15 @@ fn parse_version(release: &str) -> Option<(u32, u32)> {
 pub fn require_kernel() -> Result<()> {
     let release = kernel_release()?;
     match parse_version(&release) {
-        Some(v) if v < MIN_KERNEL => bail!(
-            "this kernel is {release}; sk_lookup needs Linux {}.{} or later",
-            MIN_KERNEL.0,
-            MIN_KERNEL.1
-        ),
+        Some(v) if v < MIN_KERNEL => {
+            fail!(Kernel, "this kernel is {release}; sk_lookup needs Linux {}.{} or later", MIN_KERNEL.0, MIN_KERNEL.1)
+        }
         _ => Ok(()),
     }
 }
 
 fn effective_caps() -> Result<u64> {
-    let status = procfs::process::Process::myself()
-        .and_then(|p| p.status())
-        .context("reading /proc/self/status")?;
+    let status = procfs::process::Process::myself().and_then(|p| p.status()).context("reading /proc/self/status")?;
     Ok(status.capeff)
 }
 
@@ -48,7 +44,7 @@ fn has(caps: u64, cap: u32) -> bool {
 pub fn require_bpf_caps() -> Result<()> {
     let caps = effective_caps()?;
     if !(has(caps, CAP_BPF) || has(caps, CAP_SYS_ADMIN)) || !has(caps, CAP_NET_ADMIN) {
-        bail!("missing capabilities: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are needed; run as root");
+        fail!(Permission, "missing capabilities: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are needed; run as root");
     }
     Ok(())
 }
@@ -57,7 +53,10 @@ pub fn require_bpf_caps() -> Result<()> {
 pub fn require_fd_taking_caps() -> Result<()> {
     require_bpf_caps()?;
     if !has(effective_caps()?, CAP_SYS_PTRACE) {
-        bail!("missing capability CAP_SYS_PTRACE, needed to take a socket from another process; run as root");
+        fail!(
+            Permission,
+            "missing capability CAP_SYS_PTRACE, needed to take a socket from another process; run as root"
+        );
     }
     Ok(())
 }

@@ -6,16 +6,24 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
 };
 
-use anyhow::{Context, Result, bail};
 use nix::sys::{
     socket::{SockaddrLike, SockaddrStorage, getpeername, getsockname},
     stat::{SFlag, fstat},
 };
-use serde::Serialize;
+use rustix::{
+    io::Errno,
+    net::{AddressFamily, SocketType, ipproto, sockopt},
+    process::{Pid, PidfdFlags, PidfdGetfdFlags, pidfd_getfd, pidfd_open},
+};
+use serde::{Deserialize, Serialize};
+use steer_common::kernel::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::{netns, sys};
+use crate::{
+    error::{Context, Error, Result, fail},
+    netns, sys,
+};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -32,34 +40,35 @@ impl fmt::Display for Protocol {
 }
 
 impl std::str::FromStr for Protocol {
-    type Err = anyhow::Error;
+    type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
-            _ => bail!("protocol must be tcp or udp, not {s:?}"),
+            _ => fail!(Invalid, "protocol must be tcp or udp, not {s:?}"),
         }
     }
 }
 
 impl Protocol {
+    /// The IPPROTO_* number the kernel and the maps use.
     pub fn number(self) -> u8 {
         match self {
-            Protocol::Tcp => libc::IPPROTO_TCP as u8,
-            Protocol::Udp => libc::IPPROTO_UDP as u8,
+            Protocol::Tcp => IPPROTO_TCP as u8,
+            Protocol::Udp => IPPROTO_UDP as u8,
         }
     }
 
     pub fn from_number(number: u8) -> Option<Self> {
-        match i32::from(number) {
-            libc::IPPROTO_TCP => Some(Protocol::Tcp),
-            libc::IPPROTO_UDP => Some(Protocol::Udp),
+        match u32::from(number) {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
             _ => None,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
     Ipv4,
@@ -67,16 +76,18 @@ pub enum Family {
 }
 
 impl Family {
+    /// The AF_* number the kernel and the maps use.
     pub fn af(self) -> u8 {
         match self {
-            Family::Ipv4 => libc::AF_INET as u8,
-            Family::Ipv6 => libc::AF_INET6 as u8,
+            Family::Ipv4 => AF_INET as u8,
+            Family::Ipv6 => AF_INET6 as u8,
         }
     }
+
     pub fn from_af(af: u8) -> Option<Self> {
-        match i32::from(af) {
-            libc::AF_INET => Some(Family::Ipv4),
-            libc::AF_INET6 => Some(Family::Ipv6),
+        match u32::from(af) {
+            AF_INET => Some(Family::Ipv4),
+            AF_INET6 => Some(Family::Ipv6),
             _ => None,
         }
     }
@@ -129,34 +140,42 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketInfo> {
     let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
     if kind != SFlag::S_IFSOCK {
         let what = match kind {
-            SFlag::S_IFREG => "a regular file",
-            SFlag::S_IFDIR => "a directory",
-            SFlag::S_IFIFO => "a pipe",
-            SFlag::S_IFCHR => "a character device",
-            _ => "not a socket",
+            SFlag::S_IFREG => "it is a regular file",
+            SFlag::S_IFDIR => "it is a directory",
+            SFlag::S_IFIFO => "it is a pipe",
+            SFlag::S_IFCHR => "it is a character device",
+            _ => "it is something else",
         };
-        bail!("it is {what}, not a socket");
+        fail!(Invalid, "{what}, not a socket");
     }
-    let domain = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    if domain != libc::AF_INET && domain != libc::AF_INET6 {
-        bail!("it is not an IPv4 or IPv6 socket (address family {domain}); only TCP and UDP sockets can be steered to");
-    }
-    let sock_type = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
-    let proto = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
-    let protocol = match (sock_type, proto) {
-        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => Protocol::Tcp,
-        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => Protocol::Udp,
-        _ => bail!("it is neither a TCP nor a UDP socket (type {sock_type}, protocol {proto})"),
+    let domain = sockopt::socket_domain(fd).map_err(std::io::Error::from)?;
+    let family = match domain {
+        AddressFamily::INET => Family::Ipv4,
+        AddressFamily::INET6 => Family::Ipv6,
+        other => fail!(
+            Invalid,
+            "it is not an IPv4 or IPv6 socket (address family {}); only TCP and UDP sockets can be steered to",
+            other.as_raw()
+        ),
     };
-    let listening = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
-    let local = getsockname::<SockaddrStorage>(fd.as_raw_fd())
-        .ok()
-        .and_then(|s| sockaddr(&s))
-        .filter(|a| a.port() != 0);
+    let sock_type = sockopt::socket_type(fd).map_err(std::io::Error::from)?;
+    let proto = sockopt::socket_protocol(fd).map_err(std::io::Error::from)?;
+    let protocol = match (sock_type, proto) {
+        (SocketType::STREAM, Some(ipproto::TCP)) => Protocol::Tcp,
+        (SocketType::DGRAM, Some(ipproto::UDP)) => Protocol::Udp,
+        _ => fail!(
+            Invalid,
+            "it is neither a TCP nor a UDP socket (type {}, protocol {})",
+            sock_type.as_raw(),
+            proto.map_or(0, |p| p.as_raw().get())
+        ),
+    };
+    let listening = sockopt::socket_acceptconn(fd).map_err(std::io::Error::from)?;
+    let local =
+        getsockname::<SockaddrStorage>(fd.as_raw_fd()).ok().and_then(|s| sockaddr(&s)).filter(|a| a.port() != 0);
     let connected = getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok_and(|p| p.family().is_some());
     let netns_fd = sys::socket_netns(fd).context("reading the socket's network namespace")?;
-    let family = if domain == libc::AF_INET { Family::Ipv4 } else { Family::Ipv6 };
-    let v6only = family == Family::Ipv6 && sys::getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)? != 0;
+    let v6only = family == Family::Ipv6 && sockopt::ipv6_v6only(fd).map_err(std::io::Error::from)?;
     Ok(SocketInfo {
         family,
         v6only,
@@ -164,7 +183,7 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketInfo> {
         local,
         listening,
         connected,
-        cookie: sys::socket_cookie(fd)?,
+        cookie: sockopt::socket_cookie(fd).map_err(std::io::Error::from)?,
         inode: stat.st_ino,
         netns_inode: fstat(netns_fd.as_fd())?.st_ino,
     })
@@ -174,20 +193,23 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketInfo> {
 /// caller's network namespace.
 pub fn check_steerable(info: &SocketInfo) -> Result<()> {
     match info.protocol {
-        Protocol::Tcp if !info.listening => {
-            bail!("it is a TCP socket that is not listening ({}); only a listening TCP socket can take new connections", describe_state(info))
-        }
+        Protocol::Tcp if !info.listening => fail!(
+            Invalid,
+            "it is a TCP socket that is not listening ({}); only a listening TCP socket can take new connections",
+            describe_state(info)
+        ),
         Protocol::Udp if info.local.is_none() => {
-            bail!("it is an unbound UDP socket; bind it to an address and port first")
+            fail!(Invalid, "it is an unbound UDP socket; bind it to an address and port first")
         }
         Protocol::Udp if info.connected => {
-            bail!("it is a connected UDP socket; it only receives from its one peer, use an unconnected one")
+            fail!(Invalid, "it is a connected UDP socket; it only receives from its one peer, use an unconnected one")
         }
         _ => {}
     }
     let own = netns::current_inode()?;
     if info.netns_inode != own {
-        bail!(
+        fail!(
+            Invalid,
             "it lives in network namespace {} but this command runs in {own}; run it inside the socket's namespace (ip netns exec NAME ...)",
             info.netns_inode
         );
@@ -205,25 +227,26 @@ fn describe_state(info: &SocketInfo) -> &'static str {
 
 /// Duplicates `fd` out of process `pid` with pidfd_open + pidfd_getfd.
 pub fn take_fd(pid: i32, fd: i32) -> Result<OwnedFd> {
-    if pid <= 0 {
-        bail!("PID must be a positive number, got {pid}");
-    }
+    // Checked first: Pid::from_raw panics on negative numbers.
+    let Some(target) = (pid > 0).then(|| Pid::from_raw(pid)).flatten() else {
+        fail!(Invalid, "PID must be a positive number, got {pid}");
+    };
     if fd < 0 {
-        bail!("FD must be zero or positive, got {fd}");
+        fail!(Invalid, "FD must be zero or positive, got {fd}");
     }
-    let pidfd = sys::pidfd_open(pid).map_err(|e| match e.raw_os_error() {
-        Some(libc::ESRCH) => anyhow::anyhow!("no process with PID {pid}"),
-        Some(libc::ENOSYS) => anyhow::anyhow!("this kernel lacks pidfd_open: Linux 5.6 or later is needed"),
-        _ => anyhow::Error::new(e).context(format!("pidfd_open({pid})")),
+    let pidfd = pidfd_open(target, PidfdFlags::empty()).map_err(|e| match e {
+        Errno::SRCH => Error::Invalid(format!("no process with PID {pid}")),
+        Errno::NOSYS => Error::Kernel("this kernel lacks pidfd_open: Linux 5.6 or later is needed".into()),
+        e => Error::Context { context: format!("pidfd_open({pid})"), source: Box::new(std::io::Error::from(e).into()) },
     })?;
-    sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBADF) => anyhow::anyhow!("process {pid} has no open file descriptor {fd}"),
-        Some(libc::EPERM) => anyhow::anyhow!(
+    pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty()).map_err(|e| match e {
+        Errno::BADF => Error::Invalid(format!("process {pid} has no open file descriptor {fd}")),
+        Errno::PERM => Error::Permission(format!(
             "not permitted to take fd {fd} from process {pid}: run as root (CAP_SYS_PTRACE) and check kernel.yama.ptrace_scope"
-        ),
-        Some(libc::ESRCH) => anyhow::anyhow!("process {pid} exited"),
-        Some(libc::ENOSYS) => anyhow::anyhow!("this kernel lacks pidfd_getfd: Linux 5.6 or later is needed"),
-        _ => anyhow::Error::new(e).context(format!("pidfd_getfd({pid}, {fd})")),
+        )),
+        Errno::SRCH => Error::Invalid(format!("process {pid} exited")),
+        Errno::NOSYS => Error::Kernel("this kernel lacks pidfd_getfd: Linux 5.6 or later is needed".into()),
+        e => Error::Context { context: format!("pidfd_getfd({pid}, {fd})"), source: Box::new(std::io::Error::from(e).into()) },
     })
 }
 
@@ -249,14 +272,15 @@ pub fn find_steerable(pid: i32) -> Result<TakenSocket> {
     let mut found = steerable_sockets(pid)?;
     match found.len() {
         1 => Ok(found.pop().expect("one element")),
-        0 => bail!("process {pid} has no listening TCP or bound UDP socket in this network namespace"),
-        _ => bail!("process {pid} has several sockets, pick one with --fd: {}", describe(&found)),
+        0 => fail!(Invalid, "process {pid} has no listening TCP or bound UDP socket in this network namespace"),
+        _ => fail!(Invalid, "process {pid} has several sockets, pick one with --fd: {}", describe(&found)),
     }
 }
 
 /// Every socket of `pid` that sk_lookup could steer to, duplicated.
 pub fn steerable_sockets(pid: i32) -> Result<Vec<TakenSocket>> {
-    let process = procfs::process::Process::new(pid).map_err(|_| anyhow::anyhow!("no process with PID {pid}"))?;
+    let process =
+        procfs::process::Process::new(pid).map_err(|_| Error::Invalid(format!("no process with PID {pid}")))?;
     let mut found = Vec::new();
     for entry in process.fd().with_context(|| format!("listing fds of process {pid}"))?.flatten() {
         if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
@@ -311,7 +335,7 @@ pub fn find_owners(cookie: u64) -> (Vec<Owner>, Option<SocketInfo>) {
                 continue;
             }
             let Ok(fd) = take_fd(process.pid, entry.fd) else { continue };
-            if sys::socket_cookie(fd.as_fd()).is_ok_and(|c| c == cookie) {
+            if sockopt::socket_cookie(&fd).is_ok_and(|c| c == cookie) {
                 if info.is_none() {
                     info = inspect(fd.as_fd()).ok();
                 }
@@ -321,4 +345,99 @@ pub fn find_owners(cookie: u64) -> (Vec<Owner>, Option<SocketInfo>) {
         }
     }
     (owners, info)
+}
+
+/// Which of a process's sockets `register-pid` should take.
+#[derive(Debug, Clone)]
+pub struct SocketFilter {
+    pub protocol: Protocol,
+    pub address: std::net::IpAddr,
+    pub port: u16,
+}
+
+impl SocketFilter {
+    /// From the command line's `tcp|udp ADDR PORT`.
+    pub fn parse(protocol: &str, address: &str, port: &str) -> Result<Self> {
+        Ok(Self {
+            protocol: protocol.parse()?,
+            address: address
+                .parse()
+                .map_err(|_| Error::Invalid(format!("{} is not an IP address", crate::bindings::bounded(address))))?,
+            port: port
+                .parse()
+                .map_err(|_| Error::Invalid(format!("{} is not a port", crate::bindings::bounded(port))))?,
+        })
+    }
+}
+
+/// The steerable sockets of `pid` matching `filter`: with a filter exactly
+/// one, without one at most one per family and protocol.
+pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<TakenSocket>> {
+    let mut found = steerable_sockets(pid)?;
+    if let Some(f) = filter {
+        found.retain(|t| {
+            t.info.protocol == f.protocol && t.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
+        });
+    }
+    match filter {
+        Some(f) if found.is_empty() => {
+            fail!(
+                Invalid,
+                "process {pid} has no listening/bound {} socket on {}",
+                f.protocol,
+                SocketAddr::new(f.address, f.port)
+            )
+        }
+        Some(_) if found.len() > 1 => {
+            fail!(Invalid, "process {pid} has several matching sockets: {}", describe(&found))
+        }
+        None if found.is_empty() => {
+            fail!(Invalid, "process {pid} has no listening TCP or bound UDP socket in this network namespace")
+        }
+        None => {
+            let kinds: std::collections::BTreeSet<(Family, Protocol)> =
+                found.iter().map(|t| (t.info.family, t.info.protocol)).collect();
+            if kinds.len() != found.len() {
+                fail!(
+                    Invalid,
+                    "process {pid} has several sockets of one family and protocol, name one with `tcp|udp ADDR PORT`: {}",
+                    describe(&found)
+                );
+            }
+        }
+        _ => {}
+    }
+    Ok(found)
+}
+
+/// Sockets handed over by systemd socket activation (LISTEN_PID/LISTEN_FDS),
+/// with the fd each was passed as.
+pub fn activated_sockets() -> Result<Vec<(BorrowedFd<'static>, SocketInfo)>> {
+    let var = |name: &str| std::env::var(name).map_err(|_| Error::Invalid(format!("{name} is not set")));
+    let pid: u32 = var("LISTEN_PID")
+        .map_err(|_| {
+            Error::Invalid("LISTEN_PID is not set: `register` takes sockets passed by systemd socket activation".into())
+        })?
+        .parse()
+        .map_err(|_| Error::Invalid("LISTEN_PID is not a number".into()))?;
+    if pid != std::process::id() {
+        fail!(
+            Invalid,
+            "LISTEN_PID is {pid}, not this process ({}): the sockets were meant for another process",
+            std::process::id()
+        );
+    }
+    let count: i32 = var("LISTEN_FDS")?.parse().map_err(|_| Error::Invalid("LISTEN_FDS is not a number".into()))?;
+    if count < 1 {
+        fail!(Invalid, "LISTEN_FDS is {count}: no sockets were passed");
+    }
+    let mut out = Vec::new();
+    for fd in 3..3 + count {
+        // Safety: systemd passes fds 3.. open for this process's lifetime.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let info = inspect(borrowed).with_context(|| format!("passed fd {fd}"))?;
+        check_steerable(&info).with_context(|| format!("passed fd {fd} cannot be steered to"))?;
+        out.push((borrowed, info));
+    }
+    Ok(out)
 }

@@ -1,14 +1,13 @@
-//! What is loaded, attached and steered in one pin directory.
+//! What is loaded, attached and steered in one state directory.
 
 use std::os::fd::AsFd;
 
-use anyhow::Result;
 use serde::Serialize;
+use steer_common::map;
 
 use crate::{
-    bpffs,
-    deploy::Layout,
-    maps::{PortMap, SocketMap},
+    dispatcher::{Access, Dispatcher},
+    error::Result,
     netns,
     socket::{Owner, find_owners},
     sys,
@@ -49,55 +48,59 @@ pub struct Status {
     pub registered_sockets: usize,
 }
 
-pub fn status(layout: &Layout) -> Result<Status> {
-    bpffs::require_dir(&layout.dir)?;
-    let program = match layout.program() {
-        p if p.exists() => {
-            let info = aya::programs::ProgramInfo::from_pin(&p)?;
-            Some(ProgramStatus {
-                id: info.id(),
-                name: info.name_as_str().unwrap_or_default().to_string(),
-                pin: p.display().to_string(),
+impl<A: Access> Dispatcher<A> {
+    /// Everything `steerctl status` shows; pieces that are not pinned show
+    /// as absent rather than failing.
+    pub fn status(&self) -> Result<Status> {
+        let layout = self.layout();
+        let program = match layout.program() {
+            p if p.exists() => {
+                let info = aya::programs::ProgramInfo::from_pin(&p)?;
+                Some(ProgramStatus {
+                    id: info.id(),
+                    name: info.name_as_str().unwrap_or_default().to_string(),
+                    pin: p.display().to_string(),
+                })
+            }
+            _ => None,
+        };
+        let link = match layout.link() {
+            p if p.exists() => {
+                let info = sys::netns_link_info(sys::obj_get(&p)?.as_fd())?;
+                Some(LinkStatus {
+                    id: info.id,
+                    program_id: info.prog_id,
+                    netns_inode: info.netns_ino,
+                    pin: p.display().to_string(),
+                })
+            }
+            _ => None,
+        };
+        let ports = if layout.ports().exists() { self.ports()? } else { Vec::new() };
+        let socket = if layout.socket().exists() {
+            self.seed_socket_map()?.cookie(&0)?.map(|cookie| SocketStatus {
+                key: 0,
+                cookie,
+                owners: find_owners(cookie).0,
             })
-        }
-        _ => None,
-    };
-    let link = match layout.link() {
-        p if p.exists() => {
-            let fd = sys::obj_get(&p)?;
-            let info = sys::netns_link_info(fd.as_fd())?;
-            Some(LinkStatus {
-                id: info.id,
-                program_id: info.prog_id,
-                netns_inode: info.netns_ino,
-                pin: p.display().to_string(),
-            })
-        }
-        _ => None,
-    };
-    let ports = if layout.ports().exists() { PortMap::open(&layout.ports())?.list()? } else { Vec::new() };
-    let socket = if layout.socket().exists() {
-        SocketMap::open(&layout.socket())?
-            .cookie(0)?
-            .map(|cookie| SocketStatus { key: 0, cookie, owners: find_owners(cookie).0 })
-    } else {
-        None
-    };
-    let (labels, bindings, registered_sockets) = if layout.map("labels").exists() {
-        let state = crate::control::State::open(layout)?;
-        (state.labels()?.len(), state.bindings()?.len(), state.registered_count()?)
-    } else {
-        (0, 0, 0)
-    };
-    Ok(Status {
-        labels,
-        bindings,
-        registered_sockets,
-        pin_dir: layout.dir.display().to_string(),
-        current_netns_inode: netns::current_inode()?,
-        program,
-        link,
-        ports,
-        socket,
-    })
+        } else {
+            None
+        };
+        let (labels, bindings, registered_sockets) = if layout.map(map::LABELS).exists() {
+            (self.labels()?.len(), self.bindings()?.len(), self.registered_count()?)
+        } else {
+            (0, 0, 0)
+        };
+        Ok(Status {
+            labels,
+            bindings,
+            registered_sockets,
+            pin_dir: layout.dir.display().to_string(),
+            current_netns_inode: netns::current_inode()?,
+            program,
+            link,
+            ports,
+            socket,
+        })
+    }
 }

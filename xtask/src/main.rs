@@ -5,6 +5,8 @@
 //! the nightly toolchain's own `llc` (llvm-tools) lowers it to a BPF ELF with
 //! BTF. Paths are remapped so the object is byte-identical wherever the
 //! repository is cloned, which lets CI check the committed copy is current.
+//! The nightly is the one pinned in dispatch-ebpf/rust-toolchain.toml: every
+//! command runs in that directory, where rustup picks it up.
 
 use std::{
     env,
@@ -15,7 +17,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-const TOOLCHAIN: &str = "+nightly";
 const OBJECT: &str = "dispatch-ebpf/dispatch.bpf.o";
 
 #[derive(Parser)]
@@ -38,11 +39,24 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
-/// A command with the outer cargo's toolchain choices removed, so the
-/// nightly cargo picks its own.
+fn crate_dir() -> PathBuf {
+    workspace_root().join("dispatch-ebpf")
+}
+
+/// A command in dispatch-ebpf/ with the outer cargo's toolchain choices
+/// removed, so rustup runs the toolchain pinned there.
 fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = Command::new(program);
-    for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTC_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO"] {
+    cmd.current_dir(crate_dir());
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -57,34 +71,39 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn nightly_tool(tool: &str) -> Result<PathBuf> {
-    let out = clean_command("rustc").args([TOOLCHAIN, "--print", "sysroot"]).output().context("running rustc +nightly")?;
+    let out = clean_command("rustc").args(["--print", "sysroot"]).output().context("running rustc in dispatch-ebpf")?;
     if !out.status.success() {
-        bail!("no nightly toolchain: run `rustup toolchain install nightly --component rust-src,llvm-tools`");
+        bail!(
+            "the pinned nightly is missing: run `rustup toolchain install` in dispatch-ebpf/ (it reads rust-toolchain.toml): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
     let host = {
-        let out = clean_command("rustc").args([TOOLCHAIN, "-vV"]).output()?;
+        let out = clean_command("rustc").arg("-vV").output()?;
         let text = String::from_utf8(out.stdout)?;
         text.lines().find_map(|l| l.strip_prefix("host: ")).context("rustc -vV has no host line")?.to_string()
     };
     let path = sysroot.join("lib/rustlib").join(host).join("bin").join(tool);
     if !path.exists() {
-        bail!("{} is missing: run `rustup component add llvm-tools rust-src --toolchain nightly`", path.display());
+        bail!(
+            "{} is missing: run `rustup toolchain install` in dispatch-ebpf/ (it adds llvm-tools and rust-src)",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 fn build(out: &Path) -> Result<()> {
     let root = workspace_root();
-    let crate_dir = root.join("dispatch-ebpf");
-    let target_dir = crate_dir.join("target");
+    let target_dir = crate_dir().join("target");
     let bitcode = target_dir.join("dispatch.bc");
-    let cargo_home = env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
+    let cargo_home =
+        env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
     let remap = format!("--remap-path-prefix={}=/steer --remap-path-prefix={cargo_home}=/cargo", root.display());
     run(clean_command("cargo")
-        .current_dir(&crate_dir)
         .env("RUSTFLAGS", remap)
-        .args([TOOLCHAIN, "rustc", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+        .args(["rustc", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
         .arg(&target_dir)
         .arg("--")
         .arg(format!("--emit=obj={}", bitcode.display()))
@@ -109,7 +128,9 @@ fn main() -> Result<()> {
                 let want = std::fs::read(&fresh)?;
                 let have = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
                 if want != have {
-                    bail!("{OBJECT} is stale: it differs from a build of dispatch-ebpf/src; run `cargo xtask build-ebpf` and commit the result");
+                    bail!(
+                        "{OBJECT} is stale: it differs from a build of dispatch-ebpf/src; run `cargo xtask build-ebpf` and commit the result"
+                    );
                 }
                 println!("{OBJECT} matches its source");
             } else {

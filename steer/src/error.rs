@@ -1,0 +1,121 @@
+//! The library's error type: what went wrong, as a kind a caller can match
+//! on, with the message a user reads. Front ends print the whole chain
+//! (`{:#}` through anyhow): "context: cause: root cause".
+
+use std::{fmt, io, path::PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input: an argument, a file's content, a socket or process that
+    /// cannot be used. Nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A request that conflicts with the current state (already bound,
+    /// already attached, not steered...).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no steer state at {}: run `steerctl load` first, or pass the --pin-dir it was loaded with", dir.display())]
+    NotLoaded { dir: PathBuf },
+    #[error("already loaded: {} exists; run `steerctl --pin-dir {} unload` first", pin.display(), dir.display())]
+    AlreadyLoaded { pin: PathBuf, dir: PathBuf },
+    #[error("{} is not on a bpf filesystem; mount it with `mount -t bpf bpf {}`", path.display(), mount_point.display())]
+    NotBpffs { path: PathBuf, mount_point: PathBuf },
+    /// A pin that is missing, or not the object steer expects there.
+    #[error("{0}")]
+    Pin(String),
+    /// Missing capabilities or permissions.
+    #[error("{0}")]
+    Permission(String),
+    /// The kernel lacks a feature steer needs.
+    #[error("{0}")]
+    Kernel(String),
+    /// A map has no room left.
+    #[error("{0}")]
+    Full(String),
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Errno(#[from] nix::Error),
+    #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
+    Program(#[from] aya::programs::ProgramError),
+    #[error(transparent)]
+    Link(#[from] aya::programs::links::LinkError),
+    #[error(transparent)]
+    PinObject(#[from] aya::pin::PinError),
+    #[error(transparent)]
+    Ebpf(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Proc(#[from] procfs::ProcError),
+}
+
+impl Error {
+    /// The innermost error, past every context.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            other => other,
+        }
+    }
+
+    /// The OS error number at the root, if the root is an OS error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self.root() {
+            Error::Io(e) => e.raw_os_error(),
+            Error::Errno(e) => Some(*e as i32),
+            _ => None,
+        }
+    }
+}
+
+/// Adds a line of context to an error, like anyhow's `Context`.
+pub trait Context<T> {
+    fn context<C: fmt::Display>(self, context: C) -> Result<T>;
+    fn with_context<C: fmt::Display, F: FnOnce() -> C>(self, f: F) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
+    fn context<C: fmt::Display>(self, context: C) -> Result<T> {
+        self.map_err(|e| Error::Context { context: context.to_string(), source: Box::new(e.into()) })
+    }
+
+    fn with_context<C: fmt::Display, F: FnOnce() -> C>(self, f: F) -> Result<T> {
+        self.map_err(|e| Error::Context { context: f().to_string(), source: Box::new(e.into()) })
+    }
+}
+
+/// Returns `Error::$kind(format!(...))` from the enclosing function.
+macro_rules! fail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::$kind(format!($($arg)*)))
+    };
+}
+pub(crate) use fail;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_chains_and_keeps_the_root() {
+        let err: Result<()> = Err(io::Error::from_raw_os_error(libc::EPERM)).context("opening x").context("loading");
+        let err = err.unwrap_err();
+        assert_eq!(err.to_string(), "loading");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        let chain: Vec<String> = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(chain[..2], ["loading", "opening x"]);
+    }
+}

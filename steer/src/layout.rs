@@ -1,0 +1,45 @@
+//! Where the dispatcher's pins live inside a state directory.
+
+use std::path::{Path, PathBuf};
+
+use steer_common::{MAPS, map, names};
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// The pins of one state directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    /// The state directory of one network namespace: `<bpffs>/steer/<netns inode>`,
+    /// so namespaces sharing a bpffs never share state.
+    pub fn for_netns(bpffs: &Path, netns_inode: u64) -> Self {
+        Self::new(bpffs.join("steer").join(netns_inode.to_string()))
+    }
+    pub fn program(&self) -> PathBuf {
+        self.dir.join(names::STEER_PROGRAM)
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    pub fn ports(&self) -> PathBuf {
+        self.map(map::ECHO_PORTS)
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.map(map::ECHO_SOCKET)
+    }
+    pub fn link(&self) -> PathBuf {
+        self.dir.join(names::LINK)
+    }
+    /// Every pin steerctl makes, the link first so it goes before the rest.
+    pub fn pins(&self) -> Vec<PathBuf> {
+        let mut pins = vec![self.link(), self.program()];
+        pins.extend(MAPS.iter().map(|m| self.map(m.name)));
+        pins
+    }
+}

@@ -1,0 +1,77 @@
+//! load, unload, attach, detach, upgrade and status.
+
+use anyhow::{Result, bail};
+use steer::{Dispatcher, Layout, common::names, status::Status};
+
+use crate::output::{self, View};
+
+pub fn load(layout: &Layout) -> Result<()> {
+    let (_, id) = Dispatcher::load(layout)?;
+    println!("loaded {} (program id {id}), pinned under {}", names::STEER_PROGRAM, layout.dir.display());
+    Ok(())
+}
+
+pub fn unload(layout: &Layout) -> Result<()> {
+    for path in Dispatcher::open_write(layout)?.unload()? {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}
+
+pub fn attach(layout: &Layout) -> Result<()> {
+    let id = Dispatcher::open_write(layout)?.attach()?;
+    println!("attached: link {id} pinned at {}", layout.link().display());
+    Ok(())
+}
+
+pub fn detach(layout: &Layout) -> Result<()> {
+    if !Dispatcher::open_write(layout)?.detach()? {
+        bail!("not attached: no link pinned at {}", layout.link().display());
+    }
+    println!("detached: removed {}", layout.link().display());
+    Ok(())
+}
+
+pub fn upgrade(layout: &Layout) -> Result<()> {
+    let (old, new) = Dispatcher::open_write(layout)?.upgrade()?;
+    println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
+    Ok(())
+}
+
+pub fn status(layout: &Layout, json: bool) -> Result<()> {
+    output::show(&StatusView(Dispatcher::open_read(layout)?.status()?), json)
+}
+
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+struct StatusView(Status);
+
+impl View for StatusView {
+    fn table(&self) -> String {
+        let s = &self.0;
+        let program = s.program.as_ref().map_or("not loaded".into(), |p| format!("{} id {}", p.name, p.id));
+        let link = s.link.as_ref().map_or("not attached".into(), |l| {
+            format!("id {} prog {} netns inode {}", l.id, l.program_id, l.netns_inode)
+        });
+        let socket = s.socket.as_ref().map_or("none".into(), |sock| {
+            let owners =
+                output::joined(sock.owners.iter().map(ToString::to_string), ", ", "no process (held by the map only)");
+            format!("cookie {} owned by {owners}", sock.cookie)
+        });
+        output::record([
+            ("pin dir", s.pin_dir.clone()),
+            ("netns inode", s.current_netns_inode.to_string()),
+            ("program", program),
+            ("link", link),
+            ("ports", output::joined(s.ports.iter().map(u16::to_string), " ", "none")),
+            ("socket", socket),
+            (
+                "labels",
+                format!(
+                    "{} ({} bindings, {} sockets; see `steerctl bindings` and `steerctl list`)",
+                    s.labels, s.bindings, s.registered_sockets
+                ),
+            ),
+        ])
+    }
+}
