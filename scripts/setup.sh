@@ -24,11 +24,8 @@ if ! command -v cargo >/dev/null 2>&1; then
     command -v curl >/dev/null 2>&1 || apt-get install -y -qq curl >/dev/null
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
 fi
-# Only rebuilding the BPF object needs nightly (build-std, llc); the tools
-# themselves build on stable with the committed object.
-if ! rustup toolchain list | grep -q '^nightly'; then
-    rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
-fi
-if rustup toolchain list | grep -q '^nightly'; then
-    rustup component add rust-src llvm-tools --toolchain nightly >/dev/null 2>&1 || true
-fi
+rustup component add clippy rustfmt >/dev/null 2>&1
+# The BPF object is committed, so the tools build on stable; checking or
+# rebuilding it needs the nightly pinned in dispatch-ebpf/rust-toolchain.toml
+# (rustup reads the components from there too).
+(cd dispatch-ebpf && rustup toolchain install >/dev/null)

@@ -158,7 +158,9 @@ fn wrong_map_type() {
 #[test]
 fn missing_pin_dir() {
     let ns = TestNs::new("nopindir");
-    for args in [&["ports", "list"][..], &["ports", "add", "7"], &["attach"], &["status"], &["socket", "set", "--pid", "1"]] {
+    for args in
+        [&["ports", "list"][..], &["ports", "add", "7"], &["attach"], &["status"], &["socket", "set", "--pid", "1"]]
+    {
         let out = ns.steerctl(args);
         assert!(!out.status.success(), "{args:?}");
         assert!(
@@ -228,7 +230,10 @@ fn missing_capabilities() {
         let out = as_nobody(args);
         assert!(!out.status.success(), "{args:?} as nobody should fail");
         let err = stderr(&out);
-        assert!(err.contains("missing capabilities: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are needed; run as root"), "{args:?}: {err}");
+        assert!(
+            err.contains("missing capabilities: CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are needed; run as root"),
+            "{args:?}: {err}"
+        );
     }
     let status = ns.status();
     assert_eq!(status["ports"], serde_json::json!([7]));

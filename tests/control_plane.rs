@@ -111,11 +111,7 @@ fn label_protocol_and_family_must_match_the_socket() {
     udp_echo::spawn(&ns, "127.0.0.1:8080");
     let out = ns.steerctl(&["register-pid", "web", &me(), "udp", "127.0.0.1", "8080"]);
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("label web is bound to tcp ipv4 but this is a udp ipv4 socket"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("label web is bound to tcp ipv4 but this is a udp ipv4 socket"), "{}", stderr(&out));
     let v6 = ns.enter(v6only_listener);
     let out = ns.steerctl(&["register-pid", "web", &me(), "tcp", "::1", &v6.local_addr().unwrap().port().to_string()]);
     assert!(stderr(&out).contains("but this is a tcp ipv6 socket"), "{}", stderr(&out));
@@ -128,7 +124,8 @@ fn v6only_listener() -> std::net::TcpListener {
     use nix::sys::socket::*;
     let s = socket(AddressFamily::Inet6, SockType::Stream, SockFlag::empty(), None).unwrap();
     setsockopt(&s, sockopt::Ipv6V6Only, &true).unwrap();
-    bind(s.as_raw_fd(), &SockaddrIn6::from(std::net::SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, 0, 0, 0))).unwrap();
+    bind(s.as_raw_fd(), &SockaddrIn6::from(std::net::SocketAddrV6::new(std::net::Ipv6Addr::LOCALHOST, 0, 0, 0)))
+        .unwrap();
     listen(&s, Backlog::new(16).unwrap()).unwrap();
     std::net::TcpListener::from(s)
 }
@@ -183,7 +180,10 @@ fn load_bindings_replaces_atomically_and_a_bad_file_changes_nothing() {
     let first = ns.steerctl_ok(&["--json", "bindings"]);
     let mut expected = good["bindings"].as_array().unwrap().clone();
     expected.sort_by_key(|b| (b["label"].to_string(), b["protocol"].to_string(), b["prefix"].to_string()));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&first).unwrap()["bindings"], serde_json::Value::Array(expected));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&first).unwrap()["bindings"],
+        serde_json::Value::Array(expected)
+    );
     // Idempotent, and `bindings --json` reads back in.
     std::fs::write(&file, &first).unwrap();
     ns.steerctl_ok(&["load-bindings", file.to_str().unwrap()]);
@@ -191,7 +191,11 @@ fn load_bindings_replaces_atomically_and_a_bad_file_changes_nothing() {
 
     for (name, text, message) in [
         ("syntax.json", "{\"bindings\": [", "is not a valid bindings file"),
-        ("prefix.json", r#"{"bindings":[{"label":"x","protocol":"tcp","prefix":"300.0.0.1","port":1}]}"#, "not an IPv4 or IPv6 address"),
+        (
+            "prefix.json",
+            r#"{"bindings":[{"label":"x","protocol":"tcp","prefix":"300.0.0.1","port":1}]}"#,
+            "not an IPv4 or IPv6 address",
+        ),
         ("proto.json", r#"{"bindings":[{"label":"x","protocol":"sctp","prefix":"::1","port":1}]}"#, "unknown variant"),
         ("label.json", r#"{"bindings":[{"label":"bad label","protocol":"tcp","prefix":"::1","port":1}]}"#, "bad label"),
         (
@@ -217,7 +221,15 @@ fn concurrent_binds_all_land() {
     let handles: Vec<_> = (1..=20)
         .map(|i| {
             let mut cmd = ns.command(bin("steerctl"));
-            cmd.args(["--pin-dir", pin_dir.to_str().unwrap(), "bind", &format!("l{i}"), "tcp", &format!("127.0.0.{i}"), "80"]);
+            cmd.args([
+                "--pin-dir",
+                pin_dir.to_str().unwrap(),
+                "bind",
+                &format!("l{i}"),
+                "tcp",
+                &format!("127.0.0.{i}"),
+                "80",
+            ]);
             std::thread::spawn(move || cmd.output().unwrap())
         })
         .collect();
@@ -277,7 +289,12 @@ fn upgrade_keeps_serving_without_refusing_a_connection() {
     }
     done.store(true, Ordering::SeqCst);
     client.join().unwrap();
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "connections refused during upgrade ({} ok)", ok.load(Ordering::SeqCst));
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "connections refused during upgrade ({} ok)",
+        ok.load(Ordering::SeqCst)
+    );
     let after = ns.status();
     assert_ne!(after["program"]["id"], before["program"]["id"]);
     assert_eq!(after["link"]["program_id"], after["program"]["id"]);
@@ -332,7 +349,8 @@ fn netns_and_bpffs_flags_drive_a_namespace_from_outside() {
     let bpffs = ns.bpffs.to_str().unwrap().to_string();
     // Run from the test's own namespace, not through `ip netns exec`.
     let steerctl = |args: &[&str]| {
-        let out = Command::new(bin("steerctl")).args(["--netns", &netns, "--bpffs", &bpffs]).args(args).output().unwrap();
+        let out =
+            Command::new(bin("steerctl")).args(["--netns", &netns, "--bpffs", &bpffs]).args(args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
         String::from_utf8(out.stdout).unwrap()
     };

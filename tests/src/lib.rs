@@ -163,7 +163,8 @@ impl TestNs {
     /// comes back; Err on refusal or a silent close.
     pub fn echo(&self, port: u16, line: &str) -> std::io::Result<String> {
         self.enter(|| {
-            let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(5))?;
+            let mut stream =
+                TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(5))?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
             stream.write_all(format!("{line}\n").as_bytes())?;
             let mut reply = String::new();
@@ -175,7 +176,9 @@ impl TestNs {
     /// Asserts a TCP connect to `port` is refused.
     pub fn assert_refused(&self, port: u16) {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let err = self.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map(drop)).expect_err("connect should fail");
+        let err = self
+            .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map(drop))
+            .expect_err("connect should fail");
         assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "port {port}: {err}");
     }
 
