@@ -28,4 +28,4 @@ rustup component add clippy rustfmt >/dev/null 2>&1
 # The BPF object is committed, so the tools build on stable; checking or
 # rebuilding it needs the nightly pinned in dispatch-ebpf/rust-toolchain.toml
 # (rustup reads the components from there too).
-(cd dispatch-ebpf && rustup toolchain install >/dev/null)
+(cd dispatch-ebpf && out=$(rustup toolchain install 2>&1) || { echo "$out" >&2; exit 1; })

@@ -1,10 +1,11 @@
 //! Builds the BPF object from dispatch-ebpf without bpf-linker.
 //!
-//! bpf-linker needs LLVM 21+, which Debian 12 lacks. Instead: nightly rustc
-//! with build-std emits one LLVM bitcode module (LTO, one codegen unit), and
-//! the nightly toolchain's own `llc` (llvm-tools) lowers it to a BPF ELF with
-//! BTF. Paths are remapped so the object is byte-identical wherever the
-//! repository is cloned, which lets CI check the committed copy is current.
+//! Nightly rustc with build-std emits one LLVM bitcode module (LTO, one
+//! codegen unit), and the same toolchain's own `llc` (llvm-tools) lowers it
+//! to a BPF ELF with BTF: no second tool whose LLVM must match the nightly's.
+//! Paths (the clone, cargo's registry, the toolchain's sysroot) are remapped
+//! so the object is byte-identical wherever the repository is cloned and
+//! rustup lives, which lets CI check the committed copy is current.
 //! The nightly is the one pinned in dispatch-ebpf/rust-toolchain.toml: every
 //! command runs in that directory, where rustup picks it up.
 
@@ -70,20 +71,22 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn nightly_tool(tool: &str) -> Result<PathBuf> {
-    let out = clean_command("rustc").args(["--print", "sysroot"]).output().context("running rustc in dispatch-ebpf")?;
+/// What the pinned nightly's rustc prints for `args`.
+fn rustc_output(args: &[&str]) -> Result<String> {
+    let out = clean_command("rustc").args(args).output().context("running rustc in dispatch-ebpf")?;
     if !out.status.success() {
         bail!(
             "the pinned nightly is missing: run `rustup toolchain install` in dispatch-ebpf/ (it reads rust-toolchain.toml): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let sysroot = PathBuf::from(String::from_utf8(out.stdout)?.trim());
-    let host = {
-        let out = clean_command("rustc").arg("-vV").output()?;
-        let text = String::from_utf8(out.stdout)?;
-        text.lines().find_map(|l| l.strip_prefix("host: ")).context("rustc -vV has no host line")?.to_string()
-    };
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn nightly_tool(tool: &str) -> Result<PathBuf> {
+    let sysroot = PathBuf::from(rustc_output(&["--print", "sysroot"])?);
+    let version = rustc_output(&["-vV"])?;
+    let host = version.lines().find_map(|l| l.strip_prefix("host: ")).context("rustc -vV has no host line")?;
     let path = sysroot.join("lib/rustlib").join(host).join("bin").join(tool);
     if !path.exists() {
         bail!(
@@ -100,7 +103,13 @@ fn build(out: &Path) -> Result<()> {
     let bitcode = target_dir.join("dispatch.bc");
     let cargo_home =
         env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
-    let remap = format!("--remap-path-prefix={}=/steer --remap-path-prefix={cargo_home}=/cargo", root.display());
+    // core's sources, built by build-std, sit under the sysroot, whose path
+    // names the rustup home and the toolchain directory.
+    let sysroot = rustc_output(&["--print", "sysroot"])?;
+    let remap = format!(
+        "--remap-path-prefix={}=/steer --remap-path-prefix={cargo_home}=/cargo --remap-path-prefix={sysroot}=/sysroot",
+        root.display()
+    );
     run(clean_command("cargo")
         .env("RUSTFLAGS", remap)
         .args(["rustc", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
