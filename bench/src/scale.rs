@@ -112,7 +112,10 @@ pub fn control_plane(layout: &Layout, n: usize, cli_sample: usize, scratch: &Pat
     let file = synthetic(n, 1);
     let n = file.bindings.len();
     let mut rows = Vec::new();
-    let reset = || -> Result<()> { Ok(Dispatcher::open_write(layout)?.load_bindings(&BindingsFile::default())?) };
+    let reset = || -> Result<()> {
+        Dispatcher::open_write(layout)?.load_bindings(&BindingsFile::default())?;
+        Ok(())
+    };
 
     reset()?;
     let start = Instant::now();
