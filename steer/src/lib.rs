@@ -7,6 +7,7 @@
 
 pub mod bindings;
 pub mod bpffs;
+pub mod diag;
 pub mod dispatcher;
 pub mod error;
 pub mod labelled;
