@@ -220,10 +220,17 @@ impl<A: Access> Dispatcher<A> {
     pub fn registrations(&self) -> Result<Vec<Registration>> {
         let maps = Maps::open(self)?;
         let names = maps.label_names()?;
-        let mut out = Vec::new();
+        let mut registered = Vec::new();
         for key in maps.sockets.keys()? {
-            let Some(cookie) = maps.sockets.cookie(&key)? else { continue };
-            let (owners, info) = socket::find_owners(cookie);
+            if let Some(cookie) = maps.sockets.cookie(&key)? {
+                registered.push((key, cookie));
+            }
+        }
+        let cookies: Vec<u64> = registered.iter().map(|&(_, cookie)| cookie).collect();
+        let found = socket::find_owners_of(&cookies);
+        let mut out = Vec::new();
+        for (key, cookie) in registered {
+            let (owners, info) = found.get(&cookie).cloned().unwrap_or_default();
             let id = key.label_id;
             out.push(Registration {
                 label: names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
