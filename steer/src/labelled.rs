@@ -326,9 +326,12 @@ impl<A: Access> Dispatcher<A> {
     pub fn registrations(&self) -> Result<Vec<Registration>> {
         let maps = Maps::open(self)?;
         let names = maps.label_names()?;
+        let registered = maps.socket_slots(names.keys().copied())?;
+        let cookies: Vec<u64> = registered.iter().map(|&(_, _, cookie)| cookie).collect();
+        let found = socket::find_owners_of(&cookies);
         let mut out = Vec::new();
-        for (id, slot, cookie) in maps.socket_slots(names.keys().copied())? {
-            let (owners, info) = socket::find_owners(cookie);
+        for (id, slot, cookie) in registered {
+            let (owners, info) = found.get(&cookie).cloned().unwrap_or_default();
             out.push(Registration {
                 label: names[&id].clone(),
                 family: if slot % 4 >= 2 { Family::Ipv6 } else { Family::Ipv4 },

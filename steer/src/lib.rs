@@ -8,6 +8,7 @@
 pub mod bindings;
 pub mod bpffs;
 pub mod compile;
+pub mod diag;
 pub mod dispatcher;
 pub mod error;
 pub mod labelled;
