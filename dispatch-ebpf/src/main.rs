@@ -194,6 +194,13 @@ fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     SK_PASS
 }
 
+/// Does nothing: the baseline steer-bench measures the others against.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "sk_lookup")]
+pub extern "C" fn steer_pass(_ctx: *mut bpf_sk_lookup) -> u32 {
+    SK_PASS
+}
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "sk_lookup")]
 pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {

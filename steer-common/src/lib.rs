@@ -39,6 +39,8 @@ pub mod names {
     pub const STEER_PROGRAM: &str = "steer_dispatch";
     /// The seed's program alone, for `bpftool prog loadall` users.
     pub const ECHO_PROGRAM: &str = "echo_dispatch";
+    /// Returns SK_PASS and nothing else: steer-bench's baseline.
+    pub const PASS_PROGRAM: &str = "steer_pass";
     pub const LINK: &str = "steer_dispatch_link";
 }
 
@@ -48,6 +50,10 @@ pub const MAX_LABELS: u32 = 4096;
 pub const MAX_DESTINATIONS: u32 = 8192;
 /// Bindings in one binding set.
 pub const MAX_BINDINGS: u32 = 1 << 20;
+/// A binding record's size when made; it is replaced by a larger copy as it
+/// fills, up to MAX_BINDINGS (a hash map's bucket array is allocated for
+/// its capacity up front).
+pub const RECORD_INITIAL_CAPACITY: u32 = 1024;
 /// Ports the seed's `echo_ports` can list.
 pub const MAX_SEED_PORTS: u32 = 1024;
 /// Longest label name, in bytes (the key keeps a terminating NUL).
@@ -323,7 +329,9 @@ pub struct StateMeta {
     /// Non-zero while the idle half may still hold a generation that
     /// lookups started before the last switch could be reading.
     pub idle_dirty: u32,
-    pub _pad: u32,
+    /// Range slots each half of `steer_ranges` holds chunks in (the rest
+    /// are empty), so a write knows what to empty without scanning.
+    pub range_slots: [u16; 2],
 }
 
 /// The state layout this build reads and writes.
@@ -386,8 +394,8 @@ macro_rules! for_each_map {
             // pinned beside the rest of the state. The record of bindings
             // (two sets, so `load-bindings` fills the idle one and switches)
             // holding label ids; label names; destination ids; bookkeeping.
-            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::MAX_BINDINGS, $crate::kernel::BPF_F_NO_PREALLOC;
-            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::MAX_BINDINGS, $crate::kernel::BPF_F_NO_PREALLOC;
+            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
+            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
             LABELS, "labels", BPF_MAP_TYPE_HASH, $crate::LabelName, u32, $crate::MAX_LABELS, 0;
             DESTINATIONS, "destinations", BPF_MAP_TYPE_HASH, $crate::DestKey, u32, $crate::MAX_DESTINATIONS, 0;
             STEER_META, "steer_meta", BPF_MAP_TYPE_ARRAY, u32, $crate::StateMeta, 1, 0;

@@ -195,7 +195,7 @@ impl Dispatcher<ReadWrite> {
         if self.detach()? {
             removed.push(layout.link());
         }
-        for path in &layout.pins()[1..] {
+        for path in layout.pins()[1..].iter().chain(&layout.staged_pins()) {
             if path.exists() {
                 std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
                 removed.push(path.clone());
@@ -239,7 +239,7 @@ impl Dispatcher<ReadWrite> {
         let new_id = program.info()?.id();
         // Pin beside the old one first (bpffs names take no dots), so a failure
         // before the switch leaves everything as it was.
-        let staged = layout.dir.join(format!("{}_new", names::STEER_PROGRAM));
+        let staged = layout.staged_pins().remove(0);
         let _ = std::fs::remove_file(&staged);
         program.pin(&staged).context("pinning the new program")?;
         let staged_guard = Rollback { paths: vec![staged.clone()], dir: None };

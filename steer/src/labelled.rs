@@ -10,7 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
-    os::fd::BorrowedFd,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
@@ -24,7 +24,7 @@ use crate::{
     bindings::{self, Binding, BindingsFile},
     compile::{self, Destinations},
     dispatcher::{Access, Dispatcher, ReadWrite, spec},
-    error::{Context, Error, Result, fail},
+    error::{Context, Result, fail},
     maps::SocketMap,
     plane::{Plane, PlaneStats},
     socket::{self, Family, Owner, Protocol, SocketInfo},
@@ -63,15 +63,66 @@ fn family_index(f: Family) -> u32 {
     u32::from(f == Family::Ipv6)
 }
 
+/// A record set: the typed map, and its fd for batch reads aya lacks.
+struct Record {
+    map: HashMap<MapData, BindingKey, u32>,
+    fd: OwnedFd,
+}
+
+impl Record {
+    fn new(data: MapData) -> Result<Self> {
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Ok(Self { map: HashMap::try_from(aya::maps::Map::HashMap(data))?, fd })
+    }
+
+    fn open<A: Access>(d: &Dispatcher<A>, name: &str) -> Result<Self> {
+        Self::new(crate::maps::open_spec(&d.layout().map(name), spec(name))?)
+    }
+
+    /// Every entry, read in batches.
+    fn entries(&self) -> Result<Vec<(BindingKey, u32)>> {
+        let raw = crate::sys::map_entries_batch(self.fd.as_fd(), size_of::<BindingKey>(), size_of::<u32>())
+            .context("reading the binding record")?;
+        // Safety: each key is a BindingKey's bytes (Pod), each value a u32's.
+        Ok(raw
+            .iter()
+            .map(|(k, v)| {
+                let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<BindingKey>()) };
+                (key, u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+            })
+            .collect())
+    }
+}
+
+/// A record set with room for `capacity` bindings: a fresh, empty map
+/// pinned over `bindings_N` (only userspace reads these maps).
+fn fresh_record(layout: &crate::Layout, index: usize, capacity: u32) -> Result<Record> {
+    let name = [map::BINDINGS_0, map::BINDINGS_1][index];
+    let spec = spec(name);
+    let obj = aya_obj::Map::new_from_params(spec.map_type, spec.key_size, spec.value_size, capacity, spec.flags);
+    let data = MapData::create(obj, name, None).context("creating a binding record")?;
+    let staged = layout.dir.join(format!("{name}_next"));
+    let _ = std::fs::remove_file(&staged);
+    data.pin(&staged).context("pinning a binding record")?;
+    std::fs::rename(&staged, layout.map(name)).context("replacing a binding record")?;
+    Record::new(data)
+}
+
+/// A record capacity with room to grow for `count` bindings.
+fn record_capacity(count: usize) -> u32 {
+    (count.saturating_mul(2).next_power_of_two() as u32).clamp(steer_common::RECORD_INITIAL_CAPACITY, MAX_BINDINGS)
+}
+
 /// The labelled maps of one state directory, opened and checked.
 struct Maps {
-    records: [HashMap<MapData, BindingKey, u32>; 2],
+    records: [Record; 2],
     labels: HashMap<MapData, LabelName, u32>,
     dests: HashMap<MapData, DestKey, u32>,
     sockets: SocketMap<u32>,
     metrics: PerCpuArray<MapData, DestMetrics>,
     plane: Plane,
     meta: StateMeta,
+    layout: crate::Layout,
 }
 
 /// `map[key]`, or None when absent.
@@ -117,17 +168,38 @@ impl Maps {
         let plane = Plane::open(d)?;
         let meta = plane.meta()?;
         Ok(Self {
-            records: [d.typed_map(map::BINDINGS_0)?, d.typed_map(map::BINDINGS_1)?],
+            records: [Record::open(d, map::BINDINGS_0)?, Record::open(d, map::BINDINGS_1)?],
             labels: d.typed_map(map::LABELS)?,
             dests: d.typed_map(map::DESTINATIONS)?,
             sockets: SocketMap::open_spec(&d.layout().map(map::SOCKETS), spec(map::SOCKETS))?,
             metrics: d.typed_map(map::METRICS)?,
             plane,
             meta,
+            layout: d.layout().clone(),
         })
     }
 
-    fn record(&self) -> &HashMap<MapData, BindingKey, u32> {
+    /// Adds a binding to the record in use, moving it to a larger map when full.
+    fn record_insert(&mut self, key: BindingKey, label: u32) -> Result<()> {
+        let active = (self.meta.active_record & 1) as usize;
+        match self.records[active].map.insert(key, label, 0) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                let entries = self.record_entries()?;
+                if entries.len() >= MAX_BINDINGS as usize {
+                    fail!(Full, "bindings map full ({} entries)", separated(MAX_BINDINGS));
+                }
+                let mut grown = fresh_record(&self.layout, active, record_capacity(entries.len() + 1))?;
+                for (k, v) in entries.iter().copied().chain([(key, label)]) {
+                    grown.map.insert(k, v, 0).context("copying the binding record")?;
+                }
+                self.records[active] = grown;
+                Ok(())
+            }
+            other => other.context("adding the binding"),
+        }
+    }
+
+    fn record(&self) -> &Record {
         &self.records[(self.meta.active_record & 1) as usize]
     }
 
@@ -191,11 +263,17 @@ impl Maps {
     /// Forgets labels with neither bindings nor sockets: ones an interrupted
     /// write left behind too.
     fn collect_labels(&mut self) -> Result<()> {
+        let in_use: BTreeSet<u32> = self.record_entries()?.into_iter().map(|(_, id)| id).collect();
+        self.forget_labels(|_, id| in_use.contains(&id))
+    }
+
+    /// Forgets labels that have no socket and that `keep` does not keep.
+    fn forget_labels(&mut self, keep: impl Fn(&str, u32) -> bool) -> Result<()> {
         let labels = self.labels()?;
-        let mut in_use: BTreeSet<u32> = self.record().iter().map(|e| e.map(|(_, id)| id)).collect::<Result<_, _>>()?;
-        in_use.extend(self.socket_slots(labels.values().copied())?.into_iter().map(|(id, _, _)| id));
+        let with_sockets: BTreeSet<u32> =
+            self.socket_slots(labels.values().copied())?.into_iter().map(|(id, _, _)| id).collect();
         for (label, id) in labels {
-            if !in_use.contains(&id) {
+            if !with_sockets.contains(&id) && !keep(&label, id) {
                 self.labels.remove(&bindings::label_key(&label)?)?;
             }
         }
@@ -242,16 +320,7 @@ impl Maps {
     }
 
     fn record_entries(&self) -> Result<Vec<(BindingKey, u32)>> {
-        Ok(self.record().iter().collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-fn full_record(e: MapError) -> Error {
-    match &e {
-        MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            Error::Full(format!("bindings map full ({} entries)", separated(MAX_BINDINGS)))
-        }
-        _ => e.into(),
+        self.record().entries()
     }
 }
 
@@ -383,7 +452,7 @@ impl Dispatcher<ReadWrite> {
         let mut maps = Maps::open(self)?;
         maps.collect_labels()?;
         let key = b.key();
-        if let Some(id) = lookup(maps.record(), &key)? {
+        if let Some(id) = lookup(&maps.record().map, &key)? {
             let owner = maps.label_names()?.get(&id).cloned().unwrap_or_default();
             if owner != b.label {
                 fail!(
@@ -402,8 +471,7 @@ impl Dispatcher<ReadWrite> {
             return Ok(false);
         }
         let id = maps.ensure_labels([b.label.as_str()])?[&b.label];
-        let active = (maps.meta.active_record & 1) as usize;
-        maps.records[active].insert(key, id, 0).map_err(full_record).context("adding the binding")?;
+        maps.record_insert(key, id)?;
         maps.bump_record()?;
         let entries = maps.record_entries()?;
         maps.publish(&entries)?;
@@ -413,12 +481,12 @@ impl Dispatcher<ReadWrite> {
     pub fn unbind(&self, b: &Binding) -> Result<()> {
         let mut maps = Maps::open(self)?;
         let key = b.key();
-        match (lookup(maps.record(), &key)?, maps.label_id(&b.label)?) {
+        match (lookup(&maps.record().map, &key)?, maps.label_id(&b.label)?) {
             (Some(bound), Some(id)) if bound == id => {}
             _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
         }
         let active = (maps.meta.active_record & 1) as usize;
-        maps.records[active].remove(&key)?;
+        maps.records[active].map.remove(&key)?;
         maps.bump_record()?;
         let entries = maps.record_entries()?;
         maps.publish(&entries)?;
@@ -442,17 +510,19 @@ impl Dispatcher<ReadWrite> {
             fail!(Full, "bindings map full ({} entries): the file has {}", separated(MAX_BINDINGS), seen.len());
         }
         let mut maps = Maps::open(self)?;
-        maps.collect_labels()?;
+        // Labels leaving without a socket give their ids up first, so a set
+        // can replace another of as many labels. Their traffic is dropped
+        // until the switch either way: their socket slots are empty, and no
+        // socket can be registered while this write holds the lock.
+        let staying: BTreeSet<&str> = seen.values().copied().collect();
+        maps.forget_labels(|label, _| staying.contains(label))?;
         let ids = maps.ensure_labels(seen.values().copied())?;
         let entries: Vec<(BindingKey, u32)> = seen.iter().map(|(key, label)| (*key, ids[*label])).collect();
         let idle = (1 - (maps.meta.active_record & 1)) as usize;
-        // The idle set still holds the set before last; only this writer reads it.
-        let stale = maps.records[idle].keys().collect::<Result<Vec<_>, _>>()?;
-        for key in stale {
-            maps.records[idle].remove(&key)?;
-        }
+        // The idle set held the set before last; only this writer reads it.
+        maps.records[idle] = fresh_record(self.layout(), idle, record_capacity(entries.len()))?;
         for (key, id) in &entries {
-            maps.records[idle].insert(*key, *id, 0).map_err(full_record).context("recording the bindings")?;
+            maps.records[idle].map.insert(*key, *id, 0).context("recording the bindings")?;
         }
         maps.meta.active_record = idle as u32;
         maps.bump_record()?;

@@ -2,14 +2,18 @@
 //!
 //! `steer_dirs` and `steer_ranges` hold two halves of chunk slots; lookups
 //! read the half `steer_config` names. A write fills the idle half with
-//! fresh, never-modified chunk maps, switches `active_half` (one byte, so
-//! no lookup sees a mix), waits for an RCU grace period so no lookup still
-//! runs on the old half, and empties it. Chunks are the only per-binding
-//! memory, so the maps grow and shrink with the bindings. `steer_meta`'s
-//! `idle_dirty` says when the idle half may still be read (a write died
-//! between switching and emptying), so the next write waits first.
+//! fresh, never-modified chunk maps (slots it does not need get a shared
+//! empty chunk), switches `active_half` (one byte, so no lookup sees a mix),
+//! waits for an RCU grace period so no lookup still runs on the old half,
+//! and replaces the old half's chunks with the empty one, which frees them:
+//! memory follows the bindings. The kernel waits for a grace period after
+//! every change of a map of maps, so slots change in batches: three grace
+//! periods per write whatever its size. `steer_meta`'s `idle_dirty` says
+//! when the idle half may still be read (a write died between switching and
+//! emptying), so the next write waits first.
 
 use std::{
+    collections::BTreeMap,
     num::NonZeroUsize,
     os::fd::{AsFd, BorrowedFd},
 };
@@ -20,7 +24,7 @@ use aya::{
 };
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use steer_common::{
-    CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, RANGE_CHUNKS, StateMeta,
+    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, RANGE_CHUNKS, Range, StateMeta,
     kernel::{BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY},
     map,
 };
@@ -41,6 +45,37 @@ pub struct PlaneStats {
     pub range_chunks: usize,
     /// Bytes of map memory the chunks take.
     pub chunk_bytes: usize,
+}
+
+/// Kernel memory of one map fd, as /proc reports it (`memlock`; the bytes
+/// in use since Linux 6.2, the bytes reserved before).
+fn memlock(fd: BorrowedFd<'_>) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    Ok(info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0))
+}
+
+/// Kernel memory of every pinned map, the chunk maps of maps of maps
+/// included (each chunk once, however many slots share it).
+pub fn memory<A: Access>(d: &Dispatcher<A>) -> Result<BTreeMap<&'static str, u64>> {
+    let mut out = BTreeMap::new();
+    for m in steer_common::MAPS {
+        let data = open_spec(&d.layout().map(m.name), m)?;
+        let fd = data.fd().as_fd();
+        let mut bytes = memlock(fd)?;
+        if m.inner.is_some() {
+            let mut seen = std::collections::BTreeSet::new();
+            for slot in 0..m.max_entries {
+                let mut id = [0u8; 4];
+                if sys::map_lookup(fd, &slot.to_ne_bytes(), &mut id)? && seen.insert(u32::from_ne_bytes(id)) {
+                    let inner = aya::maps::MapInfo::from_id(u32::from_ne_bytes(id))?.fd()?;
+                    bytes += memlock(inner.as_fd())?;
+                }
+            }
+        }
+        out.insert(m.name, bytes);
+    }
+    Ok(out)
 }
 
 /// The maps lookups read, opened for publishing.
@@ -83,18 +118,23 @@ fn new_chunk<T: Pod>(entries: &[T], name: &str) -> Result<MapData> {
     Ok(map)
 }
 
-fn set_slot(outer: BorrowedFd<'_>, slot: u32, inner: &MapData) -> Result<()> {
+/// Points slots `first..` of a map of maps at `chunks`, in one batch where
+/// the kernel has batch updates for maps of maps, slot by slot otherwise.
+fn install(outer: BorrowedFd<'_>, first: u32, chunks: &[&MapData]) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let fd = inner.fd().as_fd().as_raw_fd() as u32;
-    sys::map_update(outer, &slot.to_ne_bytes(), &fd.to_ne_bytes()).with_context(|| format!("installing chunk {slot}"))
-}
-
-/// Empties slots `first..first + count` of a map of maps.
-fn clear_slots(outer: BorrowedFd<'_>, first: u32, count: u32) -> Result<()> {
-    for slot in first..first + count {
-        sys::map_delete(outer, &slot.to_ne_bytes()).with_context(|| format!("removing chunk {slot}"))?;
+    let keys: Vec<u8> = (first..first + chunks.len() as u32).flat_map(u32::to_ne_bytes).collect();
+    let fds: Vec<u8> = chunks.iter().flat_map(|c| (c.fd().as_fd().as_raw_fd() as u32).to_ne_bytes()).collect();
+    match sys::map_update_batch(outer, &keys, &fds, chunks.len() as u32) {
+        Ok(()) => Ok(()),
+        // EINVAL, ENOTSUPP (524): no batch updates for maps of maps here.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) => {
+            for (key, fd) in keys.chunks(4).zip(fds.chunks(4)) {
+                sys::map_update(outer, key, fd).context("installing a chunk")?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e).context("installing chunks"),
     }
-    Ok(())
 }
 
 /// Waits until every BPF program run that began before now has finished
@@ -148,21 +188,43 @@ impl Plane {
             grace_period();
         }
         let (dirs, ranges) = (self.dirs.fd().as_fd(), self.ranges.fd().as_fd());
-        clear_slots(dirs, idle * DIR_CHUNKS, DIR_CHUNKS)?;
-        clear_slots(ranges, idle * RANGE_CHUNKS, RANGE_CHUNKS)?;
-        for (&chunk, entries) in &generation.dir_chunks {
-            set_slot(dirs, idle * DIR_CHUNKS + chunk, &new_chunk(entries, "steer_dir")?)?;
+        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let empty_dir = new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir")?;
+        let empty_ranges = new_chunk::<Range>(&[], "steer_range")?;
+        // The idle half: every directory slot (absent chunks empty), and the
+        // range slots this generation needs or the half held before.
+        let mut dir_chunks = Vec::with_capacity(DIR_CHUNKS as usize);
+        for chunk in 0..DIR_CHUNKS {
+            dir_chunks.push(match generation.dir_chunks.get(&chunk) {
+                Some(entries) => Some(new_chunk(entries, "steer_dir")?),
+                None => None,
+            });
         }
-        for (i, entries) in generation.ranges.chunks(CHUNK_ENTRIES as usize).enumerate() {
-            set_slot(ranges, idle * RANGE_CHUNKS + i as u32, &new_chunk(entries, "steer_range")?)?;
-        }
+        let dir_refs: Vec<&MapData> = dir_chunks.iter().map(|c| c.as_ref().unwrap_or(&empty_dir)).collect();
+        install(dirs, idle * DIR_CHUNKS, &dir_refs)?;
+        let range_chunks = generation
+            .ranges
+            .chunks(CHUNK_ENTRIES as usize)
+            .map(|entries| new_chunk(entries, "steer_range"))
+            .collect::<Result<Vec<_>>>()?;
+        // Empty chunks also replace what a killed write may have left.
+        let held = usize::from(meta.range_slots[idle as usize]).max(usize::from(meta.range_slots[active as usize]));
+        let mut range_refs: Vec<&MapData> = range_chunks.iter().collect();
+        range_refs.resize(range_refs.len().max(held), &empty_ranges);
+        install(ranges, idle * RANGE_CHUNKS, &range_refs)?;
+        meta.range_slots[idle as usize] = range_chunks.len() as u16;
         meta.idle_dirty = 1;
         self.meta.set(0, meta, 0).context("writing steer_meta")?;
         config.active_half = idle as u8;
         self.config.set(0, config, 0).context("switching to the new bindings")?;
         grace_period();
-        clear_slots(dirs, active * DIR_CHUNKS, DIR_CHUNKS)?;
-        clear_slots(ranges, active * RANGE_CHUNKS, RANGE_CHUNKS)?;
+        // The old half's chunks are freed as empty ones replace them.
+        install(dirs, active * DIR_CHUNKS, &vec![&empty_dir; DIR_CHUNKS as usize])?;
+        let old = usize::from(meta.range_slots[active as usize]);
+        if old > 0 {
+            install(ranges, active * RANGE_CHUNKS, &vec![&empty_ranges; old])?;
+        }
+        meta.range_slots[active as usize] = 0;
         meta.idle_dirty = 0;
         self.meta.set(0, meta, 0).context("writing steer_meta")?;
         let stats = PlaneStats {
