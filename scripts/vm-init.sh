@@ -14,7 +14,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /run/netns
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays on the initramfs (writable already): a tmpfs there would hide
+# this repository's files when it was built under /tmp.
+chmod 1777 /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/netns
 mount -t bpf bpf /sys/fs/bpf
@@ -36,7 +38,10 @@ done
 out=/dev/ttyS1
 stty -F "$out" raw -echo 2>/dev/null
 repo=$(cat /steer/repo)
-cd "$repo" || exit 1
+if ! cd "$repo"; then
+    echo "vm-init: this build's files are not at $repo in the initramfs" >/dev/console
+    poweroff -f
+fi
 
 if [ "$mode" = test ]; then
     {
