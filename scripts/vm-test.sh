@@ -47,7 +47,7 @@ mkdir -p "$vm_out"
 
 echo "== building release binaries and test executables"
 cargo build --release --workspace --bins --quiet
-cargo test --release --workspace --no-run --message-format=json --quiet >"$vm_out/artifacts.json"
+cargo test --release -p steer-tests -p steer-bench --no-run --message-format=json --quiet >"$vm_out/artifacts.json"
 exes=()
 for name in "${tests[@]}"; do
     exe=$(grep '"reason":"compiler-artifact"' "$vm_out/artifacts.json" \
