@@ -20,8 +20,10 @@ vm_cache=${STEER_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/steer-vm}
 vm_out=$PWD/target/vm
 # A command qemu runs under (lab.sh: `ip netns exec NS`).
 vm_wrap=()
-# Kernel modules the guest loads when they are not built in (the lab's wire).
-vm_modules=(virtio_pci virtio_net)
+# Kernel modules the guest loads when they are not built in: the lab's wire,
+# and sock_diag for TCP and UDP (which a full system's modprobe loads on
+# first use; the guest has no modprobe).
+vm_modules=(virtio_pci virtio_net inet_diag tcp_diag udp_diag)
 
 vm_log() { echo "[vm] $*" >&2; }
 vm_die() {
@@ -116,7 +118,8 @@ vm_kernel() {
     pkg=$(vm_apt "$suite" apt-cache depends linux-image-amd64 | awk '$1 == "Depends:" && $2 ~ /^linux-image-/ { print $2; exit }')
     [ -n "$pkg" ] || vm_die "no linux-image-amd64 in $suite"
     dir=$vm_cache/kernels/$suite/$pkg
-    if [ ! -e "$dir/done" ]; then
+    # Unpacked before with another module list: again.
+    if [ "$(cat "$dir/done" 2>/dev/null)" != "${vm_modules[*]}" ]; then
         mkdir -p "$vm_cache/debs"
         deb=$(ls "$vm_cache/debs/${pkg}_"*.deb 2>/dev/null | head -n 1)
         if [ -z "$deb" ]; then
@@ -182,7 +185,7 @@ vm_unpack_kernel() {
     done
     : >>"$dir/modules/load.list"
     rm -rf "$tmp"
-    touch "$dir/done"
+    echo "${vm_modules[*]}" >"$dir/done"
     vm_log "unpacked $release into $dir (modules: ${order[*]:-none, all built in})"
 }
 

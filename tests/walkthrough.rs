@@ -91,6 +91,7 @@ fn unload_leaves_no_pins() {
             "steer/labels",
             "steer/metrics",
             "steer/seed_metrics",
+            "steer/socket_flags",
             "steer/sockets",
             "steer/steer_config",
             "steer/steer_dirs",

@@ -73,13 +73,13 @@ impl Counts {
     fn new(quick: bool) -> Self {
         if quick {
             Counts {
-                rounds: 3,
-                tcp_ops: 200,
-                udp_ops: 1000,
-                test_repeat: 1000,
-                test_samples: 3,
-                labels: 64,
-                bind_sample: 3,
+                rounds: 1,
+                tcp_ops: 50,
+                udp_ops: 200,
+                test_repeat: 100,
+                test_samples: 1,
+                labels: 16,
+                bind_sample: 1,
             }
         } else {
             Counts {
@@ -238,8 +238,8 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     // The control plane gets every label id: drop the sockets holding two.
     {
         let state = Dispatcher::open_write(&layout)?;
-        state.unregister("steered")?;
-        state.unregister(sets::HIT_LABEL)?;
+        state.unregister("steered", None, None)?;
+        state.unregister(sets::HIT_LABEL, None, None)?;
     }
     let bulk = sets.last().context("no sets")?;
     let control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;

@@ -151,11 +151,11 @@ pub fn generate(name: &str, n: usize, lengths: &[u8], hot: bool) -> BindingSet {
 
 /// The sets the bench measures.
 pub fn standard(quick: bool) -> Vec<BindingSet> {
-    let n = if quick { 1_000 } else { 10_000 };
+    let n = if quick { 200 } else { 10_000 };
     let mut sets: Vec<BindingSet> =
         [1, 4, 16, 33, 64, 129].iter().map(|&l| generate(&format!("{l} lengths"), n, &spread(l), false)).collect();
     sets.push(generate("hot port: 129 lengths on one port", n, &spread(33), true));
-    let big = if quick { 5_000 } else { 100_000 };
+    let big = if quick { 500 } else { 100_000 };
     sets.push(generate("100,000 bindings, 33 lengths", big, &spread(33), false));
     sets
 }

@@ -20,11 +20,11 @@ use core::{ffi::c_void, ptr};
 // then drops the object's BTF.
 use aya_ebpf::bindings::bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release};
 use steer_common::{
-    Answer, CHUNK_ENTRIES, DataplaneConfig, DestMetrics, DirEntry, ErrorReason, Range, SeedMetrics, bpf_sk_lookup,
-    dir_slot,
+    Answer, BPF_SK_LOOKUP_F_NO_REUSEPORT, CHUNK_ENTRIES, DataplaneConfig, DestMetrics, DirEntry, ErrorReason, Range,
+    SeedMetrics, bpf_sk_lookup, dir_slot,
     kernel::{AF_INET6, EAFNOSUPPORT, SK_DROP, SK_PASS},
     lookup::{self, Address, Tables},
-    range_slot, socket_slot,
+    range_slot, socket_flag, socket_slot,
 };
 
 // Helpers called by number, typed with plain pointers for the BTF reason above.
@@ -224,15 +224,21 @@ fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_i
     if !metrics.is_null() {
         unsafe { (*metrics).lookups += 1 };
     }
-    let mut sk: *mut c_void = get(map_ptr(&SOCKETS), &socket_slot(answer.label, family_index, protocol_index));
+    let mut slot = socket_slot(answer.label, family_index, protocol_index);
+    let mut sk: *mut c_void = get(map_ptr(&SOCKETS), &slot);
     if sk.is_null() && family_index == 0 {
-        sk = get(map_ptr(&SOCKETS), &socket_slot(answer.label, 1, protocol_index));
+        slot = socket_slot(answer.label, 1, protocol_index);
+        sk = get(map_ptr(&SOCKETS), &slot);
     }
     let err = if sk.is_null() {
         -EAFNOSUPPORT
     } else {
+        let flags: *const u32 = get(map_ptr(&SOCKET_FLAGS), &slot);
+        // Safety: non-null map values are valid for the program's run.
+        let no_reuseport = !flags.is_null() && unsafe { *flags } & socket_flag::NO_REUSEPORT != 0;
+        let assign_flags = if no_reuseport { BPF_SK_LOOKUP_F_NO_REUSEPORT } else { 0 };
         // Safety: sk came from the sockmap lookup above and is released once.
-        let err = unsafe { sk_assign(ctx, sk, 0) };
+        let err = unsafe { sk_assign(ctx, sk, assign_flags) };
         unsafe { sk_release(sk) };
         err
     };

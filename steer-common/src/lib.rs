@@ -78,6 +78,16 @@ pub const MAX_SEARCH_STEPS: u32 = 22;
 /// Socket slots: four per label, one per (socket family, protocol).
 pub const SOCKET_SLOTS: u32 = MAX_LABELS * 4;
 
+/// `socket_flags` bits, per socket slot.
+pub mod socket_flag {
+    /// Assign exactly the registered socket, not the SO_REUSEPORT group it
+    /// belongs to (BPF_SK_LOOKUP_F_NO_REUSEPORT).
+    pub const NO_REUSEPORT: u32 = 1;
+}
+
+/// `bpf_sk_assign` flags the program uses.
+pub const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 1 << 1;
+
 /// The `sockets` slot of a label's socket of one family and protocol.
 #[inline(always)]
 pub fn socket_slot(label: u32, family_index: u32, protocol_index: u32) -> u32 {
@@ -388,6 +398,8 @@ macro_rules! for_each_map {
                 inner $crate::Range, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
             // Labels' sockets, at socket_slot(label, family, protocol).
             SOCKETS, "sockets", BPF_MAP_TYPE_SOCKMAP, u32, u64, $crate::SOCKET_SLOTS, 0;
+            // socket_flag bits for each socket slot.
+            SOCKET_FLAGS, "socket_flags", BPF_MAP_TYPE_ARRAY, u32, u32, $crate::SOCKET_SLOTS, 0;
             METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::DestMetrics, $crate::MAX_DESTINATIONS, 0;
             SEED_METRICS, "seed_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::SeedMetrics, 1, 0;
             // Only userspace reads these; they live here so that they are

@@ -391,7 +391,8 @@ impl Diag {
                     if err.raw_os_error() == Some(libc::ENOENT) {
                         fail!(
                             Kernel,
-                            "this kernel has no sock_diag for {protocol} sockets (CONFIG_INET_{}_DIAG)",
+                            "this kernel has no sock_diag for {protocol} sockets: `modprobe {protocol}_diag` \
+                             (CONFIG_INET_{}_DIAG)",
                             protocol.to_string().to_uppercase()
                         );
                     }

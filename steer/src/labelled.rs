@@ -119,6 +119,7 @@ struct Maps {
     labels: HashMap<MapData, LabelName, u32>,
     dests: HashMap<MapData, DestKey, u32>,
     sockets: SocketMap<u32>,
+    socket_flags: aya::maps::Array<MapData, u32>,
     metrics: PerCpuArray<MapData, DestMetrics>,
     plane: Plane,
     meta: StateMeta,
@@ -172,6 +173,7 @@ impl Maps {
             labels: d.typed_map(map::LABELS)?,
             dests: d.typed_map(map::DESTINATIONS)?,
             sockets: SocketMap::open_spec(&d.layout().map(map::SOCKETS), spec(map::SOCKETS))?,
+            socket_flags: d.typed_map(map::SOCKET_FLAGS)?,
             metrics: d.typed_map(map::METRICS)?,
             plane,
             meta,
@@ -348,6 +350,16 @@ fn serves(info: &SocketInfo, b: &Binding) -> bool {
         }
 }
 
+/// What the published bindings answer for one lookup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resolved {
+    pub label: String,
+    /// The binding that matched (longest prefix, then exact port).
+    pub binding: Binding,
+    /// The counter set the lookup counts in.
+    pub dest: u16,
+}
+
 /// State of the published bindings.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlaneStatus {
@@ -383,6 +395,38 @@ impl<A: Access> Dispatcher<A> {
             up_to_date: maps.meta.plane_version == maps.meta.record_version,
             seed_list_enabled: maps.plane.config()?.seed_enabled != 0,
         })
+    }
+
+    /// What the published bindings answer for a lookup of `protocol` to
+    /// `addr`:`port`: the program's own search over the chunks it reads.
+    pub fn resolve(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Result<Option<Resolved>> {
+        let maps = Maps::open(self)?;
+        let tables = crate::plane::LiveTables::open(self)?;
+        let half = u32::from(maps.plane.config()?.active_half & 1);
+        let mapped = u128::from_be_bytes(bindings::mapped_addr(addr));
+        let address = steer_common::lookup::Address::v6((mapped >> 64) as u64, mapped as u64);
+        let Some(answer) =
+            steer_common::lookup::lookup(&tables, half, protocol_index(protocol), u32::from(port), address)
+        else {
+            return Ok(None);
+        };
+        let names = maps.label_names()?;
+        let label = names.get(&answer.label).cloned().unwrap_or_else(|| format!("#{}", answer.label));
+        // The exact-port binding of that length if there is one, else the wildcard.
+        let mut key = steer_common::BindingKey::new(protocol.number(), answer.len, port, bindings::mapped_addr(addr));
+        if lookup(&maps.record().map, &key)? != Some(answer.label) {
+            key.port = [0, 0];
+        }
+        let (protocol, prefix, port) = bindings::decode_key(&key)?;
+        let binding = Binding { label: label.clone(), protocol, prefix, port };
+        Ok(Some(Resolved { label, binding, dest: answer.dest }))
+    }
+
+    /// The `socket_flag` bits of a socket slot.
+    pub fn socket_flags(&self, label: &str, family: Family, protocol: Protocol) -> Result<u32> {
+        let maps = Maps::open(self)?;
+        let Some(id) = maps.label_id(label)? else { return Ok(0) };
+        Ok(maps.socket_flags.get(&socket_slot(id, family_index(family), protocol_index(protocol)), 0)?)
     }
 
     /// How many sockets are registered, without looking for their owners.
@@ -533,8 +577,20 @@ impl Dispatcher<ReadWrite> {
 
     /// Registers checked sockets under `label`, each replacing the label's
     /// socket of its family and protocol. All are checked before any is
-    /// inserted, so a mismatch changes nothing.
+    /// inserted, so a mismatch changes nothing. Connections go to the
+    /// socket's SO_REUSEPORT group, as the kernel balances it, unless
+    /// `no_reuseport`, when they go to exactly this socket.
     pub fn register(&self, label: &str, sockets: &[(&SocketInfo, BorrowedFd<'_>)]) -> Result<()> {
+        self.register_with(label, sockets, false)
+    }
+
+    /// [`Self::register`], choosing whether the reuseport group is bypassed.
+    pub fn register_with(
+        &self,
+        label: &str,
+        sockets: &[(&SocketInfo, BorrowedFd<'_>)],
+        no_reuseport: bool,
+    ) -> Result<()> {
         bindings::label_key(label)?;
         let served: Vec<Binding> = self.bindings()?.into_iter().filter(|b| b.label == label).collect();
         for (info, _) in sockets {
@@ -555,8 +611,12 @@ impl Dispatcher<ReadWrite> {
         let mut maps = Maps::open(self)?;
         maps.collect_labels()?;
         let id = maps.ensure_labels([label])?[label];
+        let flags = if no_reuseport { steer_common::socket_flag::NO_REUSEPORT } else { 0 };
         for (info, socket) in sockets {
             let slot = socket_slot(id, family_index(info.family), protocol_index(info.protocol));
+            // The flag first: for a moment the old socket may carry the new flag, never
+            // the new socket the old one.
+            maps.socket_flags.set(slot, flags, 0).context("setting the socket's flags")?;
             if let Err(e) = maps.sockets.insert(&slot, *socket) {
                 let _ = maps.collect_labels();
                 return Err(e).context("inserting into the sockets map");
@@ -565,16 +625,25 @@ impl Dispatcher<ReadWrite> {
         Ok(())
     }
 
-    /// Removes the label's sockets; returns how many.
-    pub fn unregister(&self, label: &str) -> Result<usize> {
+    /// Removes the label's sockets, or only those of `protocol` and/or
+    /// `family`; returns how many.
+    pub fn unregister(&self, label: &str, protocol: Option<Protocol>, family: Option<Family>) -> Result<usize> {
         let mut maps = Maps::open(self)?;
         let Some(id) = maps.label_id(label)? else { fail!(Conflict, "no label {label}") };
-        let slots = maps.socket_slots([id])?;
+        let wanted = |slot: u32| {
+            protocol.is_none_or(|p| slot % 2 == protocol_index(p))
+                && family.is_none_or(|f| slot % 4 / 2 == family_index(f))
+        };
+        let slots: Vec<_> = maps.socket_slots([id])?.into_iter().filter(|&(_, slot, _)| wanted(slot)).collect();
         if slots.is_empty() {
-            fail!(Conflict, "label {label} has no registered socket");
+            let which = [protocol.map(|p| p.to_string()), family.map(|f| f.to_string())].into_iter().flatten();
+            let which: Vec<String> = which.collect();
+            let which = if which.is_empty() { String::new() } else { format!(" {}", which.join(" ")) };
+            fail!(Conflict, "label {label} has no registered{which} socket");
         }
         for (_, slot, _) in &slots {
             maps.sockets.remove(slot)?;
+            maps.socket_flags.set(*slot, 0, 0)?;
         }
         maps.collect_labels()?;
         Ok(slots.len())

@@ -78,6 +78,51 @@ pub fn memory<A: Access>(d: &Dispatcher<A>) -> Result<BTreeMap<&'static str, u64
     Ok(out)
 }
 
+/// The generation lookups use now, read from the kernel's chunks: the
+/// tables steer_dispatch searches, for userspace to search the same way.
+pub struct LiveTables {
+    dirs: MapData,
+    ranges: MapData,
+    chunks: std::cell::RefCell<BTreeMap<(bool, u32), Option<MapData>>>,
+}
+
+impl LiveTables {
+    pub fn open<A: Access>(d: &Dispatcher<A>) -> Result<Self> {
+        let path = |name| d.layout().map(name);
+        Ok(Self {
+            dirs: open_spec(&path(map::STEER_DIRS), spec(map::STEER_DIRS))?,
+            ranges: open_spec(&path(map::STEER_RANGES), spec(map::STEER_RANGES))?,
+            chunks: Default::default(),
+        })
+    }
+
+    /// Entry `index` of the chunk in `slot` of the directory (`dir`) or the ranges.
+    fn entry<T: Pod>(&self, dir: bool, slot: u32, index: u32) -> Option<T> {
+        let mut chunks = self.chunks.borrow_mut();
+        let chunk = chunks.entry((dir, slot)).or_insert_with(|| {
+            let outer = if dir { &self.dirs } else { &self.ranges };
+            let mut id = [0u8; 4];
+            let found = sys::map_lookup(outer.fd().as_fd(), &slot.to_ne_bytes(), &mut id).ok()?;
+            found.then(|| MapData::from_id(u32::from_ne_bytes(id)).ok()).flatten()
+        });
+        let chunk = chunk.as_ref()?;
+        let mut value = vec![0u8; size_of::<T>()];
+        sys::map_lookup(chunk.fd().as_fd(), &index.to_ne_bytes(), &mut value).ok()?.then_some(())?;
+        // Safety: the chunk's values are T's bytes (checked shapes, Pod).
+        Some(unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<T>()) })
+    }
+}
+
+impl steer_common::lookup::Tables for LiveTables {
+    fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
+        self.entry(true, steer_common::dir_slot(half, key), key % CHUNK_ENTRIES)
+    }
+
+    fn range(&self, half: u32, index: u32) -> Option<Range> {
+        self.entry(false, steer_common::range_slot(half, index), index % CHUNK_ENTRIES)
+    }
+}
+
 /// The maps lookups read, opened for publishing.
 pub struct Plane {
     config: Array<MapData, DataplaneConfig>,

@@ -41,7 +41,7 @@ pub fn register_activated(layout: &Layout, label: &str) -> Result<()> {
 }
 
 pub fn unregister(layout: &Layout, label: &str) -> Result<()> {
-    let removed = Dispatcher::open_write(layout)?.unregister(label)?;
+    let removed = Dispatcher::open_write(layout)?.unregister(label, None, None)?;
     println!("unregistered {removed} socket(s) of {label}");
     Ok(())
 }
