@@ -29,3 +29,22 @@ rustup component add clippy rustfmt >/dev/null 2>&1
 # rebuilding it needs the nightly pinned in dispatch-ebpf/rust-toolchain.toml
 # (rustup reads the components from there too).
 (cd dispatch-ebpf && out=$(rustup toolchain install 2>&1) || { echo "$out" >&2; exit 1; })
+
+# `setup.sh --test`: what only the tests need on top.
+[ "${1:-}" = --test ] || exit 0
+
+# promtool lints the metrics endpoint's output. Debian 12 ships it only in
+# `prometheus` (96 MB installed, plus JavaScript libraries), whose install
+# also starts a Prometheus server through its init script; so take just
+# /usr/bin/promtool out of that same Debian package.
+if ! command -v promtool >/dev/null 2>&1; then
+    dl=$(mktemp -d)
+    chmod 777 "$dl" # apt's download sandbox user writes here
+    if ! (cd "$dl" && apt-get download -qq prometheus 2>/dev/null); then
+        apt-get update -qq
+        (cd "$dl" && apt-get download -qq prometheus)
+    fi
+    dpkg-deb --fsys-tarfile "$dl"/prometheus_*.deb | tar -xO ./usr/bin/promtool >"$dl/promtool"
+    install -m 755 "$dl/promtool" /usr/local/bin/promtool
+    rm -rf "$dl"
+fi

@@ -325,7 +325,7 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
             let got = ns.enter(|| -> std::io::Result<String> {
                 use std::io::{Read, Write};
                 let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")?;
                 let mut body = String::new();
                 s.read_to_string(&mut body)?;
                 Ok(body)

@@ -81,9 +81,13 @@ enum Command {
     List,
     /// Per-label lookups, misses and errors.
     Metrics {
-        /// Serve them in the Prometheus text format on ADDR (e.g. 127.0.0.1:9100) until killed.
+        /// Serve them in the Prometheus text format at http://ADDR/metrics (e.g. 127.0.0.1:9966)
+        /// until SIGTERM or SIGINT.
         #[arg(long, value_name = "ADDR")]
         serve: Option<std::net::SocketAddr>,
+        /// With --serve: seconds a client has to send its request and read the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "serve")]
+        timeout: f64,
     },
     /// Replace the BPF program with this build's, keeping maps, link and sockets.
     Upgrade,
@@ -116,7 +120,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Register { label } => sockets::register_activated(layout, &label),
         Command::Unregister { label } => sockets::unregister(layout, &label),
         Command::List => sockets::list(layout, json),
-        Command::Metrics { serve } => metrics::run(layout, serve, json),
+        Command::Metrics { serve, timeout } => metrics::run(layout, serve, timeout, json),
     }
 }
 
