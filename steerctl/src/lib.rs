@@ -43,11 +43,20 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the dispatcher and pin it with its maps under --pin-dir.
-    Load,
+    Load {
+        /// Succeed without changing anything when the dispatcher is already loaded
+        /// (for boot scripts: pins outlive restarts).
+        #[arg(long)]
+        if_needed: bool,
+    },
     /// Detach and remove every pin `load` and `attach` made.
     Unload,
     /// Link the dispatcher to this network namespace (pinned, so it outlives steerctl).
-    Attach,
+    Attach {
+        /// Succeed without changing anything when a link is already pinned.
+        #[arg(long)]
+        if_needed: bool,
+    },
     /// Remove the link: lookups in this namespace go back to normal.
     Detach,
     /// Manage the steered ports.
@@ -112,9 +121,9 @@ pub fn run(cli: Cli) -> Result<()> {
     };
     let (layout, json) = (&layout, cli.json);
     match cli.command {
-        Command::Load => lifecycle::load(layout),
+        Command::Load { if_needed } => lifecycle::load(layout, if_needed),
         Command::Unload => lifecycle::unload(layout),
-        Command::Attach => lifecycle::attach(layout),
+        Command::Attach { if_needed } => lifecycle::attach(layout, if_needed),
         Command::Detach => lifecycle::detach(layout),
         Command::Upgrade => lifecycle::upgrade(layout),
         Command::Status => lifecycle::status(layout, json),
