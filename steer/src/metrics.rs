@@ -198,6 +198,9 @@ async fn serve(
             .header_read_timeout(timeout)
             // One request per connection: the deadline below covers all of it.
             .keep_alive(false)
+            // `printf 'GET ...' | nc` shuts its side down after the request:
+            // still answer it.
+            .half_close(true)
             .serve_connection(TokioIo::new(stream), service_fn(move |req| answer(req, layout.clone())));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -261,10 +264,13 @@ mod tests {
         (addr, tx, thread)
     }
 
+    /// Sends `head`, shuts down the write side (as `nc` does at the end
+    /// of its input) and reads the whole answer.
     fn request(addr: SocketAddr, head: &str) -> String {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.write_all(head.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
