@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting and lints, the committed BPF object
 # against its source, unit tests, the real-kernel tests (each in a network
-# namespace of its own), and the script checks (the quick start as root and
-# as a user).
+# namespace of its own), and the script checks: the quick start as root and
+# as a user, and the Debian package built, installed, tried and purged.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 scripts/setup.sh --test
@@ -22,7 +22,7 @@ cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 # The script checks, each counted as one test.
 checks_passed=0
 checks_failed=0
-for check in scripts/quickstart-test.sh; do
+for check in scripts/quickstart-test.sh scripts/package-test.sh; do
     if "$check"; then
         checks_passed=$((checks_passed + 1))
     else

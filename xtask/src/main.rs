@@ -37,9 +37,9 @@ enum Cmd {
         check: bool,
     },
     /// Write man pages and bash/zsh/fish completions for steerctl, sockmap-update
-    /// and sk-lookup-attach under OUT (cargo-deb takes them from target/dist).
+    /// and sk-lookup-attach under OUT (cargo-deb takes them from packaging/dist).
     Dist {
-        #[arg(long, default_value = "target/dist")]
+        #[arg(long, default_value = "packaging/dist")]
         out: PathBuf,
     },
 }
