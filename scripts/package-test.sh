@@ -35,11 +35,7 @@ cleanup() {
 trap cleanup EXIT
 
 say "building (release) and packaging"
-nice -n 10 cargo build --release --quiet -p steerctl -p sockmap-update -p sk-lookup-attach
-cargo xtask dist >/dev/null
-rm -rf target/debian
-nice -n 10 cargo deb -p steerctl --no-build --quiet >/dev/null
-deb=$(ls target/debian/steer_*.deb)
+deb=$(scripts/package.sh)
 say "built $deb ($(stat -c %s "$deb") bytes) in $(($(date +%s) - started)) s"
 
 say "installing"
