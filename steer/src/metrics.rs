@@ -123,6 +123,8 @@ pub struct Server {
     listener: TcpListener,
     layout: Arc<Layout>,
     timeout: Duration,
+    /// Installed at bind, so a SIGTERM right after startup is a clean stop too.
+    signals: [tokio::signal::unix::Signal; 2],
 }
 
 impl Server {
@@ -137,7 +139,14 @@ impl Server {
             .context("starting the metrics server's runtime")?;
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
-        Ok(Self { runtime, listener, layout: Arc::new(layout.clone()), timeout })
+        let signals = {
+            let _runtime = runtime.enter();
+            [
+                signal(SignalKind::terminate()).context("handling SIGTERM")?,
+                signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            ]
+        };
+        Ok(Self { runtime, listener, layout: Arc::new(layout.clone()), timeout, signals })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -147,10 +156,8 @@ impl Server {
     /// Serves until SIGTERM or SIGINT, then stops accepting, lets the
     /// connections in flight finish (within the timeout) and returns.
     pub fn run(self) -> Result<()> {
-        let Self { runtime, listener, layout, timeout } = self;
+        let Self { runtime, listener, layout, timeout, signals: [mut term, mut int] } = self;
         runtime.block_on(async move {
-            let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-            let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
             let stop = async move {
                 tokio::select! {
                     _ = term.recv() => log::info!("SIGTERM: shutting down"),
@@ -253,7 +260,7 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let Server { runtime, listener, layout, timeout } = server;
+            let Server { runtime, listener, layout, timeout, .. } = server;
             runtime.block_on(async move {
                 let stop = async move {
                     let _ = tokio::task::spawn_blocking(move || rx.recv()).await;
