@@ -5,7 +5,8 @@
 #
 # Usage: scripts/verify-nmap.sh [--netns NAME] [--udp] ADDR PORTS
 #   ADDR   literal IP address; must be loopback (127.0.0.0/8 or ::1) unless
-#          --netns is given, so tests never send traffic off this host.
+#          --netns is given, so tests never send traffic off this host; in
+#          a netns, an address on one of its own links (no gateway)
 #   PORTS  nmap port spec, e.g. 1-1000 or 7,77,777,8
 #
 # Environment:
@@ -104,6 +105,17 @@ if ! is_ipv4 "$addr" && ! is_ipv6 "$addr"; then
 fi
 if [[ -z $netns ]] && ! is_loopback "$addr"; then
     die "refusing to scan non-loopback address '$addr' outside a netns (use 127.0.0.0/8, ::1, or --netns NAME)"
+fi
+# Inside a netns, only an address the namespace reaches directly (its own,
+# or on one of its links, such as scripts/lab.sh's tap or veth), never one
+# behind a gateway: the scan stays on wires the caller made.
+if [[ -n $netns ]] && ! is_loopback "$addr"; then
+    if ! route=$(ip netns exec "$netns" ip route get "$addr" 2>/dev/null); then
+        die "no route to '$addr' in netns $netns"
+    fi
+    if [[ $route == *" via "* ]]; then
+        die "refusing to scan '$addr': netns $netns reaches it through a gateway ($route)"
+    fi
 fi
 
 args=(-n -Pn -oG - --max-retries 1 --host-timeout "${NMAP_HOST_TIMEOUT:-60s}" -p "$ports")

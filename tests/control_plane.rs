@@ -315,7 +315,9 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
     // The label stays while bound; with no socket its connections are dropped.
     assert!(ns.first_line("127.0.0.2:80".parse().unwrap()).is_err());
     let metrics: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "metrics"])).unwrap();
-    assert_eq!(metrics, serde_json::json!([{"label": "web", "lookups": 6, "misses": 1, "errors": 0}]));
+    let reasons = serde_json::json!({"already_assigned": 0, "bad_socket": 0, "other": 0, "protocol": 0});
+    let expected = serde_json::json!([{"label": "web", "domain": "ipv4", "protocol": "tcp", "lookups": 6, "misses": 1, "errors": 0, "errors_by_reason": reasons}]);
+    assert_eq!(metrics, expected);
 
     let mut serve = ns.command(bin("steerctl"));
     serve.args(["--pin-dir", ns.pin_dir().to_str().unwrap(), "metrics", "--serve", "127.0.0.1:9100"]);
@@ -338,8 +340,8 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
         .expect("metrics server answered");
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("# TYPE steer_lookups_total counter"), "{body}");
-    assert!(body.contains("steer_lookups_total{label=\"web\"} 6"), "{body}");
-    assert!(body.contains("steer_misses_total{label=\"web\"} 1"), "{body}");
+    assert!(body.contains("steer_lookups_total{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 6"), "{body}");
+    assert!(body.contains("steer_misses_total{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 1"), "{body}");
 }
 
 #[test]

@@ -83,17 +83,21 @@ fn unload_leaves_no_pins() {
         ns.pins(),
         [
             "steer",
-            "steer/active_bindings",
-            "steer/binding_lengths",
             "steer/bindings_0",
             "steer/bindings_1",
+            "steer/destinations",
             "steer/echo_ports",
             "steer/echo_socket",
             "steer/labels",
             "steer/metrics",
+            "steer/seed_metrics",
             "steer/sockets",
+            "steer/steer_config",
+            "steer/steer_dirs",
             "steer/steer_dispatch",
             "steer/steer_dispatch_link",
+            "steer/steer_meta",
+            "steer/steer_ranges",
         ]
     );
     ns.steerctl_ok(&["unload"]);

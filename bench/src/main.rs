@@ -1,36 +1,52 @@
-//! steer-bench: steered vs native connection rates and per-lookup program
-//! cost, measured in a network namespace the benchmark creates for itself.
+//! steer-bench: what steering costs, measured side by side in one run, in a
+//! network namespace the benchmark creates for itself: connection rates
+//! against a native listener, per-lookup program cost against an empty
+//! program across binding sets, and the control plane's cost.
 
 mod bpf;
+mod control;
 mod cost;
 mod rate;
 mod sandbox;
-mod scale;
+mod sets;
 
 use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde::Serialize;
-use steer::{Dispatcher, common::names::STEER_PROGRAM, socket::Protocol};
+use steer::{
+    Dispatcher,
+    bindings::{Binding, BindingsFile, Prefix},
+    common::names::{PASS_PROGRAM, STEER_PROGRAM},
+    socket::Protocol,
+};
 use tabled::{Table, Tabled, settings::Style};
 
 use crate::{
     cost::{CostRow, Skipped},
     rate::{RateRow, TcpWorkload, UdpWorkload, Workload},
     sandbox::Sandbox,
+    sets::SetRow,
 };
 
-/// The steered/native connection-rate ratio to aim for; reported, not enforced.
-const GOAL: f64 = 0.95;
+/// Connection-rate goals (issue targets): steered/native and
+/// unrelated/native, TCP then UDP. Reported, not enforced.
+const GOAL_STEERED: [f64; 2] = [0.97, 0.95];
+const GOAL_UNRELATED: [f64; 2] = [0.99, 0.97];
+/// Per-lookup goals: unrelated traffic within 2x of the empty program;
+/// hits and misses under 120 ns and flat across sets (largest/smallest).
+const GOAL_UNRELATED_OVER_EMPTY: f64 = 2.0;
+const GOAL_LOOKUP_NS: f64 = 120.0;
+const GOAL_FLAT: f64 = 1.5;
 
 const NATIVE_PORT: u16 = 7001;
 /// Where the steered-to sockets are bound; clients never address it.
 const TARGET_PORT: u16 = 7002;
-/// Listed in `echo_ports`, nothing bound: only sk_lookup can deliver here.
+/// Bound to the steered label, nothing listening: only sk_lookup delivers here.
 const STEERED_PORT: u16 = 7777;
-/// Bound through a labelled binding in the binding-count runs.
-const SCALE_HIT_PORT: u16 = 8080;
+/// Listed in the seed's `echo_ports` for the seed program cost rows.
+const SEED_PORT: u16 = 7007;
 
 #[derive(Parser)]
 #[command(version, about = "Benchmark steered vs native sockets (run as root; uses its own network namespace)")]
@@ -44,39 +60,36 @@ struct Args {
 }
 
 struct Counts {
-    bindings: Vec<usize>,
-    control_bindings: usize,
-    cli_sample: usize,
     rounds: usize,
     tcp_ops: usize,
     udp_ops: usize,
     test_repeat: u32,
     test_samples: usize,
+    labels: usize,
+    bind_sample: usize,
 }
 
 impl Counts {
     fn new(quick: bool) -> Self {
         if quick {
             Counts {
-                bindings: vec![1, 100],
-                control_bindings: 100,
-                cli_sample: 5,
                 rounds: 3,
                 tcp_ops: 200,
                 udp_ops: 1000,
                 test_repeat: 1000,
                 test_samples: 3,
+                labels: 64,
+                bind_sample: 3,
             }
         } else {
             Counts {
-                bindings: vec![1, 100, 10_000, 100_000],
-                control_bindings: 10_000,
-                cli_sample: 200,
                 rounds: 11,
                 tcp_ops: 4000,
                 udp_ops: 20000,
-                test_repeat: 1_000_000,
+                test_repeat: 200_000,
                 test_samples: 9,
+                labels: 4096,
+                bind_sample: 20,
             }
         }
     }
@@ -87,16 +100,16 @@ struct Report {
     quick: bool,
     /// The one CPU every benchmark thread runs on.
     cpu: usize,
-    goal_steered_over_native: f64,
+    kernel: String,
     connection_rate: Vec<RateRow>,
+    /// The seed port list's path, against the seed's C program.
     program_cost: Vec<CostRow>,
-    /// steer_dispatch against the number of bindings.
-    program_cost_by_bindings: Vec<CostRow>,
-    /// The largest count's hit cost over the single binding's; goal <= 1.2.
-    largest_over_single_hit: f64,
-    /// The same for misses.
-    largest_over_single_miss: f64,
-    control_plane: Vec<scale::ControlRow>,
+    /// steer_dispatch across binding sets.
+    program_cost_by_set: Vec<SetRow>,
+    /// Largest over smallest hit and miss cost across the sets.
+    hit_spread: f64,
+    miss_spread: f64,
+    control_plane: Vec<control::ControlRow>,
     skipped: Vec<Skipped>,
 }
 
@@ -135,61 +148,81 @@ fn pin_to_one_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+/// The object's empty program, loaded on its own as the baseline.
+fn empty_program() -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
+    let mut ebpf = aya::EbpfLoader::new().load(steer::DISPATCH_OBJECT)?;
+    let program: &mut aya::programs::SkLookup =
+        ebpf.program_mut(PASS_PROGRAM).context("no empty program in the object")?.try_into()?;
+    program.load()?;
+    let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+    Ok((ebpf, fd))
+}
+
 fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<Report> {
     let layout = steer::Layout::new(sandbox.bpffs.join("steer"));
-    Dispatcher::load(&layout).context("loading steer's dispatcher")?.0.add_ports(&[STEERED_PORT])?;
-    // The benchmark swaps the seed socket between workloads; it owns the
-    // sandbox, so it writes the map directly rather than under the lock.
-    let sockets = steer::maps::SocketMap::<u32>::open(&layout.socket())?;
-
+    let (state, _) = Dispatcher::load(&layout).context("loading steer's dispatcher")?;
     let mut tcp = TcpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
     let mut udp = UdpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
-    tcp.steer_to(&sockets)?;
+    let (_empty_object, empty) = empty_program()?;
 
-    // Program cost first, while every socket map holds the TCP listener.
-    let mut programs = vec![cost::Program {
-        name: format!("{} (rust, steerctl's)", STEER_PROGRAM),
-        fd: bpf::obj_get(&layout.program()).context("opening steer's pinned program")?,
-    }];
+    // The seed path: a listed port and the seed socket, timed against the
+    // Rust seed program alone and the seed's C program.
+    state.add_ports(&[SEED_PORT])?;
+    steer::maps::SocketMap::<u32>::open(&layout.socket())?.insert(&0, tcp.listener().as_fd())?;
+    let mut programs =
+        vec![cost::Program { name: format!("{STEER_PROGRAM} (steerctl's)"), fd: bpf::obj_get(&layout.program())? }];
     let mut skipped = Vec::new();
-    let listener = tcp.listener();
     for extra in [
-        cost::rust_echo(sandbox, STEERED_PORT, listener.as_fd()),
-        cost::c_reference(sandbox, STEERED_PORT, listener.as_fd()),
+        cost::rust_echo(sandbox, SEED_PORT, tcp.listener().as_fd()),
+        cost::c_reference(sandbox, SEED_PORT, tcp.listener().as_fd()),
     ] {
         match extra {
             Ok(p) => programs.push(p),
             Err(s) => skipped.push(s),
         }
     }
-    let hit = bpf::loopback_v4(Protocol::Tcp, STEERED_PORT);
+    let hit = bpf::loopback_v4(Protocol::Tcp, SEED_PORT);
     let miss = bpf::loopback_v4(Protocol::Tcp, NATIVE_PORT);
-    // Further rows (other programs, binding-count scaling) append here.
     let program_cost = cost::measure(&programs, &hit, &miss, counts.test_repeat, counts.test_samples)?;
     drop(programs);
-    let program_cost_by_bindings = scale::program_cost_at_scale(
-        &layout,
-        tcp.listener(),
-        &counts.bindings,
-        SCALE_HIT_PORT,
-        counts.test_repeat,
-        counts.test_samples,
-    )?;
-    let (largest_over_single_hit, largest_over_single_miss) =
-        match (program_cost_by_bindings.first(), program_cost_by_bindings.last()) {
-            (Some(first), Some(last)) => (last.hit_ns / first.hit_ns, last.miss_ns / first.miss_ns),
-            _ => (f64::NAN, f64::NAN),
-        };
-    let control_plane =
-        scale::control_plane(&layout, counts.control_bindings, counts.cli_sample, &std::env::temp_dir())?;
+    // The rest runs with the seed list off, as a labels-only host would.
+    state.remove_ports(&[SEED_PORT])?;
+    state.clear_seed_socket()?;
+    drop(state);
 
+    let sets = sets::standard(quick);
+    let program_cost_by_set =
+        sets::measure(&layout, &sets, tcp.listener(), empty.as_fd(), counts.test_repeat, counts.test_samples)?;
+    let spread = |f: fn(&SetRow) -> f64| {
+        let v: Vec<f64> = program_cost_by_set.iter().map(f).collect();
+        v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    let (hit_spread, miss_spread) = (spread(|r| r.hit_ns), spread(|r| r.miss_ns));
+
+    // Connection rates with the 129-length set loaded, and the steered port
+    // bound to the target sockets' label.
+    let mut wide = sets.iter().find(|s| s.lengths == 129).context("no 129-length set")?.file.clone();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let prefix = Prefix::new(std::net::Ipv4Addr::LOCALHOST.into(), 32)?;
+        wide.bindings.push(Binding { label: "steered".into(), protocol, prefix, port: STEERED_PORT });
+    }
+    {
+        let state = Dispatcher::open_write(&layout)?;
+        state.load_bindings(&wide)?;
+        for work in [&tcp as &dyn Workload, &udp] {
+            let (_, socket) = work.target();
+            let info = steer::socket::inspect(socket)?;
+            state.register("steered", &[(&info, socket)])?;
+        }
+    }
     let mut attached = false;
     let mut set_attached = |on: bool| -> Result<()> {
         if on != attached {
+            let state = Dispatcher::open_write(&layout)?;
             if on {
-                Dispatcher::open_write(&layout)?.attach()?;
+                state.attach()?;
             } else {
-                Dispatcher::open_write(&layout)?.detach()?;
+                state.detach()?;
             }
             attached = on;
         }
@@ -198,20 +231,30 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     let mut connection_rate = Vec::new();
     let workloads: [(&mut dyn Workload, usize); 2] = [(&mut tcp, counts.tcp_ops), (&mut udp, counts.udp_ops)];
     for (work, n) in workloads {
-        work.steer_to(&sockets)?;
         connection_rate.push(rate::measure(work, &mut set_attached, counts.rounds, n)?);
     }
+    set_attached(false)?;
+
+    // The control plane gets every label id: drop the sockets holding two.
+    {
+        let state = Dispatcher::open_write(&layout)?;
+        state.unregister("steered")?;
+        state.unregister(sets::HIT_LABEL)?;
+    }
+    let bulk = sets.last().context("no sets")?;
+    let control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;
+    Dispatcher::open_write(&layout)?.load_bindings(&BindingsFile::default())?;
     Dispatcher::open_write(&layout)?.unload()?;
 
     Ok(Report {
         quick,
         cpu,
-        goal_steered_over_native: GOAL,
+        kernel: nix::sys::utsname::uname()?.release().to_string_lossy().into_owned(),
         connection_rate,
         program_cost,
-        program_cost_by_bindings,
-        largest_over_single_hit,
-        largest_over_single_miss,
+        program_cost_by_set,
+        hit_spread,
+        miss_spread,
         control_plane,
         skipped,
     })
@@ -223,14 +266,12 @@ struct RateLine {
     test: String,
     #[tabled(rename = "native ops/s")]
     native: String,
-    #[tabled(rename = "unlisted port, prog attached")]
-    unlisted: String,
+    #[tabled(rename = "unrelated service, 129-length set loaded")]
+    unrelated: String,
     #[tabled(rename = "steered ops/s")]
     steered: String,
     #[tabled(rename = "steered/native")]
     ratio: String,
-    #[tabled(rename = "goal")]
-    goal: String,
 }
 
 #[derive(Tabled)]
@@ -243,50 +284,90 @@ struct CostLine {
     miss: String,
 }
 
+fn verdict(value: f64, goal: f64, at_least: bool) -> &'static str {
+    if (at_least && value >= goal) || (!at_least && value <= goal) { "" } else { " (below goal)" }
+}
+
 fn print_tables(report: &Report) {
-    let rates = report.connection_rate.iter().map(|r| RateLine {
+    println!("Kernel {}, every thread on CPU {}.", report.kernel, report.cpu);
+    let rates = report.connection_rate.iter().enumerate().map(|(i, r)| RateLine {
         test: format!("{} (x{}, {} rounds)", r.test, r.ops_per_round, r.rounds),
         native: format!("{:.0}", r.native_ops_per_s),
-        unlisted: format!("{:.0} ({:.3})", r.unlisted_ops_per_s, r.unlisted_over_native),
+        unrelated: format!(
+            "{:.0} ({:.3}, goal >= {}){}",
+            r.unrelated_ops_per_s,
+            r.unrelated_over_native,
+            GOAL_UNRELATED[i],
+            verdict(r.unrelated_over_native, GOAL_UNRELATED[i], true)
+        ),
         steered: format!("{:.0}", r.steered_ops_per_s),
-        ratio: format!("{:.3}", r.steered_over_native),
-        goal: if r.steered_over_native >= report.goal_steered_over_native {
-            "met".into()
-        } else {
-            format!("below {}", report.goal_steered_over_native)
-        },
+        ratio: format!(
+            "{:.3} (goal >= {}){}",
+            r.steered_over_native,
+            GOAL_STEERED[i],
+            verdict(r.steered_over_native, GOAL_STEERED[i], true)
+        ),
     });
-    println!("Connection rate on CPU {} (medians; ratios are medians of per-round ratios)", report.cpu);
+    println!("\nConnection rate (medians; ratios are medians of per-round ratios)");
     println!("{}", Table::new(rates).with(Style::sharp()));
+
+    if let Some(c) = report.program_cost.first() {
+        println!("\nSeed port list: program cost (BPF_PROG_TEST_RUN, median of {} x {} runs)", c.samples, c.repeat);
+    }
     let costs = report.program_cost.iter().map(|c| CostLine {
         program: c.program.clone(),
         hit: format!("{:.0}", c.hit_ns),
         miss: format!("{:.0}", c.miss_ns),
     });
-    if let Some(c) = report.program_cost.first() {
-        println!("\nProgram cost (BPF_PROG_TEST_RUN, median of {} x {} runs)", c.samples, c.repeat);
-    }
     println!("{}", Table::new(costs).with(Style::sharp()));
-    let scaled = report.program_cost_by_bindings.iter().map(|c| CostLine {
-        program: c.program.clone(),
-        hit: format!("{:.0}", c.hit_ns),
-        miss: format!("{:.0}", c.miss_ns),
-    });
+
     println!(
-        "\nProgram cost by number of bindings (largest / single: hits {:.2}, misses {:.2}; goal <= 1.2)",
-        report.largest_over_single_hit, report.largest_over_single_miss
+        "\nLabelled bindings: ns per lookup (goals: hit and miss <= {GOAL_LOOKUP_NS}, unrelated <= {GOAL_UNRELATED_OVER_EMPTY}x empty)"
     );
-    println!("{}", Table::new(scaled).with(Style::sharp()));
+    let mut b = tabled::builder::Builder::default();
+    b.push_record([
+        "binding set",
+        "bindings",
+        "lengths",
+        "hit",
+        "miss in bound prefixes",
+        "unrelated (x empty)",
+        "empty",
+        "memory",
+    ]);
+    for r in &report.program_cost_by_set {
+        b.push_record([
+            r.set.clone(),
+            r.bindings.to_string(),
+            r.distinct_lengths.to_string(),
+            format!("{:.0}{}", r.hit_ns, verdict(r.hit_ns, GOAL_LOOKUP_NS, false)),
+            format!("{:.0}{}", r.miss_ns, verdict(r.miss_ns, GOAL_LOOKUP_NS, false)),
+            format!(
+                "{:.0} ({:.2}x){}",
+                r.unrelated_ns,
+                r.unrelated_over_empty,
+                verdict(r.unrelated_over_empty, GOAL_UNRELATED_OVER_EMPTY, false)
+            ),
+            format!("{:.0}", r.empty_ns),
+            format!("{:.1} MiB ({:.1} MiB lookup chunks)", mib(r.memory_bytes), mib(r.chunk_bytes)),
+        ]);
+    }
+    println!("{}", b.build().with(Style::sharp()));
+    println!(
+        "Spread across sets (largest/smallest, goal <= {GOAL_FLAT}): hits {:.2}{}, misses {:.2}{}",
+        report.hit_spread,
+        verdict(report.hit_spread, GOAL_FLAT, false),
+        report.miss_spread,
+        verdict(report.miss_spread, GOAL_FLAT, false)
+    );
+
     let mut b = tabled::builder::Builder::default();
     b.push_record(["operation", "bindings", "seconds"]);
     for r in &report.control_plane {
-        b.push_record([
-            r.operation.clone(),
-            r.bindings.to_string(),
-            format!("{:.3}{}", r.seconds, if r.extrapolated { " (extrapolated)" } else { "" }),
-        ]);
+        let per = r.per_operation.map_or(String::new(), |p| format!(" ({:.1} ms each)", p * 1000.0));
+        b.push_record([r.operation.clone(), r.bindings.to_string(), format!("{:.3}{per}", r.seconds)]);
     }
-    println!("\nControl plane: time to add bindings");
+    println!("\nControl plane");
     println!("{}", b.build().with(Style::sharp()));
     for s in &report.skipped {
         println!("{s}");
@@ -294,4 +375,8 @@ fn print_tables(report: &Report) {
     if report.quick {
         println!("\n--quick: tiny counts, numbers are noise");
     }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }

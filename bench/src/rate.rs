@@ -16,14 +16,15 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Variant {
     /// Server bound to the port, no sk_lookup program attached.
     Native,
-    /// Same, with the program attached: every lookup runs it and misses.
-    Unlisted,
+    /// Same, with the program attached and bindings loaded that do not
+    /// apply to it: an unrelated service on the host.
+    Unrelated,
     /// Nothing bound to the port; the program assigns the server's socket.
     Steered,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::Native, Variant::Unlisted, Variant::Steered];
+    const ALL: [Variant; 3] = [Variant::Native, Variant::Unrelated, Variant::Steered];
 
     pub fn attached(self) -> bool {
         self != Variant::Native
@@ -35,19 +36,19 @@ pub trait Workload {
     fn name(&self) -> &'static str;
     /// Runs `n` requests against `variant`'s address.
     fn run(&mut self, variant: Variant, n: usize) -> Result<()>;
-    /// Puts this workload's steered-to socket in the socket map.
-    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()>;
+    /// This workload's protocol and the socket steered connections go to.
+    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>);
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RateRow {
     pub test: String,
     pub native_ops_per_s: f64,
-    pub unlisted_ops_per_s: f64,
+    pub unrelated_ops_per_s: f64,
     pub steered_ops_per_s: f64,
     /// Median of per-round steered/native ratios (rounds pair adjacent runs).
     pub steered_over_native: f64,
-    pub unlisted_over_native: f64,
+    pub unrelated_over_native: f64,
     pub rounds: usize,
     pub ops_per_round: usize,
 }
@@ -89,10 +90,10 @@ pub fn measure(
     Ok(RateRow {
         test: work.name().to_string(),
         native_ops_per_s: median(rates[0].clone()),
-        unlisted_ops_per_s: median(rates[1].clone()),
+        unrelated_ops_per_s: median(rates[1].clone()),
         steered_ops_per_s: median(rates[2].clone()),
         steered_over_native: ratio(2),
-        unlisted_over_native: ratio(1),
+        unrelated_over_native: ratio(1),
         rounds,
         ops_per_round: n,
     })
@@ -155,9 +156,9 @@ impl Workload for TcpWorkload {
         Ok(())
     }
 
-    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()> {
+    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>) {
         use std::os::fd::AsFd;
-        Ok(sockets.insert(&0, self.target.as_fd())?)
+        (steer::socket::Protocol::Tcp, self.target.as_fd())
     }
 }
 
@@ -212,8 +213,8 @@ impl Workload for UdpWorkload {
         Ok(())
     }
 
-    fn steer_to(&self, sockets: &steer::maps::SocketMap<u32>) -> Result<()> {
+    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>) {
         use std::os::fd::AsFd;
-        Ok(sockets.insert(&0, self.target.as_fd())?)
+        (steer::socket::Protocol::Udp, self.target.as_fd())
     }
 }

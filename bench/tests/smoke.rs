@@ -26,7 +26,7 @@ fn quick_json_run_measures_every_row() {
     let report: Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("output is not JSON ({e}); stderr: {stderr}"));
 
-    for section in ["connection_rate", "program_cost", "program_cost_by_bindings", "control_plane"] {
+    for section in ["connection_rate", "program_cost", "program_cost_by_set", "control_plane"] {
         let rows = report[section].as_array().unwrap_or_else(|| panic!("no {section} array in {report}"));
         assert!(!rows.is_empty(), "{section} has no rows");
         for row in rows {

@@ -1,12 +1,13 @@
 //! sk_lookup dispatchers.
 //!
-//! `steer_dispatch` (what steerctl loads) looks the destination up in the
-//! labelled bindings (protocol, port, address prefix) and assigns the
-//! label's socket; when no binding matches it falls back to the seed's
-//! port list. `echo_dispatch` is the seed program alone.
+//! `steer_dispatch` (what steerctl loads) resolves the destination through
+//! the compiled bindings (steer-common's `lookup`, over the maps below) and
+//! assigns the label's socket; when no binding applies and the seed list is
+//! enabled, it falls back to the seed's port list. `echo_dispatch` is the
+//! seed program alone.
 //!
-//! Every map, key and value layout comes from `steer-common`, which the
-//! userspace side shares.
+//! Every map, key and value layout, and the lookup itself, come from
+//! `steer-common`, which the userspace side shares.
 #![no_std]
 #![no_main]
 // Program entry points take the kernel's context pointer, valid by contract.
@@ -19,8 +20,11 @@ use core::{ffi::c_void, ptr};
 // then drops the object's BTF.
 use aya_ebpf::bindings::bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release};
 use steer_common::{
-    ActiveBindings, BindingKey, LabelMetrics, MAX_LENGTHS, PrefixLengths, SocketKey, bpf_sk_lookup,
-    kernel::{AF_INET, AF_INET6, SK_DROP, SK_PASS},
+    Answer, CHUNK_ENTRIES, DataplaneConfig, DestMetrics, DirEntry, ErrorReason, Range, SeedMetrics, bpf_sk_lookup,
+    dir_slot,
+    kernel::{AF_INET6, EAFNOSUPPORT, SK_DROP, SK_PASS},
+    lookup::{self, Address, Tables},
+    range_slot, socket_slot,
 };
 
 // Helpers called by number, typed with plain pointers for the BTF reason above.
@@ -46,38 +50,69 @@ unsafe fn sk_release(sk: *mut c_void) -> i64 {
 
 /// Declares steer-common's maps as BTF map definitions (libbpf's `.maps`
 /// layout) under plain struct names: the kernel rejects BTF type names with
-/// generics in them, which aya-ebpf's own `btf_maps` types produce.
+/// generics in them, which aya-ebpf's own `btf_maps` types produce. A map
+/// of maps describes its inner maps in a `values` member, as libbpf's
+/// `__array(values, ...)` does.
 macro_rules! btf_maps {
-    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr;)*) => {
-        /// The BTF map definition structs, one per map.
-        // Named after the maps' statics, so BTF shows which is which.
+    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
+        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)?;)*) => {
+        /// The BTF map definition structs, one per map, named after the
+        /// maps' statics so BTF shows which is which; inner map definitions
+        /// of maps of maps under the same names in their own module.
         #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
         mod defs {
-            $(
-                #[repr(C)]
-                pub struct $ident {
-                    pub r#type: *const [i32; steer_common::kernel::$type as usize],
-                    pub key: *const $key,
-                    pub value: *const $value,
-                    pub max_entries: *const [i32; ($max) as usize],
-                    pub map_flags: *const [i32; ($flags) as usize],
-                }
-                // Safety: the fields are placeholders the loader reads from
-                // BTF; nothing dereferences them.
-                unsafe impl Sync for $ident {}
-            )*
+            $(btf_maps!(@def $ident, $type, $key, $value, $max, $flags $(, $inner)?);)*
+        }
+        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+        mod inner_defs {
+            $($(btf_maps!(@inner $ident, $inner, $inner_max, $inner_flags);)?)*
         }
         $(
             #[unsafe(link_section = ".maps")]
             #[unsafe(export_name = $name)]
-            static $ident: defs::$ident = defs::$ident {
-                r#type: ptr::null(),
-                key: ptr::null(),
-                value: ptr::null(),
-                max_entries: ptr::null(),
-                map_flags: ptr::null(),
-            };
+            static $ident: defs::$ident = btf_maps!(@init $ident $(, $inner)?);
         )*
+    };
+    (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr) => {
+        #[repr(C)]
+        pub struct $ident {
+            pub r#type: *const [i32; steer_common::kernel::$type as usize],
+            pub key: *const $key,
+            pub value: *const $value,
+            pub max_entries: *const [i32; ($max) as usize],
+            pub map_flags: *const [i32; ($flags) as usize],
+        }
+        // Safety: the fields are placeholders the loader reads from BTF;
+        // nothing dereferences them.
+        unsafe impl Sync for $ident {}
+    };
+    (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr, $inner:ty) => {
+        #[repr(C)]
+        pub struct $ident {
+            pub r#type: *const [i32; steer_common::kernel::$type as usize],
+            pub key: *const $key,
+            pub max_entries: *const [i32; ($max) as usize],
+            pub map_flags: *const [i32; ($flags) as usize],
+            pub values: [*const super::inner_defs::$ident; 0],
+        }
+        // Safety: as above.
+        unsafe impl Sync for $ident {}
+    };
+    (@inner $ident:ident, $inner:ty, $inner_max:expr, $inner_flags:expr) => {
+        #[repr(C)]
+        pub struct $ident {
+            pub r#type: *const [i32; steer_common::kernel::BPF_MAP_TYPE_ARRAY as usize],
+            pub key: *const u32,
+            pub value: *const $inner,
+            pub max_entries: *const [i32; ($inner_max) as usize],
+            pub map_flags: *const [i32; ($inner_flags) as usize],
+        }
+    };
+    (@init $ident:ident) => {
+        defs::$ident { r#type: ptr::null(), key: ptr::null(), value: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null() }
+    };
+    (@init $ident:ident, $inner:ty) => {
+        defs::$ident { r#type: ptr::null(), key: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null(), values: [] }
     };
 }
 
@@ -88,28 +123,82 @@ fn map_ptr<T>(map: &T) -> *mut c_void {
     ptr::from_ref(map).cast_mut().cast()
 }
 
+/// `map[key]` as a pointer to its value; null when absent.
+#[inline(always)]
+fn get<T, K>(map: *mut c_void, key: &K) -> *mut T {
+    // Safety: map is a map (or inner map) pointer and key lives for the call.
+    unsafe { map_lookup_elem(map, ptr::from_ref(key).cast()) }.cast()
+}
+
+/// The generation's chunks, read through the maps of maps. Each lookup has
+/// its own call site, so the verifier inlines them.
+struct Maps;
+
+impl Tables for Maps {
+    #[inline(always)]
+    fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
+        let chunk: *mut c_void = get(map_ptr(&STEER_DIRS), &dir_slot(half, key));
+        if chunk.is_null() {
+            return None;
+        }
+        let entry: *const DirEntry = get(chunk, &(key % CHUNK_ENTRIES));
+        // Safety: non-null map values are valid for the program's run.
+        if entry.is_null() { None } else { Some(unsafe { *entry }) }
+    }
+
+    #[inline(always)]
+    fn range(&self, half: u32, index: u32) -> Option<Range> {
+        let chunk: *mut c_void = get(map_ptr(&STEER_RANGES), &range_slot(half, index));
+        if chunk.is_null() {
+            return None;
+        }
+        let range: *const Range = get(chunk, &(index % CHUNK_ENTRIES));
+        // Safety: as above.
+        if range.is_null() { None } else { Some(unsafe { *range }) }
+    }
+}
+
 /// The seed's logic: listed ports go to the one socket in `echo_socket`.
 #[inline(always)]
 fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let port = unsafe { (*ctx).local_port } as u16;
-    // Safety: map and key pointers are valid for the duration of the call.
-    let listed = unsafe { map_lookup_elem(map_ptr(&ECHO_PORTS), ptr::from_ref(&port).cast()) };
+    let listed: *const u8 = get(map_ptr(&ECHO_PORTS), &port);
     if listed.is_null() {
         return SK_PASS;
     }
-    let zero: u32 = 0;
-    // Safety: as above; a sockmap lookup returns a referenced socket.
-    let sk = unsafe { map_lookup_elem(map_ptr(&ECHO_SOCKET), ptr::from_ref(&zero).cast()) };
+    let metrics: *mut SeedMetrics = get(map_ptr(&SEED_METRICS), &0u32);
+    // Per-CPU values: no other CPU writes them. Safety for all the derefs
+    // below: non-null map values are valid for the program's run.
+    if !metrics.is_null() {
+        unsafe { (*metrics).lookups += 1 };
+    }
+    let sk: *mut c_void = get(map_ptr(&ECHO_SOCKET), &0u32);
     if sk.is_null() {
         // A listed port with no socket is dropped, never handed to
         // whatever else may be bound there.
+        if !metrics.is_null() {
+            unsafe { (*metrics).misses += 1 };
+        }
         return SK_DROP;
     }
     // Safety: sk came from the sockmap lookup above and is released once.
     let err = unsafe { sk_assign(ctx, sk, 0) };
     unsafe { sk_release(sk) };
-    if err == 0 { SK_PASS } else { SK_DROP }
+    if err != 0 {
+        if !metrics.is_null() {
+            unsafe { (*metrics).errors += 1 };
+        }
+        return SK_DROP;
+    }
+    SK_PASS
+}
+
+/// Does nothing: the baseline steer-bench measures the others against.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "sk_lookup")]
+pub extern "C" fn steer_pass(_ctx: *mut bpf_sk_lookup) -> u32 {
+    SK_PASS
 }
 
 #[unsafe(no_mangle)]
@@ -120,9 +209,50 @@ pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
 
 /// Reads a context word with a 4-byte load, the width the verifier allows.
 #[inline(always)]
-fn ctx_word(word: *const u32) -> [u8; 4] {
+fn ctx_word(word: *const u32) -> u32 {
     // Safety: word points into the kernel-provided context.
-    unsafe { ptr::read_volatile(word) }.to_ne_bytes()
+    u32::from_be(unsafe { ptr::read_volatile(word) })
+}
+
+/// Hands the connection to the answer's label's socket for this family
+/// and protocol (for IPv4, a dual-stack IPv6 socket will do), counting it.
+#[inline(always)]
+fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_index: u32) -> u32 {
+    let metrics: *mut DestMetrics = get(map_ptr(&METRICS), &u32::from(answer.dest));
+    // Per-CPU values: no other CPU writes them. Safety for all the derefs
+    // below: non-null map values are valid for the program's run.
+    if !metrics.is_null() {
+        unsafe { (*metrics).lookups += 1 };
+    }
+    let mut sk: *mut c_void = get(map_ptr(&SOCKETS), &socket_slot(answer.label, family_index, protocol_index));
+    if sk.is_null() && family_index == 0 {
+        sk = get(map_ptr(&SOCKETS), &socket_slot(answer.label, 1, protocol_index));
+    }
+    let err = if sk.is_null() {
+        -EAFNOSUPPORT
+    } else {
+        // Safety: sk came from the sockmap lookup above and is released once.
+        let err = unsafe { sk_assign(ctx, sk, 0) };
+        unsafe { sk_release(sk) };
+        err
+    };
+    if err == 0 {
+        return SK_PASS;
+    }
+    if !metrics.is_null() {
+        let m = unsafe { &mut *metrics };
+        // No socket of this family (none at all, or an IPv6-only one for
+        // IPv4) is a miss; anything else the kernel refused is an error.
+        match (err == -EAFNOSUPPORT, ErrorReason::from_errno(err)) {
+            (true, _) => m.misses += 1,
+            (false, ErrorReason::BadSocket) => m.errors[0] += 1,
+            (false, ErrorReason::AlreadyAssigned) => m.errors[1] += 1,
+            (false, ErrorReason::Protocol) => m.errors[2] += 1,
+            (false, ErrorReason::Other) => m.errors[3] += 1,
+        }
+    }
+    // Drop rather than let another socket on this address take it.
+    SK_DROP
 }
 
 #[unsafe(no_mangle)]
@@ -130,10 +260,10 @@ fn ctx_word(word: *const u32) -> [u8; 4] {
 pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
-    // Addresses are in network order in the context; copying the words'
-    // bytes keeps that order. All five words are read up front, each at a
-    // constant offset: the verifier rejects a ctx pointer the compiler
-    // would otherwise compute from the family.
+    let Some(protocol_index) = lookup::protocol_index(protocol) else { return SK_PASS };
+    // All five address words are read up front, each at a constant offset:
+    // the verifier rejects a ctx pointer the compiler would otherwise
+    // compute from the family.
     let ip4 = ctx_word(unsafe { &raw const (*ctx).local_ip4 });
     let ip6 = [
         ctx_word(unsafe { &raw const (*ctx).local_ip6[0] }),
@@ -141,85 +271,20 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
         ctx_word(unsafe { &raw const (*ctx).local_ip6[2] }),
         ctx_word(unsafe { &raw const (*ctx).local_ip6[3] }),
     ];
-    let (addr_hi, addr_lo) = if family == AF_INET {
-        (0, 0x0000_ffff_0000_0000 | u64::from(u32::from_be_bytes(ip4)))
+    let family_index = u32::from(family == AF_INET6);
+    let addr = if family_index == 0 {
+        Address::v4(ip4)
     } else {
-        (
-            u64::from(u32::from_be_bytes(ip6[0])) << 32 | u64::from(u32::from_be_bytes(ip6[1])),
-            u64::from(u32::from_be_bytes(ip6[2])) << 32 | u64::from(u32::from_be_bytes(ip6[3])),
-        )
+        Address::v6(u64::from(ip6[0]) << 32 | u64::from(ip6[1]), u64::from(ip6[2]) << 32 | u64::from(ip6[3]))
     };
-
-    let zero: u32 = 0;
-    // Safety: map and key pointers are valid for the duration of each call.
-    let active =
-        unsafe { map_lookup_elem(map_ptr(&ACTIVE_BINDINGS), ptr::from_ref(&zero).cast()) } as *const ActiveBindings;
-    let state = if active.is_null() { ActiveBindings::default() } else { unsafe { *active } };
-    let lengths_slot = state.lengths_slot();
-    let lengths = unsafe { map_lookup_elem(map_ptr(&BINDING_LENGTHS), ptr::from_ref(&lengths_slot).cast()) }
-        as *const PrefixLengths;
-    if lengths.is_null() {
-        return seed_dispatch(ctx);
+    let config: *const DataplaneConfig = get(map_ptr(&STEER_CONFIG), &0u32);
+    // Safety: non-null map values are valid for the program's run.
+    let config = if config.is_null() { DataplaneConfig::default() } else { unsafe { *config } };
+    match lookup::lookup(&Maps, u32::from(config.active_half & 1), protocol_index, port, addr) {
+        Some(answer) => assign(ctx, answer, family_index, protocol_index),
+        None if config.seed_enabled != 0 => seed_dispatch(ctx),
+        None => SK_PASS,
     }
-    let bindings = if state.set() == 1 { map_ptr(&BINDINGS_1) } else { map_ptr(&BINDINGS_0) };
-    let count = unsafe { (*lengths).count } as usize;
-    let mut key = BindingKey { protocol: protocol as u8, prefixlen: 0, port: [0; 2], addr: [0; 16] };
-    let mut found: *const u32 = ptr::null();
-    // Longest prefix first; at each length the exact port before the wildcard.
-    for i in 0..MAX_LENGTHS {
-        if i >= count {
-            break;
-        }
-        let len = u32::from(unsafe { (*lengths).lengths[i] });
-        let (hi, lo) = steer_common::mask(addr_hi, addr_lo, len);
-        key.prefixlen = len as u8;
-        key.addr[..8].copy_from_slice(&hi.to_be_bytes());
-        key.addr[8..].copy_from_slice(&lo.to_be_bytes());
-        key.port = (port as u16).to_be_bytes();
-        found = unsafe { map_lookup_elem(bindings, ptr::from_ref(&key).cast()) }.cast_const().cast();
-        if !found.is_null() {
-            break;
-        }
-        key.port = [0, 0];
-        found = unsafe { map_lookup_elem(bindings, ptr::from_ref(&key).cast()) }.cast_const().cast();
-        if !found.is_null() {
-            break;
-        }
-    }
-    if found.is_null() {
-        return seed_dispatch(ctx);
-    }
-    let label_id = unsafe { *found };
-
-    let metrics = unsafe { map_lookup_elem(map_ptr(&METRICS), ptr::from_ref(&label_id).cast()) } as *mut LabelMetrics;
-    if !metrics.is_null() {
-        // Per-CPU slot: no other CPU writes it.
-        unsafe { (*metrics).lookups += 1 };
-    }
-    let mut dest = SocketKey::new(label_id, family as u8, protocol as u8);
-    let mut sk = unsafe { map_lookup_elem(map_ptr(&SOCKETS), ptr::from_ref(&dest).cast()) };
-    if sk.is_null() && family == AF_INET {
-        // A dual-stack IPv6 socket serves IPv4 too.
-        dest.family = AF_INET6 as u8;
-        sk = unsafe { map_lookup_elem(map_ptr(&SOCKETS), ptr::from_ref(&dest).cast()) };
-    }
-    if sk.is_null() {
-        // Drop rather than let another socket on this address take it.
-        if !metrics.is_null() {
-            unsafe { (*metrics).misses += 1 };
-        }
-        return SK_DROP;
-    }
-    // Safety: sk came from the sockhash lookup above and is released once.
-    let err = unsafe { sk_assign(ctx, sk, 0) };
-    unsafe { sk_release(sk) };
-    if err != 0 {
-        if !metrics.is_null() {
-            unsafe { (*metrics).errors += 1 };
-        }
-        return SK_DROP;
-    }
-    SK_PASS
 }
 
 #[cfg(not(test))]

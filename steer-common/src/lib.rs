@@ -1,6 +1,6 @@
 //! The kernel/userspace ABI of steer, defined once: every map's name and
-//! shape, every key and value layout, the sk_lookup context, and the
-//! constants both sides compute with.
+//! shape, every key and value layout, the sk_lookup context, the constants
+//! both sides compute with, and the lookup algorithm itself ([`lookup`]).
 //!
 //! `dispatch-ebpf` (the BPF program) declares its maps by expanding
 //! [`for_each_map!`]; the `steer` library opens the pins and checks them
@@ -8,22 +8,29 @@
 //! types implement `aya::Pod`, so aya's typed maps carry them.
 #![no_std]
 
+pub mod lookup;
+
 use core::mem::{offset_of, size_of};
 
-/// Kernel constants (uapi linux/bpf.h, linux/socket.h, linux/in.h).
+/// Kernel constants (uapi linux/bpf.h, linux/socket.h, linux/in.h, errno).
 pub mod kernel {
     pub const BPF_MAP_TYPE_HASH: u32 = 1;
     pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
     pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    pub const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
     pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
-    pub const BPF_MAP_TYPE_SOCKHASH: u32 = 18;
     pub const BPF_F_NO_PREALLOC: u32 = 1;
+    pub const BPF_F_MMAPABLE: u32 = 1 << 10;
     pub const AF_INET: u32 = 2;
     pub const AF_INET6: u32 = 10;
     pub const IPPROTO_TCP: u32 = 6;
     pub const IPPROTO_UDP: u32 = 17;
     pub const SK_DROP: u32 = 0;
     pub const SK_PASS: u32 = 1;
+    pub const EEXIST: i64 = 17;
+    pub const EPROTOTYPE: i64 = 91;
+    pub const ESOCKTNOSUPPORT: i64 = 94;
+    pub const EAFNOSUPPORT: i64 = 97;
 }
 
 /// Names of the programs in the object and of the link pin.
@@ -32,21 +39,62 @@ pub mod names {
     pub const STEER_PROGRAM: &str = "steer_dispatch";
     /// The seed's program alone, for `bpftool prog loadall` users.
     pub const ECHO_PROGRAM: &str = "echo_dispatch";
+    /// Returns SK_PASS and nothing else: steer-bench's baseline.
+    pub const PASS_PROGRAM: &str = "steer_pass";
     pub const LINK: &str = "steer_dispatch_link";
 }
 
 /// Distinct labels; ids are 0..MAX_LABELS.
 pub const MAX_LABELS: u32 = 4096;
+/// Counter sets: one per (label, traffic family, protocol) some binding can reach.
+pub const MAX_DESTINATIONS: u32 = 8192;
 /// Bindings in one binding set.
 pub const MAX_BINDINGS: u32 = 1 << 20;
-/// Prefix lengths a lookup may probe: 0..=128 in the v4-mapped space.
-pub const MAX_LENGTHS: usize = 129;
-/// A label has at most one socket per (family, protocol).
-pub const SOCKETS_PER_LABEL: u32 = 4;
+/// A binding record's size when made; it is replaced by a larger copy as it
+/// fills, up to MAX_BINDINGS (a hash map's bucket array is allocated for
+/// its capacity up front).
+pub const RECORD_INITIAL_CAPACITY: u32 = 1024;
 /// Ports the seed's `echo_ports` can list.
 pub const MAX_SEED_PORTS: u32 = 1024;
 /// Longest label name, in bytes (the key keeps a terminating NUL).
 pub const MAX_LABEL_LEN: usize = LabelName::SIZE - 1;
+
+/// Entries in each chunk (inner map) of the directory and of the ranges.
+pub const CHUNK_ENTRIES: u32 = 2048;
+/// Directory keys: exact-port segments first (protocol, port), then
+/// wildcard buckets (protocol, family, top 16 bits).
+pub const PORT_KEYS_BASE: u32 = 0;
+pub const BUCKET_KEYS_BASE: u32 = 2 << 16;
+pub const DIR_KEYS: u32 = BUCKET_KEYS_BASE + (4 << 16);
+/// Directory chunks in each half of `steer_dirs`.
+pub const DIR_CHUNKS: u32 = DIR_KEYS / CHUNK_ENTRIES;
+/// Range chunks in each half of `steer_ranges`.
+pub const RANGE_CHUNKS: u32 = 1536;
+/// Ranges one generation can hold.
+pub const MAX_RANGES: u32 = RANGE_CHUNKS * CHUNK_ENTRIES;
+/// Binary-search halvings that always cover a segment (2^22 > MAX_RANGES).
+pub const MAX_SEARCH_STEPS: u32 = 22;
+
+/// Socket slots: four per label, one per (socket family, protocol).
+pub const SOCKET_SLOTS: u32 = MAX_LABELS * 4;
+
+/// The `sockets` slot of a label's socket of one family and protocol.
+#[inline(always)]
+pub fn socket_slot(label: u32, family_index: u32, protocol_index: u32) -> u32 {
+    label * 4 + family_index * 2 + protocol_index
+}
+
+/// The `steer_dirs` slot holding directory key `key` of half `half`.
+#[inline(always)]
+pub fn dir_slot(half: u32, key: u32) -> u32 {
+    half * DIR_CHUNKS + key / CHUNK_ENTRIES
+}
+
+/// The `steer_ranges` slot holding range `index` of half `half`.
+#[inline(always)]
+pub fn range_slot(half: u32, index: u32) -> u32 {
+    half * RANGE_CHUNKS + index / CHUNK_ENTRIES
+}
 
 /// The kernel's `struct bpf_sk_lookup`: the program's context, and the
 /// context of a `BPF_PROG_TEST_RUN`. The kernel recognises the context
@@ -74,8 +122,135 @@ pub struct bpf_sk_lookup {
 
 pub type SkLookupCtx = bpf_sk_lookup;
 
-/// Binding key: one hash entry per (protocol, prefix length, port, masked
-/// address), IPv4 as v4-mapped IPv6 (its /N is /96+N here).
+/// What a lookup resolves to: the label whose socket takes the connection,
+/// the counter set it is counted in, and the prefix length (in the v4-mapped
+/// space) of the binding that matched.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Answer {
+    pub label: u32,
+    pub dest: u16,
+    pub len: u8,
+    pub _pad: u8,
+}
+
+impl Answer {
+    /// No binding covers the range.
+    pub const NONE: u32 = u32::MAX;
+    /// A bucket range no long prefix covers: the bucket's default applies.
+    pub const DEFAULT: u32 = u32::MAX - 1;
+
+    pub const fn none() -> Self {
+        Self { label: Self::NONE, dest: 0, len: 0, _pad: 0 }
+    }
+
+    pub const fn new(label: u32, dest: u16, len: u8) -> Self {
+        Self { label, dest, len, _pad: 0 }
+    }
+}
+
+impl Default for Answer {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// One range of a segment: from `start` (big-endian halves of the v4-mapped
+/// address) up to the next range's start.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Range {
+    pub start: [u64; 2],
+    pub answer: Answer,
+}
+
+/// A directory entry: the segment `start..start + count` of the ranges,
+/// and for buckets the answer where no range of the segment decides.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirEntry {
+    pub start: u32,
+    pub count: u32,
+    pub default: Answer,
+}
+
+/// `steer_config`'s single value, read by every lookup. Each field is one
+/// byte, so a write that changes one of them is seen whole or not at all.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// The half of `steer_dirs`/`steer_ranges` lookups use.
+    pub active_half: u8,
+    /// Non-zero: consult the seed's `echo_ports` when no binding applies.
+    pub seed_enabled: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Why `bpf_sk_assign` refused a label's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorReason {
+    /// The socket can no longer take connections (ESOCKTNOSUPPORT: not
+    /// listening, or a connected UDP socket).
+    BadSocket = 0,
+    /// Another sk_lookup program already picked a socket (EEXIST).
+    AlreadyAssigned = 1,
+    /// The socket's protocol does not match (EPROTOTYPE).
+    Protocol = 2,
+    Other = 3,
+}
+
+impl ErrorReason {
+    pub const ALL: [ErrorReason; 4] =
+        [ErrorReason::BadSocket, ErrorReason::AlreadyAssigned, ErrorReason::Protocol, ErrorReason::Other];
+
+    /// The reason for `bpf_sk_assign`'s return value `err` (negative errno).
+    #[inline(always)]
+    pub fn from_errno(err: i64) -> Self {
+        match -err {
+            kernel::ESOCKTNOSUPPORT => ErrorReason::BadSocket,
+            kernel::EEXIST => ErrorReason::AlreadyAssigned,
+            kernel::EPROTOTYPE => ErrorReason::Protocol,
+            _ => ErrorReason::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorReason::BadSocket => "bad_socket",
+            ErrorReason::AlreadyAssigned => "already_assigned",
+            ErrorReason::Protocol => "protocol",
+            ErrorReason::Other => "other",
+        }
+    }
+}
+
+/// Counters of one destination (label, traffic family, protocol), one copy
+/// per CPU.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestMetrics {
+    /// Connections matched to a binding of the label.
+    pub lookups: u64,
+    /// Matched, but the label has no socket for this family and protocol.
+    pub misses: u64,
+    /// bpf_sk_assign refused the socket, by [`ErrorReason`].
+    pub errors: [u64; 4],
+}
+
+/// Counters of the seed's port list.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SeedMetrics {
+    /// Connections to a listed port.
+    pub lookups: u64,
+    /// Listed port, but no socket in `echo_socket`: dropped.
+    pub misses: u64,
+    /// bpf_sk_assign refused the socket: dropped.
+    pub errors: u64,
+}
+
+/// Binding key, as the record of bindings stores it: (protocol, prefix
+/// length, port, masked address), IPv4 as v4-mapped IPv6 (its /N is /96+N).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BindingKey {
@@ -90,14 +265,9 @@ pub struct BindingKey {
 
 impl BindingKey {
     /// The key for `addr` (v4-mapped or IPv6, network order) at `prefixlen`.
-    #[inline(always)]
     pub fn new(protocol: u8, prefixlen: u8, port: u16, addr: [u8; 16]) -> Self {
-        let (hi, lo) =
-            mask(u64::from_be_bytes(split(&addr, 0)), u64::from_be_bytes(split(&addr, 8)), u32::from(prefixlen));
-        let mut masked = [0u8; 16];
-        masked[..8].copy_from_slice(&hi.to_be_bytes());
-        masked[8..].copy_from_slice(&lo.to_be_bytes());
-        Self { protocol, prefixlen, port: port.to_be_bytes(), addr: masked }
+        let value = u128::from_be_bytes(addr) & prefix_mask(prefixlen);
+        Self { protocol, prefixlen, port: port.to_be_bytes(), addr: value.to_be_bytes() }
     }
 
     pub fn port(&self) -> u16 {
@@ -105,118 +275,21 @@ impl BindingKey {
     }
 }
 
-#[inline(always)]
-fn split(addr: &[u8; 16], at: usize) -> [u8; 8] {
-    let mut half = [0u8; 8];
-    half.copy_from_slice(&addr[at..at + 8]);
-    half
+/// The mask of a prefix of `len` bits of a 128-bit address.
+pub const fn prefix_mask(len: u8) -> u128 {
+    if len == 0 { 0 } else { u128::MAX << (128 - len as u32) }
 }
 
-/// An address (as two big-endian halves) with all but its first `len` bits cleared.
-#[inline(always)]
-pub fn mask(hi: u64, lo: u64, len: u32) -> (u64, u64) {
-    let hi_mask = if len >= 64 {
-        u64::MAX
-    } else if len == 0 {
-        0
-    } else {
-        u64::MAX << (64 - len)
-    };
-    let lo_mask = if len >= 128 {
-        u64::MAX
-    } else if len <= 64 {
-        0
-    } else {
-        u64::MAX << (128 - len)
-    };
-    (hi & hi_mask, lo & lo_mask)
-}
-
-/// The prefix lengths in use, longest first. A lookup probes only these.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefixLengths {
-    pub count: u32,
-    /// `count` lengths, longest first; the rest is zero (3 bytes of padding).
-    pub lengths: [u8; 132],
-}
-
-impl Default for PrefixLengths {
-    fn default() -> Self {
-        Self { count: 0, lengths: [0; 132] }
-    }
-}
-
-impl PrefixLengths {
-    /// The lengths in use, longest first (`count` capped at [`MAX_LENGTHS`]).
-    pub fn as_slice(&self) -> &[u8] {
-        &self.lengths[..(self.count as usize).min(MAX_LENGTHS)]
-    }
-}
-
-/// `active_bindings`' single value: bit 0 is the binding set in use, bit 1
-/// the version of its length list. Both live in one word so one write
-/// switches both.
-#[repr(transparent)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ActiveBindings(pub u32);
-
-impl ActiveBindings {
-    pub fn new(set: u32, version: u32) -> Self {
-        Self((set & 1) | (version & 1) << 1)
-    }
-    #[inline(always)]
-    pub fn set(self) -> u32 {
-        self.0 & 1
-    }
-    #[inline(always)]
-    pub fn version(self) -> u32 {
-        (self.0 >> 1) & 1
-    }
-    /// The `binding_lengths` slot of the list lookups probe now.
-    #[inline(always)]
-    pub fn lengths_slot(self) -> u32 {
-        lengths_slot(self.set(), self.version())
-    }
-}
-
-/// Where in `binding_lengths` the list of binding set `set`, copy
-/// `version`, lives: two copies per set, so a new list is written to the
-/// idle copy and switched in, never rewritten under a running lookup.
-#[inline(always)]
-pub fn lengths_slot(set: u32, version: u32) -> u32 {
-    set * 2 + version
-}
-
-/// A label's socket for one address family and transport.
+/// A label's destination: its traffic of one family and protocol.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SocketKey {
-    pub label_id: u32,
-    /// AF_INET or AF_INET6.
-    pub family: u8,
-    /// IPPROTO_TCP or IPPROTO_UDP.
-    pub protocol: u8,
+pub struct DestKey {
+    pub label: u32,
+    /// 0 IPv4, 1 IPv6 (of the traffic).
+    pub family_index: u8,
+    /// 0 TCP, 1 UDP.
+    pub protocol_index: u8,
     pub _pad: [u8; 2],
-}
-
-impl SocketKey {
-    #[inline(always)]
-    pub fn new(label_id: u32, family: u8, protocol: u8) -> Self {
-        Self { label_id, family, protocol, _pad: [0; 2] }
-    }
-}
-
-/// Per-label counters, one copy per CPU.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LabelMetrics {
-    /// Connections matched to a binding of the label.
-    pub lookups: u64,
-    /// Matched, but the label has no socket.
-    pub misses: u64,
-    /// bpf_sk_assign refused the label's socket.
-    pub errors: u64,
 }
 
 /// A label name as the `labels` map stores it: NUL padded.
@@ -234,30 +307,68 @@ impl LabelName {
     }
 }
 
+/// The state directory's identity and bookkeeping, in `steer_meta` (only
+/// userspace reads it).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateMeta {
+    /// [`LAYOUT_VERSION`] of the steer that made the state.
+    pub layout_version: u32,
+    /// The record set (`bindings_0`/`bindings_1`) that holds the bindings.
+    pub active_record: u32,
+    /// Bumped by every change of the recorded bindings.
+    pub record_version: u64,
+    /// The `record_version` the published generation was compiled from.
+    pub plane_version: u64,
+    /// The namespace's SO_NETNS_COOKIE (0 where the kernel lacks it).
+    pub netns_cookie: u64,
+    pub netns_inode: u64,
+    /// The loaded program's tag, and the hash of the object it came from.
+    pub program_tag: u64,
+    pub object_hash: u64,
+    /// Non-zero while the idle half may still hold a generation that
+    /// lookups started before the last switch could be reading.
+    pub idle_dirty: u32,
+    /// Range slots each half of `steer_ranges` holds chunks in (the rest
+    /// are empty), so a write knows what to empty without scanning.
+    pub range_slots: [u16; 2],
+}
+
+/// The state layout this build reads and writes.
+pub const LAYOUT_VERSION: u32 = 2;
+
 // Sizes and offsets the kernel (context) or the pinned maps (keys and
-// values) fix; a change here is a change of the on-disk state format.
+// values) fix; a change here is a change of the state format.
 const _: () = {
     assert!(size_of::<bpf_sk_lookup>() == 72);
     assert!(offset_of!(bpf_sk_lookup, remote_port) == 36);
     assert!(offset_of!(bpf_sk_lookup, local_ip4) == 40);
     assert!(offset_of!(bpf_sk_lookup, local_port) == 60);
     assert!(offset_of!(bpf_sk_lookup, ingress_ifindex) == 64);
+    assert!(size_of::<Answer>() == 8);
+    assert!(size_of::<Range>() == 24);
+    assert!(offset_of!(Range, answer) == 16);
+    assert!(size_of::<DirEntry>() == 16);
+    assert!(size_of::<DataplaneConfig>() == 8);
+    assert!(size_of::<DestMetrics>() == 48);
+    assert!(size_of::<SeedMetrics>() == 24);
     assert!(size_of::<BindingKey>() == 20);
     assert!(offset_of!(BindingKey, port) == 2);
     assert!(offset_of!(BindingKey, addr) == 4);
-    assert!(size_of::<PrefixLengths>() == 136);
-    assert!(size_of::<ActiveBindings>() == 4);
-    assert!(size_of::<SocketKey>() == 8);
-    assert!(offset_of!(SocketKey, family) == 4);
-    assert!(size_of::<LabelMetrics>() == 24);
+    assert!(size_of::<DestKey>() == 8);
     assert!(size_of::<LabelName>() == 64);
-    assert!(MAX_LENGTHS <= 132);
+    assert!(size_of::<StateMeta>() == 64);
+    assert!(DIR_KEYS.is_multiple_of(CHUNK_ENTRIES));
+    assert!(1u64 << MAX_SEARCH_STEPS > MAX_RANGES as u64);
+    assert!(MAX_DESTINATIONS <= u16::MAX as u32 + 1);
 };
 
 /// Calls `$callback!` with every map of the dispatcher, one
-/// `IDENT, "name", TYPE, Key, Value, max_entries, flags;` line each: the one
-/// list both the BPF program's map definitions and userspace's checks are
-/// made from. Every map is pinned by name in the state directory.
+/// `IDENT, "name", TYPE, Key, Value, max_entries, flags;` line each; a map
+/// of maps gives its inner map's `Value, max_entries, flags` as a fourth
+/// group after the word `inner`. The one list both the BPF program's map
+/// definitions and userspace's checks are made from. Every map is pinned by
+/// name in the state directory.
 #[macro_export]
 macro_rules! for_each_map {
     ($callback:ident) => {
@@ -268,18 +379,26 @@ macro_rules! for_each_map {
             // userspace read the socket cookie back).
             ECHO_PORTS, "echo_ports", BPF_MAP_TYPE_HASH, u16, u8, $crate::MAX_SEED_PORTS, 0;
             ECHO_SOCKET, "echo_socket", BPF_MAP_TYPE_SOCKMAP, u32, u64, 1, 0;
-            // Two binding sets so `load-bindings` fills the idle one and
-            // switches with one write to `active_bindings`. Values are label ids.
-            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::MAX_BINDINGS, $crate::kernel::BPF_F_NO_PREALLOC;
-            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::MAX_BINDINGS, $crate::kernel::BPF_F_NO_PREALLOC;
-            // Two length lists per set, at `lengths_slot(set, version)`.
-            BINDING_LENGTHS, "binding_lengths", BPF_MAP_TYPE_ARRAY, u32, $crate::PrefixLengths, 4, 0;
-            ACTIVE_BINDINGS, "active_bindings", BPF_MAP_TYPE_ARRAY, u32, $crate::ActiveBindings, 1, 0;
-            SOCKETS, "sockets", BPF_MAP_TYPE_SOCKHASH, $crate::SocketKey, u64, $crate::MAX_LABELS * $crate::SOCKETS_PER_LABEL, 0;
-            METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::LabelMetrics, $crate::MAX_LABELS, 0;
-            // Label name -> id. Only userspace reads it; it lives here so it
-            // is pinned beside the rest of the state.
+            // Which generation half lookups use, and whether the seed list is on.
+            STEER_CONFIG, "steer_config", BPF_MAP_TYPE_ARRAY, u32, $crate::DataplaneConfig, 1, 0;
+            // The compiled bindings: two halves of directory and range chunks.
+            STEER_DIRS, "steer_dirs", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, 2 * $crate::DIR_CHUNKS, 0,
+                inner $crate::DirEntry, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
+            STEER_RANGES, "steer_ranges", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, 2 * $crate::RANGE_CHUNKS, 0,
+                inner $crate::Range, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
+            // Labels' sockets, at socket_slot(label, family, protocol).
+            SOCKETS, "sockets", BPF_MAP_TYPE_SOCKMAP, u32, u64, $crate::SOCKET_SLOTS, 0;
+            METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::DestMetrics, $crate::MAX_DESTINATIONS, 0;
+            SEED_METRICS, "seed_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::SeedMetrics, 1, 0;
+            // Only userspace reads these; they live here so that they are
+            // pinned beside the rest of the state. The record of bindings
+            // (two sets, so `load-bindings` fills the idle one and switches)
+            // holding label ids; label names; destination ids; bookkeeping.
+            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
+            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
             LABELS, "labels", BPF_MAP_TYPE_HASH, $crate::LabelName, u32, $crate::MAX_LABELS, 0;
+            DESTINATIONS, "destinations", BPF_MAP_TYPE_HASH, $crate::DestKey, u32, $crate::MAX_DESTINATIONS, 0;
+            STEER_META, "steer_meta", BPF_MAP_TYPE_ARRAY, u32, $crate::StateMeta, 1, 0;
         }
     };
 }
@@ -293,10 +412,20 @@ pub struct MapSpec {
     pub value_size: u32,
     pub max_entries: u32,
     pub flags: u32,
+    /// For a map of maps: the inner maps' (value size, max entries, flags).
+    pub inner: Option<InnerSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InnerSpec {
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
 }
 
 macro_rules! map_specs {
-    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr;)*) => {
+    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
+        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)?;)*) => {
         /// Every map of the dispatcher, in the object's order.
         pub const MAPS: &[MapSpec] = &[$(MapSpec {
             name: $name,
@@ -305,12 +434,17 @@ macro_rules! map_specs {
             value_size: size_of::<$value>() as u32,
             max_entries: $max,
             flags: $flags,
+            inner: map_specs!(@inner $($inner, $inner_max, $inner_flags)?),
         }),*];
 
         /// Map names, for userspace.
         pub mod map {
             $(pub const $ident: &str = $name;)*
         }
+    };
+    (@inner) => { None };
+    (@inner $inner:ty, $inner_max:expr, $inner_flags:expr) => {
+        Some(InnerSpec { value_size: size_of::<$inner>() as u32, max_entries: $inner_max, flags: $inner_flags })
     };
 }
 
@@ -326,12 +460,16 @@ mod pod {
     // Safety: each is repr(C) plain old data with no implicit padding
     // (checked by the size assertions above), so every byte is initialised
     // and every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Answer {}
+    unsafe impl aya::Pod for super::Range {}
+    unsafe impl aya::Pod for super::DirEntry {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::DestMetrics {}
+    unsafe impl aya::Pod for super::SeedMetrics {}
     unsafe impl aya::Pod for super::BindingKey {}
-    unsafe impl aya::Pod for super::PrefixLengths {}
-    unsafe impl aya::Pod for super::ActiveBindings {}
-    unsafe impl aya::Pod for super::SocketKey {}
-    unsafe impl aya::Pod for super::LabelMetrics {}
+    unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::LabelName {}
+    unsafe impl aya::Pod for super::StateMeta {}
     unsafe impl aya::Pod for super::bpf_sk_lookup {}
 }
 
@@ -347,7 +485,6 @@ mod tests {
         assert_eq!((key.port, key.port()), ([1, 187], 443));
         assert_eq!(BindingKey::new(6, 128, 0, addr).addr, addr);
         assert_eq!(BindingKey::new(6, 0, 0, addr).addr, [0; 16]);
-        // Lengths past 64 keep the whole high half.
         assert_eq!(
             BindingKey::new(6, 65, 0, [0xff; 16]).addr[..9],
             [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x80]
@@ -355,14 +492,14 @@ mod tests {
     }
 
     #[test]
-    fn active_state_round_trips_and_names_its_slot() {
-        for (set, version) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            let state = ActiveBindings::new(set, version);
-            assert_eq!((state.set(), state.version()), (set, version));
-            assert_eq!(state.lengths_slot(), set * 2 + version);
-        }
-        let slots = MAPS.iter().find(|m| m.name == map::BINDING_LENGTHS).unwrap().max_entries;
-        assert_eq!(lengths_slot(1, 1), slots - 1);
+    fn slots_and_keys_stay_in_their_maps() {
+        let dirs = map_spec(map::STEER_DIRS).unwrap();
+        assert_eq!(dir_slot(1, DIR_KEYS - 1), dirs.max_entries - 1);
+        assert_eq!(dir_slot(0, lookup::port_key(1, 65535)), BUCKET_KEYS_BASE / CHUNK_ENTRIES - 1);
+        assert_eq!(lookup::bucket_key(1, 1, 0xffff), DIR_KEYS - 1);
+        let ranges = map_spec(map::STEER_RANGES).unwrap();
+        assert_eq!(range_slot(1, MAX_RANGES - 1), ranges.max_entries - 1);
+        assert_eq!(socket_slot(MAX_LABELS - 1, 1, 1), SOCKET_SLOTS - 1);
     }
 
     #[test]
@@ -370,14 +507,37 @@ mod tests {
         for (i, m) in MAPS.iter().enumerate() {
             assert!(MAPS[i + 1..].iter().all(|n| n.name != m.name), "{} twice", m.name);
             assert!(m.name.len() < 16, "{}: kernel map names hold 15 bytes", m.name);
+            assert_eq!(m.inner.is_some(), m.map_type == kernel::BPF_MAP_TYPE_ARRAY_OF_MAPS, "{}", m.name);
         }
-        assert_eq!(map_spec("sockets").unwrap().key_size, 8);
         assert!(map_spec("nope").is_none());
         // The seed's layouts, which bpftool users rely on.
         let ports = map_spec(map::ECHO_PORTS).unwrap();
         assert_eq!((ports.map_type, ports.key_size, ports.value_size), (kernel::BPF_MAP_TYPE_HASH, 2, 1));
         let socket = map_spec(map::ECHO_SOCKET).unwrap();
         assert_eq!((socket.map_type, socket.key_size, socket.value_size), (kernel::BPF_MAP_TYPE_SOCKMAP, 4, 8));
+        assert_eq!(map_spec(map::STEER_RANGES).unwrap().inner.unwrap().value_size, 24);
+    }
+
+    #[test]
+    fn addresses_know_their_family_and_bucket() {
+        let v4 = lookup::Address::v4(0x0a7b_2d43);
+        assert_eq!((v4.family_index(), v4.bucket()), (0, 0x0a7b));
+        let v6 = lookup::Address::v6(0x2001_0db8_0000_0000, 1);
+        assert_eq!((v6.family_index(), v6.bucket()), (1, 0x2001));
+        // A v4-mapped IPv6 destination is an IPv4 one.
+        assert_eq!(lookup::Address::v6(0, 0x0000_ffff_0a00_0001), lookup::Address::v4(0x0a00_0001));
+        assert_eq!(lookup::Address::v6(0, 1).family_index(), 1);
+    }
+
+    #[test]
+    fn assign_errors_map_to_reasons() {
+        assert_eq!(ErrorReason::from_errno(-94), ErrorReason::BadSocket);
+        assert_eq!(ErrorReason::from_errno(-17), ErrorReason::AlreadyAssigned);
+        assert_eq!(ErrorReason::from_errno(-91), ErrorReason::Protocol);
+        assert_eq!(ErrorReason::from_errno(-22), ErrorReason::Other);
+        for (i, r) in ErrorReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use aya::{
     programs::{ProgramInfo, SkLookup, links::FdLink},
 };
 use log::{debug, info};
-use steer_common::{MAPS, map, map_spec, names};
+use steer_common::{LAYOUT_VERSION, MAPS, StateMeta, map, map_spec, names};
 
 use crate::{
     Layout, bpffs,
@@ -180,6 +180,8 @@ impl Dispatcher<ReadWrite> {
         program
             .pin(layout.program())
             .with_context(|| format!("pinning the program at {}", layout.program().display()))?;
+        let mut plane = crate::plane::Plane::open(&state)?;
+        plane.set_meta(StateMeta { layout_version: LAYOUT_VERSION, ..Default::default() })?;
         rollback.disarm();
         info!("loaded program id {id} under {}", layout.dir.display());
         Ok((state, id))
@@ -193,7 +195,7 @@ impl Dispatcher<ReadWrite> {
         if self.detach()? {
             removed.push(layout.link());
         }
-        for path in &layout.pins()[1..] {
+        for path in layout.pins()[1..].iter().chain(&layout.staged_pins()) {
             if path.exists() {
                 std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
                 removed.push(path.clone());
@@ -237,7 +239,7 @@ impl Dispatcher<ReadWrite> {
         let new_id = program.info()?.id();
         // Pin beside the old one first (bpffs names take no dots), so a failure
         // before the switch leaves everything as it was.
-        let staged = layout.dir.join(format!("{}_new", names::STEER_PROGRAM));
+        let staged = layout.staged_pins().remove(0);
         let _ = std::fs::remove_file(&staged);
         program.pin(&staged).context("pinning the new program")?;
         let staged_guard = Rollback { paths: vec![staged.clone()], dir: None };
@@ -252,10 +254,18 @@ impl Dispatcher<ReadWrite> {
         Ok((old_id, new_id))
     }
 
+    /// Turns the seed list on while it has ports or a socket, off
+    /// otherwise: lookups that no binding answers then skip it.
+    fn refresh_seed(&self) -> Result<()> {
+        let enabled = !self.ports()?.is_empty() || self.seed_socket_map()?.cookie(&0)?.is_some();
+        crate::plane::Plane::open(self)?.set_seed(enabled)
+    }
+
     /// Adds ports to the seed's port list.
     pub fn add_ports(&self, ports: &[u16]) -> Result<()> {
         let mut map = PortMap::open(&self.layout.ports())?;
-        ports.iter().try_for_each(|&port| map.add(port))
+        ports.iter().try_for_each(|&port| map.add(port))?;
+        self.refresh_seed()
     }
 
     /// Removes ports from the seed's port list: all or none, an unlisted
@@ -266,18 +276,23 @@ impl Dispatcher<ReadWrite> {
         if let Some(port) = ports.iter().find(|p| !steered.contains(p)) {
             fail!(Conflict, "port {port} is not steered");
         }
-        ports.iter().try_for_each(|&port| map.remove(port).map(drop))
+        ports.iter().try_for_each(|&port| map.remove(port).map(drop))?;
+        self.refresh_seed()
     }
 
     /// Takes `pid`'s socket (`fd`, or its one steerable socket) as the seed socket.
     pub fn set_seed_socket(&self, pid: i32, fd: Option<i32>) -> Result<TakenSocket> {
         let map = self.seed_socket_map()?;
-        insert_taken(&map, 0, pid, fd)
+        let taken = insert_taken(&map, 0, pid, fd)?;
+        self.refresh_seed()?;
+        Ok(taken)
     }
 
     /// Removes the seed socket; false when none was set.
     pub fn clear_seed_socket(&self) -> Result<bool> {
-        self.seed_socket_map()?.remove(&0)
+        let removed = self.seed_socket_map()?.remove(&0)?;
+        self.refresh_seed()?;
+        Ok(removed)
     }
 }
 
@@ -306,8 +321,12 @@ fn managed_dir(pin: &Path) -> Option<Layout> {
 /// lock; any other pinned socket map is used as it is.
 pub fn update_sockmap(map_pin: &Path, key: u32, pid: i32, fd: i32) -> Result<TakenSocket> {
     preflight::require_fd_taking_caps()?;
-    let _state = managed_dir(map_pin).map(|layout| Dispatcher::open_write(&layout)).transpose()?;
-    insert_taken(&SocketMap::open(map_pin)?, key, pid, Some(fd))
+    let state = managed_dir(map_pin).map(|layout| Dispatcher::open_write(&layout)).transpose()?;
+    let taken = insert_taken(&SocketMap::open(map_pin)?, key, pid, Some(fd))?;
+    if let Some(state) = state {
+        state.refresh_seed()?;
+    }
+    Ok(taken)
 }
 
 /// `sk-lookup-attach`: links the sk_lookup program pinned at `program_pin`

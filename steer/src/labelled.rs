@@ -1,23 +1,32 @@
 //! The labelled control plane on an open [`Dispatcher`]: labels, bindings,
 //! sockets by label and their counters.
+//!
+//! The bindings are recorded in `bindings_0`/`bindings_1` (one of them in
+//! use, named by `steer_meta`), compiled into a generation and published
+//! (see `plane`). Each change bumps `record_version` before publishing and
+//! sets `plane_version` after, so a write killed in between is seen (status
+//! says so) and finished by the next write, which publishes the record.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
-    os::fd::BorrowedFd,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use serde::Serialize;
 use steer_common::{
-    ActiveBindings, BindingKey, LabelMetrics, LabelName, MAX_LABELS, PrefixLengths, SocketKey, lengths_slot, map,
+    BindingKey, DestKey, DestMetrics, ErrorReason, LabelName, MAX_BINDINGS, MAX_DESTINATIONS, MAX_LABELS, StateMeta,
+    map, socket_slot,
 };
 
 use crate::{
     bindings::{self, Binding, BindingsFile},
+    compile::{self, Destinations},
     dispatcher::{Access, Dispatcher, ReadWrite, spec},
     error::{Context, Result, fail},
     maps::SocketMap,
+    plane::{Plane, PlaneStats},
     socket::{self, Family, Owner, Protocol, SocketInfo},
 };
 
@@ -32,50 +41,166 @@ pub struct Registration {
     pub owners: Vec<Owner>,
 }
 
-/// A label's counters, summed over CPUs.
-#[derive(Debug, Clone, Serialize)]
-pub struct LabelStats {
+/// The counters of one destination: a label's traffic of one family
+/// ("domain") and protocol, summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DestStats {
     pub label: String,
-    #[serde(flatten)]
-    pub metrics: Counters,
-}
-
-/// The serialisable form of [`LabelMetrics`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
+    pub domain: Family,
+    pub protocol: Protocol,
     pub lookups: u64,
     pub misses: u64,
+    /// All refusals by the kernel, and by reason.
     pub errors: u64,
+    pub errors_by_reason: BTreeMap<&'static str, u64>,
 }
 
-impl std::ops::AddAssign<&LabelMetrics> for Counters {
-    fn add_assign(&mut self, m: &LabelMetrics) {
-        self.lookups += m.lookups;
-        self.misses += m.misses;
-        self.errors += m.errors;
+fn protocol_index(p: Protocol) -> u32 {
+    u32::from(p == Protocol::Udp)
+}
+
+fn family_index(f: Family) -> u32 {
+    u32::from(f == Family::Ipv6)
+}
+
+/// A record set: the typed map, and its fd for batch reads aya lacks.
+struct Record {
+    map: HashMap<MapData, BindingKey, u32>,
+    fd: OwnedFd,
+}
+
+impl Record {
+    fn new(data: MapData) -> Result<Self> {
+        let fd = data.fd().as_fd().try_clone_to_owned()?;
+        Ok(Self { map: HashMap::try_from(aya::maps::Map::HashMap(data))?, fd })
     }
+
+    fn open<A: Access>(d: &Dispatcher<A>, name: &str) -> Result<Self> {
+        Self::new(crate::maps::open_spec(&d.layout().map(name), spec(name))?)
+    }
+
+    /// Every entry, read in batches.
+    fn entries(&self) -> Result<Vec<(BindingKey, u32)>> {
+        let raw = crate::sys::map_entries_batch(self.fd.as_fd(), size_of::<BindingKey>(), size_of::<u32>())
+            .context("reading the binding record")?;
+        // Safety: each key is a BindingKey's bytes (Pod), each value a u32's.
+        Ok(raw
+            .iter()
+            .map(|(k, v)| {
+                let key = unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<BindingKey>()) };
+                (key, u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+            })
+            .collect())
+    }
+}
+
+/// A record set with room for `capacity` bindings: a fresh, empty map
+/// pinned over `bindings_N` (only userspace reads these maps).
+fn fresh_record(layout: &crate::Layout, index: usize, capacity: u32) -> Result<Record> {
+    let name = [map::BINDINGS_0, map::BINDINGS_1][index];
+    let spec = spec(name);
+    let obj = aya_obj::Map::new_from_params(spec.map_type, spec.key_size, spec.value_size, capacity, spec.flags);
+    let data = MapData::create(obj, name, None).context("creating a binding record")?;
+    let staged = layout.dir.join(format!("{name}_next"));
+    let _ = std::fs::remove_file(&staged);
+    data.pin(&staged).context("pinning a binding record")?;
+    std::fs::rename(&staged, layout.map(name)).context("replacing a binding record")?;
+    Record::new(data)
+}
+
+/// A record capacity with room to grow for `count` bindings.
+fn record_capacity(count: usize) -> u32 {
+    (count.saturating_mul(2).next_power_of_two() as u32).clamp(steer_common::RECORD_INITIAL_CAPACITY, MAX_BINDINGS)
 }
 
 /// The labelled maps of one state directory, opened and checked.
 struct Maps {
+    records: [Record; 2],
     labels: HashMap<MapData, LabelName, u32>,
-    sets: [HashMap<MapData, BindingKey, u32>; 2],
-    lengths: Array<MapData, PrefixLengths>,
-    active: Array<MapData, ActiveBindings>,
-    sockets: SocketMap<SocketKey>,
-    metrics: PerCpuArray<MapData, LabelMetrics>,
+    dests: HashMap<MapData, DestKey, u32>,
+    sockets: SocketMap<u32>,
+    metrics: PerCpuArray<MapData, DestMetrics>,
+    plane: Plane,
+    meta: StateMeta,
+    layout: crate::Layout,
+}
+
+/// `map[key]`, or None when absent.
+fn lookup<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, key: &K) -> Result<Option<V>> {
+    match map.get(key, 0) {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Counter-set ids: the recorded ones, new ones allocated lowest-free.
+struct DestTable {
+    known: BTreeMap<DestKey, u32>,
+    taken: BTreeSet<u32>,
+    used: BTreeSet<u32>,
+    new: Vec<(DestKey, u32)>,
+}
+
+impl Destinations for DestTable {
+    fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16> {
+        let key =
+            DestKey { label, family_index: family_index as u8, protocol_index: protocol_index as u8, _pad: [0; 2] };
+        let id = match self.known.get(&key) {
+            Some(&id) => id,
+            None => {
+                let Some(id) = (0..MAX_DESTINATIONS).find(|id| !self.taken.contains(id)) else {
+                    fail!(Full, "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use")
+                };
+                self.taken.insert(id);
+                self.known.insert(key, id);
+                self.new.push((key, id));
+                id
+            }
+        };
+        self.used.insert(id);
+        Ok(id as u16)
+    }
 }
 
 impl Maps {
     fn open<A: Access>(d: &Dispatcher<A>) -> Result<Self> {
+        let plane = Plane::open(d)?;
+        let meta = plane.meta()?;
         Ok(Self {
+            records: [Record::open(d, map::BINDINGS_0)?, Record::open(d, map::BINDINGS_1)?],
             labels: d.typed_map(map::LABELS)?,
-            sets: [d.typed_map(map::BINDINGS_0)?, d.typed_map(map::BINDINGS_1)?],
-            lengths: d.typed_map(map::BINDING_LENGTHS)?,
-            active: d.typed_map(map::ACTIVE_BINDINGS)?,
+            dests: d.typed_map(map::DESTINATIONS)?,
             sockets: SocketMap::open_spec(&d.layout().map(map::SOCKETS), spec(map::SOCKETS))?,
             metrics: d.typed_map(map::METRICS)?,
+            plane,
+            meta,
+            layout: d.layout().clone(),
         })
+    }
+
+    /// Adds a binding to the record in use, moving it to a larger map when full.
+    fn record_insert(&mut self, key: BindingKey, label: u32) -> Result<()> {
+        let active = (self.meta.active_record & 1) as usize;
+        match self.records[active].map.insert(key, label, 0) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                let entries = self.record_entries()?;
+                if entries.len() >= MAX_BINDINGS as usize {
+                    fail!(Full, "bindings map full ({} entries)", separated(MAX_BINDINGS));
+                }
+                let mut grown = fresh_record(&self.layout, active, record_capacity(entries.len() + 1))?;
+                for (k, v) in entries.iter().copied().chain([(key, label)]) {
+                    grown.map.insert(k, v, 0).context("copying the binding record")?;
+                }
+                self.records[active] = grown;
+                Ok(())
+            }
+            other => other.context("adding the binding"),
+        }
+    }
+
+    fn record(&self) -> &Record {
+        &self.records[(self.meta.active_record & 1) as usize]
     }
 
     fn labels(&self) -> Result<BTreeMap<String, u32>> {
@@ -96,86 +221,118 @@ impl Maps {
         lookup(&self.labels, &bindings::label_key(label)?)
     }
 
-    fn active(&self) -> Result<ActiveBindings> {
-        Ok(ActiveBindings(self.active.get(&0, 0)?.0 & 3))
-    }
-
-    fn set_active(&mut self, state: ActiveBindings) -> Result<()> {
-        self.active.set(0, state, 0).context("switching the active bindings")
-    }
-
-    /// (key, label id) of every binding of the set in use.
-    fn binding_entries(&self) -> Result<Vec<(BindingKey, u32)>> {
-        let set = &self.sets[self.active()?.set() as usize];
-        Ok(set.iter().collect::<Result<Vec<_>, _>>()?)
-    }
-
-    fn read_lengths(&self, slot: u32) -> Result<Vec<u8>> {
-        Ok(self.lengths.get(&slot, 0)?.as_slice().to_vec())
-    }
-
-    /// Publishes a new length list for the set in use: written to the idle
-    /// copy, then switched in with one write, never rewritten under a lookup.
-    fn publish_lengths(&mut self, lengths: impl IntoIterator<Item = u8>) -> Result<()> {
-        let state = self.active()?;
-        let next = ActiveBindings::new(state.set(), 1 - state.version());
-        self.lengths.set(next.lengths_slot(), encode_lengths(lengths), 0).context("updating the prefix-length list")?;
-        self.set_active(next)
-    }
-
-    /// Makes sure lookups probe `len`; no scan of the bindings, so a bind
-    /// costs the same at any count.
-    fn add_length(&mut self, len: u8) -> Result<()> {
-        let current = self.read_lengths(self.active()?.lengths_slot())?;
-        if current.contains(&len) {
-            return Ok(());
+    /// The ids of `names`, making the missing labels in one pass.
+    fn ensure_labels<'a>(&mut self, names: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, u32>> {
+        let existing = self.labels()?;
+        let mut taken: BTreeSet<u32> = existing.values().copied().collect();
+        let mut free = 0..MAX_LABELS;
+        let mut out = BTreeMap::new();
+        for name in names {
+            if out.contains_key(name) {
+                continue;
+            }
+            let id = match existing.get(name) {
+                Some(&id) => id,
+                None => {
+                    let Some(id) = free.find(|id| !taken.contains(id)) else {
+                        fail!(Full, "all {MAX_LABELS} labels are in use")
+                    };
+                    taken.insert(id);
+                    self.labels.insert(bindings::label_key(name)?, id, 0)?;
+                    id
+                }
+            };
+            out.insert(name.to_string(), id);
         }
-        self.publish_lengths(current.into_iter().chain([len]))
+        Ok(out)
     }
 
-    fn ensure_label(&mut self, label: &str) -> Result<u32> {
-        if let Some(id) = self.label_id(label)? {
-            return Ok(id);
+    /// Labels with a registered socket, with the slots that hold one.
+    fn socket_slots(&self, ids: impl IntoIterator<Item = u32>) -> Result<Vec<(u32, u32, u64)>> {
+        let mut out = Vec::new();
+        for id in ids {
+            for slot in socket_slot(id, 0, 0)..socket_slot(id, 0, 0) + 4 {
+                if let Some(cookie) = self.sockets.cookie(&slot)? {
+                    out.push((id, slot, cookie));
+                }
+            }
         }
-        let used: BTreeSet<u32> = self.labels()?.into_values().collect();
-        let Some(id) = (0..MAX_LABELS).find(|id| !used.contains(id)) else {
-            fail!(Full, "all {MAX_LABELS} labels are in use")
-        };
-        // A reused id starts its counters from zero.
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        self.metrics.set(id, PerCpuValues::try_from(vec![LabelMetrics::default(); cpus])?, 0)?;
-        self.labels.insert(bindings::label_key(label)?, id, 0)?;
-        Ok(id)
+        Ok(out)
     }
 
-    /// Forgets labels with neither bindings nor sockets.
+    /// Forgets labels with neither bindings nor sockets: ones an interrupted
+    /// write left behind too.
     fn collect_labels(&mut self) -> Result<()> {
-        let mut in_use: BTreeSet<u32> = self.binding_entries()?.into_iter().map(|(_, id)| id).collect();
-        in_use.extend(self.sockets.keys()?.iter().map(|k| k.label_id));
-        for (label, id) in self.labels()? {
-            if !in_use.contains(&id) {
+        let in_use: BTreeSet<u32> = self.record_entries()?.into_iter().map(|(_, id)| id).collect();
+        self.forget_labels(|_, id| in_use.contains(&id))
+    }
+
+    /// Forgets labels that have no socket and that `keep` does not keep.
+    fn forget_labels(&mut self, keep: impl Fn(&str, u32) -> bool) -> Result<()> {
+        let labels = self.labels()?;
+        let with_sockets: BTreeSet<u32> =
+            self.socket_slots(labels.values().copied())?.into_iter().map(|(id, _, _)| id).collect();
+        for (label, id) in labels {
+            if !with_sockets.contains(&id) && !keep(&label, id) {
                 self.labels.remove(&bindings::label_key(&label)?)?;
             }
         }
         Ok(())
     }
-}
 
-/// `map[key]`, or None when absent.
-fn lookup<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, key: &K) -> Result<Option<V>> {
-    match map.get(key, 0) {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e.into()),
+    fn bump_record(&mut self) -> Result<()> {
+        self.meta.record_version += 1;
+        self.plane.set_meta(self.meta)
+    }
+
+    /// Compiles `entries` (the recorded bindings) and publishes them.
+    fn publish(&mut self, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
+        let inputs: Vec<compile::Input> = entries
+            .iter()
+            .map(|(key, label)| compile::Input {
+                protocol_index: u32::from(key.protocol == Protocol::Udp.number()),
+                port: key.port(),
+                addr: u128::from_be_bytes(key.addr),
+                len: key.prefixlen,
+                label: *label,
+            })
+            .collect();
+        let known: BTreeMap<DestKey, u32> = self.dests.iter().collect::<Result<_, _>>()?;
+        let taken = known.values().copied().collect();
+        let mut table = DestTable { known, taken, used: BTreeSet::new(), new: Vec::new() };
+        let generation = compile::compile(&inputs, &mut table)?;
+        // New counter sets start from zero, and are recorded before any
+        // lookup can count in them.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for &(key, id) in &table.new {
+            self.metrics.set(id, PerCpuValues::try_from(vec![DestMetrics::default(); cpus])?, 0)?;
+            self.dests.insert(key, id, 0)?;
+        }
+        let stats = self.plane.publish(&generation)?;
+        self.meta = StateMeta { plane_version: self.meta.record_version, ..self.plane.meta()? };
+        self.plane.set_meta(self.meta)?;
+        for (key, id) in &table.known {
+            if !table.used.contains(id) {
+                self.dests.remove(key)?;
+            }
+        }
+        Ok(stats)
+    }
+
+    fn record_entries(&self) -> Result<Vec<(BindingKey, u32)>> {
+        self.record().entries()
     }
 }
 
-/// The prefix-length list the program probes, longest first.
-fn encode_lengths(lengths: impl IntoIterator<Item = u8>) -> PrefixLengths {
-    let lengths: BTreeSet<u8> = lengths.into_iter().collect();
-    let mut out = PrefixLengths { count: lengths.len() as u32, ..Default::default() };
-    for (slot, len) in out.lengths.iter_mut().zip(lengths.iter().rev()) {
-        *slot = *len;
+/// 1048576 as "1,048,576".
+fn separated(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
     }
     out
 }
@@ -191,18 +348,27 @@ fn serves(info: &SocketInfo, b: &Binding) -> bool {
         }
 }
 
+/// State of the published bindings.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaneStatus {
+    /// False when a write was interrupted between recording and publishing
+    /// bindings: lookups still use the previous set until the next write.
+    pub up_to_date: bool,
+    pub seed_list_enabled: bool,
+}
+
 impl<A: Access> Dispatcher<A> {
     /// Label name -> id.
     pub fn labels(&self) -> Result<BTreeMap<String, u32>> {
         Maps::open(self)?.labels()
     }
 
-    /// Every binding of the set in use, sorted.
+    /// Every recorded binding, sorted.
     pub fn bindings(&self) -> Result<Vec<Binding>> {
         let maps = Maps::open(self)?;
         let names = maps.label_names()?;
         let mut out = Vec::new();
-        for (key, id) in maps.binding_entries()? {
+        for (key, id) in maps.record_entries()? {
             let (protocol, prefix, port) = bindings::decode_key(&key)?;
             let label = names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
             out.push(Binding { label, protocol, prefix, port });
@@ -211,26 +377,34 @@ impl<A: Access> Dispatcher<A> {
         Ok(out)
     }
 
+    pub fn plane_status(&self) -> Result<PlaneStatus> {
+        let maps = Maps::open(self)?;
+        Ok(PlaneStatus {
+            up_to_date: maps.meta.plane_version == maps.meta.record_version,
+            seed_list_enabled: maps.plane.config()?.seed_enabled != 0,
+        })
+    }
+
     /// How many sockets are registered, without looking for their owners.
     pub fn registered_count(&self) -> Result<usize> {
-        Ok(Maps::open(self)?.sockets.keys()?.len())
+        let maps = Maps::open(self)?;
+        Ok(maps.socket_slots(maps.labels()?.into_values())?.len())
     }
 
     /// Every registered socket with its owners.
     pub fn registrations(&self) -> Result<Vec<Registration>> {
         let maps = Maps::open(self)?;
         let names = maps.label_names()?;
+        let registered = maps.socket_slots(names.keys().copied())?;
+        let cookies: Vec<u64> = registered.iter().map(|&(_, _, cookie)| cookie).collect();
+        let found = socket::find_owners_of(&cookies);
         let mut out = Vec::new();
-        for key in maps.sockets.keys()? {
-            let Some(cookie) = maps.sockets.cookie(&key)? else { continue };
-            let (owners, info) = socket::find_owners(cookie);
-            let id = key.label_id;
+        for (id, slot, cookie) in registered {
+            let (owners, info) = found.get(&cookie).cloned().unwrap_or_default();
             out.push(Registration {
-                label: names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")),
-                family: Family::from_af(key.family)
-                    .ok_or_else(|| crate::Error::Pin("bad family in sockets map".into()))?,
-                protocol: Protocol::from_number(key.protocol)
-                    .ok_or_else(|| crate::Error::Pin("bad protocol in sockets map".into()))?,
+                label: names[&id].clone(),
+                family: if slot % 4 >= 2 { Family::Ipv6 } else { Family::Ipv4 },
+                protocol: if slot % 2 == 1 { Protocol::Udp } else { Protocol::Tcp },
                 cookie,
                 address: info.and_then(|i| i.local).map(|a| a.to_string()),
                 owners,
@@ -240,17 +414,33 @@ impl<A: Access> Dispatcher<A> {
         Ok(out)
     }
 
-    /// Every label's counters.
-    pub fn metrics(&self) -> Result<Vec<LabelStats>> {
+    /// Every destination's counters.
+    pub fn metrics(&self) -> Result<Vec<DestStats>> {
         let maps = Maps::open(self)?;
+        let names = maps.label_names()?;
         let mut out = Vec::new();
-        for (label, id) in maps.labels()? {
-            let mut metrics = Counters::default();
+        for entry in maps.dests.iter() {
+            let (key, id) = entry?;
+            let Some(label) = names.get(&key.label) else { continue };
+            let mut sum = DestMetrics::default();
             for m in maps.metrics.get(&id, 0)?.iter() {
-                metrics += m;
+                sum.lookups += m.lookups;
+                sum.misses += m.misses;
+                for (total, n) in sum.errors.iter_mut().zip(m.errors) {
+                    *total += n;
+                }
             }
-            out.push(LabelStats { label, metrics });
+            out.push(DestStats {
+                label: label.clone(),
+                domain: if key.family_index == 0 { Family::Ipv4 } else { Family::Ipv6 },
+                protocol: if key.protocol_index == 0 { Protocol::Tcp } else { Protocol::Udp },
+                lookups: sum.lookups,
+                misses: sum.misses,
+                errors: sum.errors.iter().sum(),
+                errors_by_reason: ErrorReason::ALL.iter().map(|r| (r.name(), sum.errors[*r as usize])).collect(),
+            });
         }
+        out.sort_by(|a, b| (&a.label, a.domain, a.protocol).cmp(&(&b.label, b.domain, b.protocol)));
         Ok(out)
     }
 }
@@ -260,49 +450,52 @@ impl Dispatcher<ReadWrite> {
     pub fn bind(&self, b: &Binding) -> Result<bool> {
         bindings::label_key(&b.label)?;
         let mut maps = Maps::open(self)?;
-        let index = maps.active()?.set() as usize;
+        maps.collect_labels()?;
         let key = b.key();
-        if let Some(id) = lookup(&maps.sets[index], &key)? {
+        if let Some(id) = lookup(&maps.record().map, &key)? {
             let owner = maps.label_names()?.get(&id).cloned().unwrap_or_default();
-            if owner == b.label {
-                // Repairs a length list an interrupted bind left short.
-                maps.add_length(key.prefixlen)?;
-                return Ok(false);
+            if owner != b.label {
+                fail!(
+                    Conflict,
+                    "{} {} {} is already bound to label {owner}; unbind it first",
+                    b.protocol,
+                    b.prefix,
+                    b.port
+                );
             }
-            fail!(
-                Conflict,
-                "{} {} {} is already bound to label {owner}; unbind it first",
-                b.protocol,
-                b.prefix,
-                b.port
-            );
+            if maps.meta.plane_version != maps.meta.record_version {
+                // Finishes a write that recorded this binding but died before publishing.
+                let entries = maps.record_entries()?;
+                maps.publish(&entries)?;
+            }
+            return Ok(false);
         }
-        // The length first: probing a length with no key yet is harmless.
-        maps.add_length(key.prefixlen)?;
-        let id = maps.ensure_label(&b.label)?;
-        if let Err(e) = maps.sets[index].insert(key, id, 0) {
-            let _ = maps.collect_labels();
-            return Err(e).context("adding the binding");
-        }
+        let id = maps.ensure_labels([b.label.as_str()])?[&b.label];
+        maps.record_insert(key, id)?;
+        maps.bump_record()?;
+        let entries = maps.record_entries()?;
+        maps.publish(&entries)?;
         Ok(true)
     }
 
     pub fn unbind(&self, b: &Binding) -> Result<()> {
         let mut maps = Maps::open(self)?;
-        let index = maps.active()?.set() as usize;
         let key = b.key();
-        match (lookup(&maps.sets[index], &key)?, maps.label_id(&b.label)?) {
+        match (lookup(&maps.record().map, &key)?, maps.label_id(&b.label)?) {
             (Some(bound), Some(id)) if bound == id => {}
             _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
         }
-        maps.sets[index].remove(&key)?;
-        let lengths = maps.sets[index].keys().map(|k| k.map(|k| k.prefixlen)).collect::<Result<Vec<_>, _>>()?;
-        maps.publish_lengths(lengths)?;
+        let active = (maps.meta.active_record & 1) as usize;
+        maps.records[active].map.remove(&key)?;
+        maps.bump_record()?;
+        let entries = maps.record_entries()?;
+        maps.publish(&entries)?;
         maps.collect_labels()
     }
 
-    /// Replaces every binding with `file`'s in one switch of the active set.
-    pub fn load_bindings(&self, file: &BindingsFile) -> Result<()> {
+    /// Replaces every binding with `file`'s: recorded in the idle record set,
+    /// switched to with one write, then published as one generation.
+    pub fn load_bindings(&self, file: &BindingsFile) -> Result<PlaneStats> {
         // By key: 10.0.0.0/8 and ::ffff:10.0.0.0/104 are one binding.
         let mut seen: BTreeMap<BindingKey, &str> = BTreeMap::new();
         for b in &file.bindings {
@@ -313,25 +506,29 @@ impl Dispatcher<ReadWrite> {
                 }
             }
         }
+        if seen.len() > MAX_BINDINGS as usize {
+            fail!(Full, "bindings map full ({} entries): the file has {}", separated(MAX_BINDINGS), seen.len());
+        }
         let mut maps = Maps::open(self)?;
-        let idle = 1 - maps.active()?.set();
-        // The idle set still holds the set before last; lookups no longer use it.
-        let stale = maps.sets[idle as usize].keys().collect::<Result<Vec<_>, _>>()?;
-        for key in stale {
-            maps.sets[idle as usize].remove(&key)?;
+        // Labels leaving without a socket give their ids up first, so a set
+        // can replace another of as many labels. Their traffic is dropped
+        // until the switch either way: their socket slots are empty, and no
+        // socket can be registered while this write holds the lock.
+        let staying: BTreeSet<&str> = seen.values().copied().collect();
+        maps.forget_labels(|label, _| staying.contains(label))?;
+        let ids = maps.ensure_labels(seen.values().copied())?;
+        let entries: Vec<(BindingKey, u32)> = seen.iter().map(|(key, label)| (*key, ids[*label])).collect();
+        let idle = (1 - (maps.meta.active_record & 1)) as usize;
+        // The idle set held the set before last; only this writer reads it.
+        maps.records[idle] = fresh_record(self.layout(), idle, record_capacity(entries.len()))?;
+        for (key, id) in &entries {
+            maps.records[idle].map.insert(*key, *id, 0).context("recording the bindings")?;
         }
-        if let Err(e) = fill_set(&mut maps, idle as usize, &file.bindings) {
-            // Labels made for the file go again; the bindings in use were never touched.
-            let _ = maps.collect_labels();
-            return Err(e);
-        }
-        maps.lengths
-            .set(lengths_slot(idle, 0), encode_lengths(seen.keys().map(|k| k.prefixlen)), 0)
-            .context("writing the new prefix-length list")?;
-        // The old set stays as it is: a lookup that began before the switch
-        // may still be reading it.
-        maps.set_active(ActiveBindings::new(idle, 0))?;
-        maps.collect_labels()
+        maps.meta.active_record = idle as u32;
+        maps.bump_record()?;
+        let stats = maps.publish(&entries)?;
+        maps.collect_labels()?;
+        Ok(stats)
     }
 
     /// Registers checked sockets under `label`, each replacing the label's
@@ -356,10 +553,11 @@ impl Dispatcher<ReadWrite> {
             }
         }
         let mut maps = Maps::open(self)?;
-        let id = maps.ensure_label(label)?;
+        maps.collect_labels()?;
+        let id = maps.ensure_labels([label])?[label];
         for (info, socket) in sockets {
-            let key = SocketKey::new(id, info.family.af(), info.protocol.number());
-            if let Err(e) = maps.sockets.insert(&key, *socket) {
+            let slot = socket_slot(id, family_index(info.family), protocol_index(info.protocol));
+            if let Err(e) = maps.sockets.insert(&slot, *socket) {
                 let _ = maps.collect_labels();
                 return Err(e).context("inserting into the sockets map");
             }
@@ -371,46 +569,21 @@ impl Dispatcher<ReadWrite> {
     pub fn unregister(&self, label: &str) -> Result<usize> {
         let mut maps = Maps::open(self)?;
         let Some(id) = maps.label_id(label)? else { fail!(Conflict, "no label {label}") };
-        let mut removed = 0;
-        for key in maps.sockets.keys()? {
-            if key.label_id == id {
-                maps.sockets.remove(&key)?;
-                removed += 1;
-            }
-        }
-        if removed == 0 {
+        let slots = maps.socket_slots([id])?;
+        if slots.is_empty() {
             fail!(Conflict, "label {label} has no registered socket");
         }
-        maps.collect_labels()?;
-        Ok(removed)
-    }
-}
-
-fn fill_set(maps: &mut Maps, index: usize, list: &[Binding]) -> Result<()> {
-    let mut ids = BTreeMap::new();
-    for b in list {
-        if !ids.contains_key(&b.label) {
-            ids.insert(b.label.clone(), maps.ensure_label(&b.label)?);
+        for (_, slot, _) in &slots {
+            maps.sockets.remove(slot)?;
         }
+        maps.collect_labels()?;
+        Ok(slots.len())
     }
-    for b in list {
-        maps.sets[index].insert(b.key(), ids[&b.label], 0).with_context(|| format!("adding binding {b}"))?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn length_lists_are_deduplicated_longest_first() {
-        let lengths = encode_lengths([96, 128, 24, 128]);
-        assert_eq!(lengths.count, 3);
-        assert_eq!(lengths.as_slice(), [128, 96, 24]);
-        assert_eq!(encode_lengths([]).as_slice(), [] as [u8; 0]);
-        assert_eq!(encode_lengths(0..=128).as_slice().len(), 129);
-    }
 
     fn info(family: Family, v6only: bool, protocol: Protocol) -> SocketInfo {
         SocketInfo {
@@ -443,5 +616,12 @@ mod tests {
         assert!(serves(&v4, &bind("::/0")), "::/0 matches IPv4 as v4-mapped");
         assert!(!serves(&v4, &bind("2001:db8::/32")));
         assert!(!serves(&info(Family::Ipv4, false, Protocol::Udp), &bind("10.0.0.0/8")));
+    }
+
+    #[test]
+    fn capacities_read_with_separators() {
+        assert_eq!(separated(MAX_BINDINGS), "1,048,576");
+        assert_eq!(separated(4096), "4,096");
+        assert_eq!(separated(12), "12");
     }
 }

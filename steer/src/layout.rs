@@ -42,4 +42,12 @@ impl Layout {
         pins.extend(MAPS.iter().map(|m| self.map(m.name)));
         pins
     }
+
+    /// Pins a write stages beside their final name before renaming them
+    /// into place; one that died half way can leave them behind.
+    pub fn staged_pins(&self) -> Vec<PathBuf> {
+        let mut pins = vec![self.dir.join(format!("{}_new", names::STEER_PROGRAM))];
+        pins.extend([map::BINDINGS_0, map::BINDINGS_1].map(|m| self.dir.join(format!("{m}_next"))));
+        pins
+    }
 }

@@ -7,6 +7,8 @@
 
 pub mod bindings;
 pub mod bpffs;
+pub mod compile;
+pub mod diag;
 pub mod dispatcher;
 pub mod error;
 pub mod labelled;
@@ -15,6 +17,7 @@ pub mod lock;
 pub mod maps;
 pub mod metrics;
 pub mod netns;
+pub mod plane;
 pub mod preflight;
 pub mod socket;
 pub mod status;

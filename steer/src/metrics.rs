@@ -1,4 +1,4 @@
-//! Per-label counters in the Prometheus text format, and the HTTP endpoint
+//! Per-destination counters in the Prometheus text format, and the HTTP endpoint
 //! that serves them.
 //!
 //! The endpoint's body comes from one function, [`render`]: it reads the
@@ -11,6 +11,7 @@
 
 use std::{
     convert::Infallible,
+    fmt::Write as _,
     net::{SocketAddr, TcpListener},
     sync::Arc,
     time::Duration,
@@ -37,7 +38,7 @@ use crate::{
     Layout,
     dispatcher::Dispatcher,
     error::{Context, Error, Result},
-    labelled::{Counters, LabelStats},
+    labelled::DestStats,
 };
 
 /// The only path served.
@@ -52,18 +53,32 @@ const MAX_CONNECTIONS: usize = 256;
 const READ_THREADS: usize = 4;
 
 /// The metrics in the Prometheus text exposition format.
-pub fn prometheus(stats: &[LabelStats]) -> String {
-    type Counter = (&'static str, &'static str, fn(&Counters) -> u64);
-    let counters: [Counter; 3] = [
-        ("steer_lookups_total", "Connections matched to a label's binding.", |m| m.lookups),
-        ("steer_misses_total", "Matched connections dropped because the label has no socket.", |m| m.misses),
-        ("steer_errors_total", "Matched connections dropped because the socket was refused (sk_assign).", |m| m.errors),
+pub fn prometheus(stats: &[DestStats]) -> String {
+    type Counter = (&'static str, &'static str, fn(&DestStats) -> u64);
+    let counters: [Counter; 2] = [
+        ("steer_lookups_total", "Connections matched to a label's binding.", |s| s.lookups),
+        (
+            "steer_misses_total",
+            "Matched connections dropped: the label has no socket for their family and protocol.",
+            |s| s.misses,
+        ),
     ];
     let mut out = String::new();
+    let labels = |s: &DestStats| format!("label=\"{}\",domain=\"{}\",protocol=\"{}\"", s.label, s.domain, s.protocol);
     for (name, help, value) in counters {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
         for s in stats {
-            out.push_str(&format!("{name}{{label=\"{}\"}} {}\n", s.label, value(&s.metrics)));
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(s), value(s));
+        }
+    }
+    let name = "steer_errors_total";
+    let _ = write!(
+        out,
+        "# HELP {name} Matched connections dropped: the kernel refused the socket (sk_assign), by reason.\n# TYPE {name} counter\n"
+    );
+    for s in stats {
+        for (reason, n) in &s.errors_by_reason {
+            let _ = writeln!(out, "{name}{{{},reason=\"{reason}\"}} {n}", labels(s));
         }
     }
     out
@@ -231,18 +246,28 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+    use crate::socket::{Family, Protocol};
 
     #[test]
-    fn prometheus_text_has_help_type_and_one_line_per_label() {
-        let stats = [
-            LabelStats { label: "web".into(), metrics: Counters { lookups: 6, misses: 1, errors: 0 } },
-            LabelStats { label: "dns".into(), metrics: Counters { lookups: 2, misses: 0, errors: 3 } },
-        ];
-        let text = prometheus(&stats);
+    fn prometheus_text_has_help_type_and_one_line_per_destination() {
+        let stat = |label: &str, lookups, errors: u64| DestStats {
+            label: label.into(),
+            domain: Family::Ipv4,
+            protocol: Protocol::Tcp,
+            lookups,
+            misses: 1,
+            errors,
+            errors_by_reason: [("bad_socket", errors), ("other", 0)].into_iter().collect(),
+        };
+        let text = prometheus(&[stat("web", 6, 0), stat("dns", 2, 3)]);
         assert!(text.contains("# TYPE steer_lookups_total counter\n"));
-        assert!(text.contains("steer_lookups_total{label=\"web\"} 6\n"));
-        assert!(text.contains("steer_errors_total{label=\"dns\"} 3\n"));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 6);
+        assert!(text.contains("steer_lookups_total{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 6\n"), "{text}");
+        assert!(
+            text.contains(
+                "steer_errors_total{label=\"dns\",domain=\"ipv4\",protocol=\"tcp\",reason=\"bad_socket\"} 3\n"
+            )
+        );
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 8);
     }
 
     #[test]

@@ -4,12 +4,14 @@ use std::{os::unix::fs::MetadataExt, path::Path};
 
 use crate::error::{Context, Result};
 
-pub const CURRENT: &str = "/proc/self/ns/net";
+/// The calling thread's network namespace. Not /proc/self/ns/net: that is
+/// the main thread's, which differs in a thread that entered another one.
+pub const CURRENT: &str = "/proc/thread-self/ns/net";
 
-/// Inode of the caller's network namespace, as `ip netns identify` and
-/// `ls -l /proc/self/ns/net` show it.
+/// Inode of the calling thread's network namespace, as `ip netns identify`
+/// and `ls -l /proc/self/ns/net` show it.
 pub fn current_inode() -> Result<u64> {
-    Ok(std::fs::metadata(CURRENT).context("reading /proc/self/ns/net")?.ino())
+    Ok(std::fs::metadata(CURRENT).with_context(|| format!("reading {CURRENT}"))?.ino())
 }
 
 /// Moves the calling thread (at start-up: the whole process) into the

@@ -1,6 +1,7 @@
 //! Taking a socket out of another process and checking it can be steered to.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use steer_common::kernel::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
+    diag,
     error::{Context, Error, Result, fail},
     netns, sys,
 };
@@ -317,34 +319,32 @@ impl fmt::Display for Owner {
 }
 
 /// Every process fd that refers to the socket with `cookie`, and what the
-/// socket is (read through one of them).
+/// socket is: found with sock_diag in this network namespace and /proc,
+/// taking no fd (see [`diag`]). Nothing when the socket is not found.
 pub fn find_owners(cookie: u64) -> (Vec<Owner>, Option<SocketInfo>) {
-    let me = std::process::id() as i32;
-    let Ok(processes) = procfs::process::all_processes() else {
-        return (Vec::new(), None);
+    find_owners_of(&[cookie]).remove(&cookie).unwrap_or_default()
+}
+
+/// [`find_owners`] for several sockets, with one dump and one /proc scan.
+/// Lookup failures are logged and leave the sockets out.
+pub fn find_owners_of(cookies: &[u64]) -> BTreeMap<u64, (Vec<Owner>, Option<SocketInfo>)> {
+    let found = || -> Result<_> {
+        let sockets = diag::by_cookies(cookies)?;
+        let inodes: Vec<u64> = sockets.values().map(|s| s.inode).collect();
+        let mut owners = diag::owners(&inodes)?;
+        let netns = netns::current_inode()?;
+        Ok(sockets
+            .into_iter()
+            .map(|(cookie, s)| (cookie, (owners.remove(&s.inode).unwrap_or_default(), Some(s.info(netns)))))
+            .collect())
     };
-    let mut owners = Vec::new();
-    let mut info = None;
-    for process in processes.flatten() {
-        if process.pid == me {
-            continue;
-        }
-        let Ok(fds) = process.fd() else { continue };
-        for entry in fds.flatten() {
-            if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
-                continue;
-            }
-            let Ok(fd) = take_fd(process.pid, entry.fd) else { continue };
-            if sockopt::socket_cookie(&fd).is_ok_and(|c| c == cookie) {
-                if info.is_none() {
-                    info = inspect(fd.as_fd()).ok();
-                }
-                let command = process.stat().map(|s| s.comm).unwrap_or_default();
-                owners.push(Owner { pid: process.pid, fd: entry.fd, command });
-            }
-        }
-    }
-    (owners, info)
+    found().unwrap_or_else(|e| {
+        let chain: Vec<String> = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect();
+        log::warn!("looking for the owners of sockets {cookies:?}: {}", chain.join(": "));
+        BTreeMap::new()
+    })
 }
 
 /// Which of a process's sockets `register-pid` should take.

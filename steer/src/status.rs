@@ -46,6 +46,8 @@ pub struct Status {
     pub labels: usize,
     pub bindings: usize,
     pub registered_sockets: usize,
+    /// Whether lookups run the recorded bindings, and use the seed list.
+    pub plane: Option<crate::labelled::PlaneStatus>,
 }
 
 impl<A: Access> Dispatcher<A> {
@@ -86,15 +88,16 @@ impl<A: Access> Dispatcher<A> {
         } else {
             None
         };
-        let (labels, bindings, registered_sockets) = if layout.map(map::LABELS).exists() {
-            (self.labels()?.len(), self.bindings()?.len(), self.registered_count()?)
+        let (labels, bindings, registered_sockets, plane) = if layout.map(map::LABELS).exists() {
+            (self.labels()?.len(), self.bindings()?.len(), self.registered_count()?, Some(self.plane_status()?))
         } else {
-            (0, 0, 0)
+            (0, 0, 0, None)
         };
         Ok(Status {
             labels,
             bindings,
             registered_sockets,
+            plane,
             pin_dir: layout.dir.display().to_string(),
             current_netns_inode: netns::current_inode()?,
             program,

@@ -72,7 +72,7 @@ impl View for StatusView {
                 output::joined(sock.owners.iter().map(ToString::to_string), ", ", "no process (held by the map only)");
             format!("cookie {} owned by {owners}", sock.cookie)
         });
-        output::record([
+        let mut rows = vec![
             ("pin dir", s.pin_dir.clone()),
             ("netns inode", s.current_netns_inode.to_string()),
             ("program", program),
@@ -86,6 +86,11 @@ impl View for StatusView {
                     s.labels, s.bindings, s.registered_sockets
                 ),
             ),
-        ])
+        ];
+        if s.plane.as_ref().is_some_and(|p| !p.up_to_date) {
+            let note = "a write was interrupted: lookups use the previous bindings until the next bind, unbind or load-bindings";
+            rows.push(("warning", note.into()));
+        }
+        output::record(rows)
     }
 }

@@ -1,9 +1,10 @@
-//! metrics: per-label counters, as a table, JSON or a Prometheus endpoint.
+//! metrics: counters per (label, domain, protocol), as a table, JSON or a
+//! Prometheus endpoint.
 
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use steer::{Dispatcher, Layout, labelled::LabelStats, metrics::Server};
+use steer::{Dispatcher, Layout, labelled::DestStats, metrics::Server};
 
 use crate::output::{self, View};
 
@@ -35,13 +36,25 @@ fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
 
 #[derive(serde::Serialize)]
 #[serde(transparent)]
-struct Stats(Vec<LabelStats>);
+struct Stats(Vec<DestStats>);
 
 impl View for Stats {
     fn table(&self) -> String {
         let rows = self.0.iter().map(|s| {
-            [s.label.clone(), s.metrics.lookups.to_string(), s.metrics.misses.to_string(), s.metrics.errors.to_string()]
+            let reasons = s.errors_by_reason.iter().filter(|(_, n)| **n > 0).map(|(r, n)| format!("{r} {n}"));
+            let errors = match output::joined(reasons, ", ", "") {
+                detail if detail.is_empty() => s.errors.to_string(),
+                detail => format!("{} ({detail})", s.errors),
+            };
+            [
+                s.label.clone(),
+                s.domain.to_string(),
+                s.protocol.to_string(),
+                s.lookups.to_string(),
+                s.misses.to_string(),
+                errors,
+            ]
         });
-        output::table(["LABEL", "LOOKUPS", "MISSES", "ERRORS"], rows)
+        output::table(["LABEL", "DOMAIN", "PROTOCOL", "LOOKUPS", "MISSES", "ERRORS"], rows)
     }
 }

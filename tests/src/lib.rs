@@ -363,3 +363,56 @@ pub mod udp_echo {
         })
     }
 }
+
+/// Feature probes for a test that cannot work on an older kernel (the
+/// matrix, `scripts/vm-test.sh`, runs every test on 5.10, 6.1 and 6.12).
+/// Only for a feature the kernel genuinely lacks, never to hide a bug:
+///
+/// ```ignore
+/// if !steer_tests::require_feature("SO_NETNS_COOKIE (Linux 5.14)", steer_tests::probe::netns_cookie()) {
+///     return;
+/// }
+/// ```
+///
+/// A skipped test prints `SKIPPED: <test>: this kernel lacks <feature>` to
+/// stderr, past libtest's capture so it always shows (vm-test.sh counts
+/// these lines), and passes.
+pub fn require_feature(feature: &str, available: bool) -> bool {
+    if !available {
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        // One write, so lines of tests running in parallel never mix.
+        let line = format!("SKIPPED: {test}: this kernel ({}) lacks {feature}\n", probe::kernel_release());
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+    available
+}
+
+pub mod probe {
+    use std::os::fd::AsRawFd;
+
+    pub fn kernel_release() -> String {
+        nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
+    /// The running kernel is MAJOR.MINOR or later: for features no cheap
+    /// probe detects (prefer a probe where there is one: distributions
+    /// backport).
+    pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+        let release = kernel_release();
+        let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+    }
+
+    /// getsockopt(SO_NETNS_COOKIE), Linux 5.14.
+    pub fn netns_cookie() -> bool {
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let Ok(socket) = std::net::UdpSocket::bind("127.0.0.1:0") else { return false };
+        let mut cookie = 0u64;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // Safety: getsockopt writes at most `len` bytes into `cookie`.
+        let rc = unsafe {
+            libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+        };
+        rc == 0
+    }
+}

@@ -1,0 +1,273 @@
+//! Binding sets that stress the lookup (many distinct prefix lengths, a hot
+//! port, many bindings), and the program's cost on each: a hit, a miss
+//! inside bound prefixes, and unrelated traffic, beside an empty program.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, BorrowedFd},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use steer::{
+    Dispatcher, Layout, ReadWrite,
+    bindings::{Binding, BindingsFile, Prefix},
+    common::{SkLookupCtx, kernel::SK_PASS},
+    socket::Protocol,
+    test_run,
+};
+
+use crate::rate::median;
+
+/// The label the hit resolves to; its socket is registered.
+pub const HIT_LABEL: &str = "bench";
+/// Inside the densely bound 10.0.0.0/8, on a port with exact bindings.
+pub const HIT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 123, 45, 67);
+pub const HIT_PORT: u16 = 8080;
+/// In the hit's /16 bucket but not its /24 (so every set's hit binding
+/// misses it), on the same port, covered by no binding.
+const MISS_ADDR: Ipv4Addr = Ipv4Addr::new(10, 123, 200, 1);
+/// Where unrelated traffic goes: nothing is bound on its port or address.
+const UNRELATED: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 22);
+/// Ports short prefixes (wider than the dense regions) are bound on, so
+/// they never cover unrelated traffic.
+const SHORT_PREFIX_PORTS: [u16; 2] = [80, 443];
+const LABELS: u32 = 16;
+
+/// A set to measure.
+pub struct BindingSet {
+    pub name: String,
+    pub file: BindingsFile,
+    pub lengths: usize,
+    /// The miss's port: the hit's, except on the hot port, where every
+    /// address has a binding.
+    pub miss_port: u16,
+}
+
+/// A small deterministic generator (xorshift), so every run measures the
+/// same sets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `count` distinct lengths in the v4-mapped space (0..=128), spread out,
+/// always including 128; 33 means every IPv4 length (96..=128).
+fn spread(count: usize) -> Vec<u8> {
+    if count == 33 {
+        return (96..=128).collect();
+    }
+    let mut lengths: BTreeSet<u8> = (0..count).map(|i| (128 - i * 128 / (count - 1).max(1)) as u8).collect();
+    if count == 1 {
+        lengths = [120].into();
+    }
+    lengths.into_iter().collect()
+}
+
+fn mapped(addr: IpAddr) -> u128 {
+    u128::from_be_bytes(steer::bindings::mapped_addr(addr))
+}
+
+/// A prefix of `len` mapped bits around `addr` (IPv4 ones as IPv4).
+fn prefix_at(addr: u128, len: u8) -> Prefix {
+    let v6 = Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if len >= 96 => Prefix::new(IpAddr::V4(v4), len - 96).unwrap(),
+        _ => Prefix::new(IpAddr::V6(v6), len).unwrap(),
+    }
+}
+
+/// About `n` bindings of `lengths` (mapped), IPv4 and IPv6 mixed, in
+/// 10.0.0.0/8 and 2001:db8::/32, on exact and wildcard ports; plus the
+/// hit's binding, and `hot` prefixes of every length on the hit's port.
+pub fn generate(name: &str, n: usize, lengths: &[u8], hot: bool) -> BindingSet {
+    let mut rng = Rng(0x5eed_0000_0000_0001 ^ n as u64 ^ (lengths.len() as u64) << 32);
+    let v4_base = mapped(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)));
+    let v6_base = mapped("2001:db8::".parse().unwrap());
+    let mut bindings = vec![Binding {
+        label: HIT_LABEL.into(),
+        protocol: Protocol::Tcp,
+        prefix: prefix_at(mapped(IpAddr::V4(HIT_ADDR)), *lengths.iter().max().unwrap()),
+        port: HIT_PORT,
+    }];
+    if hot {
+        // Every length but the hit's own, which the hit binding holds.
+        for len in 0..128 {
+            let label = format!("hot{}", len % LABELS as u8);
+            bindings.push(Binding {
+                label,
+                protocol: Protocol::Tcp,
+                prefix: prefix_at(mapped(IpAddr::V4(HIT_ADDR)), len),
+                port: HIT_PORT,
+            });
+        }
+    }
+    // Generated keys collide now and then (and some cover the miss, below):
+    // draw until `n` distinct keys remain.
+    let miss = IpAddr::V4(MISS_ADDR);
+    let miss_port = if hot { HIT_PORT + 1 } else { HIT_PORT };
+    let covers_miss =
+        |b: &Binding| b.prefix.covers(miss) && (b.port == 0 || b.port == miss_port) && b.protocol == Protocol::Tcp;
+    let mut seen: BTreeSet<_> = bindings.iter().map(Binding::key).collect();
+    bindings.retain(|b| !covers_miss(b));
+    while bindings.len() < n {
+        let len = lengths[rng.below(lengths.len() as u64) as usize];
+        // IPv4 only has lengths 96..=128 in the mapped space.
+        let v4 = len >= 96 && rng.below(2) == 0;
+        let addr = if v4 {
+            v4_base | u128::from(rng.next() as u32 & 0x00ff_ffff)
+        } else {
+            v6_base | u128::from(rng.next()) << 32
+        };
+        let dense = if v4 { 104 } else { 32 };
+        let port = if len < dense {
+            SHORT_PREFIX_PORTS[rng.below(2) as usize]
+        } else {
+            [0, 0, 443, HIT_PORT][rng.below(4) as usize]
+        };
+        let binding = Binding {
+            label: format!("l{}", rng.below(u64::from(LABELS))),
+            protocol: if rng.below(5) == 0 { Protocol::Udp } else { Protocol::Tcp },
+            prefix: prefix_at(addr, len),
+            port,
+        };
+        if !covers_miss(&binding) && seen.insert(binding.key()) {
+            bindings.push(binding);
+        }
+    }
+    let distinct: BTreeSet<u8> = bindings.iter().map(|b| b.prefix.mapped().1).collect();
+    BindingSet { name: name.into(), lengths: distinct.len(), file: BindingsFile { bindings }, miss_port }
+}
+
+/// The sets the bench measures.
+pub fn standard(quick: bool) -> Vec<BindingSet> {
+    let n = if quick { 1_000 } else { 10_000 };
+    let mut sets: Vec<BindingSet> =
+        [1, 4, 16, 33, 64, 129].iter().map(|&l| generate(&format!("{l} lengths"), n, &spread(l), false)).collect();
+    sets.push(generate("hot port: 129 lengths on one port", n, &spread(33), true));
+    let big = if quick { 5_000 } else { 100_000 };
+    sets.push(generate("100,000 bindings, 33 lengths", big, &spread(33), false));
+    sets
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SetRow {
+    pub set: String,
+    pub bindings: usize,
+    pub distinct_lengths: usize,
+    pub hit_ns: f64,
+    pub miss_ns: f64,
+    pub unrelated_ns: f64,
+    /// The empty program, measured interleaved with this set's runs.
+    pub empty_ns: f64,
+    pub unrelated_over_empty: f64,
+    /// Kernel memory of all of steer's maps with this set loaded.
+    pub memory_bytes: u64,
+    /// Of which the compiled lookup chunks.
+    pub chunk_bytes: u64,
+    pub ranges: usize,
+    pub load_seconds: f64,
+}
+
+fn run(fd: BorrowedFd<'_>, ctx: &SkLookupCtx, repeat: u32) -> Result<test_run::TestRun> {
+    test_run::run(fd, ctx, repeat).context("BPF_PROG_TEST_RUN")
+}
+
+/// Loads each set, registers the hit's socket, checks the program answers
+/// each context as it must, and times them beside the empty program.
+pub fn measure(
+    layout: &Layout,
+    sets: &[BindingSet],
+    socket: &std::net::TcpListener,
+    empty: BorrowedFd<'_>,
+    repeat: u32,
+    samples: usize,
+) -> Result<Vec<SetRow>> {
+    let local = |addr: IpAddr, port| SocketAddr::new(addr, port);
+    let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+    let hit = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(HIT_ADDR), HIT_PORT), remote);
+    let unrelated = test_run::lookup_ctx(Protocol::Tcp, UNRELATED, remote);
+    let info = steer::socket::inspect(socket.as_fd())?;
+    let program = crate::bpf::obj_get(&layout.program())?;
+    let mut rows = Vec::new();
+    for set in sets {
+        let miss = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(MISS_ADDR), set.miss_port), remote);
+        let state: Dispatcher<ReadWrite> = Dispatcher::open_write(layout)?;
+        let start = std::time::Instant::now();
+        let plane = state.load_bindings(&set.file)?;
+        let load_seconds = start.elapsed().as_secs_f64();
+        state.register(HIT_LABEL, &[(&info, socket.as_fd())])?;
+        let memory: u64 = steer::plane::memory(&state)?.values().sum();
+        drop(state);
+        let h = run(program.as_fd(), &hit, 1)?;
+        if h.retval != SK_PASS || h.cookie != info.cookie {
+            bail!("{}: the hit returned {} with cookie {}, not the bench socket", set.name, h.retval, h.cookie);
+        }
+        for (what, ctx) in [("miss", &miss), ("unrelated", &unrelated)] {
+            let r = run(program.as_fd(), ctx, 1)?;
+            if r.retval != SK_PASS || r.cookie != 0 {
+                bail!("{}: the {what} returned {} with cookie {}", set.name, r.retval, r.cookie);
+            }
+        }
+        let mut times: [Vec<f64>; 4] = Default::default();
+        for _ in 0..samples {
+            for (i, (fd, ctx)) in
+                [(program.as_fd(), &hit), (program.as_fd(), &miss), (program.as_fd(), &unrelated), (empty, &unrelated)]
+                    .into_iter()
+                    .enumerate()
+            {
+                times[i].push(f64::from(run(fd, ctx, repeat)?.duration_ns));
+            }
+        }
+        let [hit_ns, miss_ns, unrelated_ns, empty_ns] = times.map(median);
+        rows.push(SetRow {
+            set: set.name.clone(),
+            bindings: set.file.bindings.len(),
+            distinct_lengths: set.lengths,
+            hit_ns,
+            miss_ns,
+            unrelated_ns,
+            empty_ns,
+            unrelated_over_empty: unrelated_ns / empty_ns,
+            memory_bytes: memory,
+            chunk_bytes: plane.chunk_bytes as u64,
+            ranges: plane.ranges,
+            load_seconds,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_have_the_lengths_they_promise_and_keep_the_miss_a_miss() {
+        for (l, want) in [(1, 1), (4, 4), (16, 16), (33, 33), (64, 64), (129, 129)] {
+            let set = generate("t", 3000, &spread(l), false);
+            assert_eq!(set.lengths, want, "{l}");
+            let model = |addr: Ipv4Addr, port| {
+                steer::bindings::resolve(&set.file.bindings, Protocol::Tcp, IpAddr::V4(addr), port)
+                    .map(|b| b.label.clone())
+            };
+            assert_eq!(model(HIT_ADDR, HIT_PORT).as_deref(), Some(HIT_LABEL));
+            assert_eq!(model(MISS_ADDR, set.miss_port), None);
+            assert_eq!(model(Ipv4Addr::LOCALHOST, 22), None);
+        }
+        let hot = generate("hot", 3000, &spread(33), true);
+        let on_hot_port: BTreeSet<u8> =
+            hot.file.bindings.iter().filter(|b| b.port == HIT_PORT).map(|b| b.prefix.mapped().1).collect();
+        assert_eq!(on_hot_port.len(), 129);
+    }
+}

@@ -1,0 +1,521 @@
+//! Finding sockets without taking anyone's file descriptors, as `ss` does.
+//!
+//! A sock_diag netlink dump (inet_diag, TCP and UDP, IPv4 and IPv6) lists
+//! the sockets of the calling thread's network namespace with their cookie,
+//! inode, state and addresses; `/proc/PID/fd` links (`socket:[INODE]`) name
+//! the processes holding each inode. Nothing here calls pidfd_getfd: only
+//! registering a socket takes its fd ([`socket::take_fd`](crate::socket::take_fd)).
+//!
+//! Every function acts on the network namespace of the calling *thread*
+//! (setns first to look at another one).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    time::Duration,
+};
+
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
+use serde::Serialize;
+
+use crate::{
+    error::{Context, Error, Result, fail},
+    netns,
+    socket::{Family, Owner, Protocol, SocketInfo},
+};
+
+/// `sk_state` of a TCP socket in the LISTEN state.
+pub const TCP_LISTEN: u8 = 10;
+/// `sk_state` of a connected UDP socket (and an established TCP one).
+pub const TCP_ESTABLISHED: u8 = 1;
+/// `sk_state` of an unconnected UDP socket (and a closed TCP one).
+pub const TCP_CLOSE: u8 = 7;
+
+/// One socket as sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiagSocket {
+    pub protocol: Protocol,
+    pub family: Family,
+    pub local: SocketAddr,
+    /// None unless connected.
+    pub remote: Option<SocketAddr>,
+    /// The kernel's `sk_state`: [`TCP_LISTEN`], [`TCP_CLOSE`], ...
+    pub state: u8,
+    /// The socket's inode, as in `/proc/PID/fd/N -> socket:[INODE]`; 0 for
+    /// sockets no file refers to (TIME_WAIT, request sockets).
+    pub inode: u64,
+    pub cookie: u64,
+    pub uid: u32,
+    /// IPV6_V6ONLY of an IPv6 socket (INET_DIAG_SKV6ONLY); None for IPv4.
+    pub v6only: Option<bool>,
+}
+
+impl DiagSocket {
+    /// Whether sk_lookup can hand connections to it: a listening TCP socket
+    /// or a bound, unconnected UDP one.
+    pub fn steerable(&self) -> bool {
+        match self.protocol {
+            Protocol::Tcp => self.state == TCP_LISTEN,
+            Protocol::Udp => self.remote.is_none() && self.local.port() != 0,
+        }
+    }
+
+    /// The same facts as [`socket::inspect`](crate::socket::inspect) gives
+    /// for an fd; `netns_inode` is the namespace the dump ran in.
+    pub fn info(&self, netns_inode: u64) -> SocketInfo {
+        SocketInfo {
+            family: self.family,
+            v6only: self.v6only.unwrap_or(false),
+            protocol: self.protocol,
+            local: Some(self.local).filter(|a| a.port() != 0),
+            listening: self.protocol == Protocol::Tcp && self.state == TCP_LISTEN,
+            connected: self.remote.is_some(),
+            cookie: self.cookie,
+            inode: self.inode,
+            netns_inode,
+        }
+    }
+}
+
+/// Every `protocol` socket of this network namespace, IPv4 and IPv6, in
+/// any state.
+pub fn sockets(protocol: Protocol) -> Result<Vec<DiagSocket>> {
+    let mut diag = Diag::open()?;
+    let mut out = Vec::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        diag.dump(protocol, family, StateFlags::all(), &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The steerable `protocol` sockets that would receive a connection (or
+/// datagram) to `addr`:`port`, the way the kernel's own lookup ranks them:
+///
+/// - sockets bound to `addr` itself if there is any (an IPv6 socket bound
+///   to the v4-mapped form of an IPv4 `addr` counts);
+/// - otherwise the wildcard binds on `port`: `0.0.0.0` for an IPv4 `addr`,
+///   and `::` for either family unless the socket is IPV6_V6ONLY and
+///   `addr` is IPv4.
+///
+/// A v4-mapped IPv6 `addr` is looked up as the IPv4 address. The result is
+/// sorted by (family, local address, inode), so the sockets sharing one
+/// bind are adjacent: see [`groups`].
+pub fn listening(protocol: Protocol, addr: IpAddr, port: u16) -> Result<Vec<DiagSocket>> {
+    let addr = addr.to_canonical();
+    // Unconnected UDP sockets are in TCP_CLOSE; the kernel filters states.
+    let states = match protocol {
+        Protocol::Tcp => StateFlags::LISTEN,
+        Protocol::Udp => StateFlags::CLOSE,
+    };
+    let mut diag = Diag::open()?;
+    let mut all = Vec::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        diag.dump(protocol, family, states.clone(), &mut all)?;
+    }
+    Ok(best_matches(all, addr, port))
+}
+
+/// The sockets of `sockets` (as [`listening`] sorts them) bound to one
+/// address and port, group by group. Several TCP listeners on one address
+/// are a SO_REUSEPORT group; several UDP sockets are SO_REUSEPORT or
+/// SO_REUSEADDR binds (sock_diag does not say which). sk_lookup assigning
+/// any member of a reuseport group still lets the kernel pick among the
+/// group (unless the program passes BPF_SK_LOOKUP_F_NO_REUSEPORT).
+pub fn groups(sockets: &[DiagSocket]) -> impl Iterator<Item = &[DiagSocket]> {
+    sockets.chunk_by(|a, b| (a.family, a.local) == (b.family, b.local))
+}
+
+/// The socket with `cookie` in this network namespace, TCP or UDP.
+pub fn by_cookie(cookie: u64) -> Result<Option<DiagSocket>> {
+    Ok(by_cookies(&[cookie])?.remove(&cookie))
+}
+
+/// The sockets of this network namespace with any of `cookies`, from one
+/// dump per protocol and family.
+pub fn by_cookies(cookies: &[u64]) -> Result<BTreeMap<u64, DiagSocket>> {
+    let wanted: HashSet<u64> = cookies.iter().copied().collect();
+    let mut out = BTreeMap::new();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        out.extend(sockets(protocol)?.into_iter().filter(|s| wanted.contains(&s.cookie)).map(|s| (s.cookie, s)));
+    }
+    Ok(out)
+}
+
+/// The processes holding each of `inodes` (sockets' inodes): every
+/// (pid, fd, command) whose `/proc/PID/fd/FD` is `socket:[INODE]`, sorted
+/// by pid and fd. Inodes nobody holds are absent.
+///
+/// Processes of the calling thread's network namespace (by
+/// `/proc/PID/ns/net`) are read first; the others only when some inode is
+/// still ownerless after that, since a socket's namespace is fixed when it
+/// is made and its holder may since live elsewhere (a thread that entered
+/// the namespace to make it, or an fd passed over a unix socket). An owner
+/// outside the namespace is thus not reported for an inode that also has
+/// one inside it. Processes that cannot be read (permissions, exited) are
+/// skipped.
+pub fn owners(inodes: &[u64]) -> Result<BTreeMap<u64, Vec<Owner>>> {
+    let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
+    let mut found: BTreeMap<u64, Vec<Owner>> = BTreeMap::new();
+    if wanted.is_empty() {
+        return Ok(found);
+    }
+    let netns = netns::current_inode()?;
+    let mut elsewhere = Vec::new();
+    let mut skipped = 0usize;
+    // Bounded by the number of processes (pid_max).
+    for entry in fs::read_dir("/proc").context("listing /proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        match fs::metadata(format!("/proc/{pid}/ns/net")) {
+            Ok(ns) if ns.ino() == netns => {
+                if !scan_fds(pid, &wanted, &mut found) {
+                    skipped += 1;
+                }
+            }
+            Ok(_) => elsewhere.push(pid),
+            Err(_) => skipped += 1,
+        }
+    }
+    let inside = found.len();
+    if found.len() < wanted.len() {
+        for &pid in &elsewhere {
+            if !scan_fds(pid, &wanted, &mut found) {
+                skipped += 1;
+            }
+        }
+    }
+    log::debug!(
+        "owners: {inside} of {} sockets held in netns {netns}, {} outside it; {} processes elsewhere, {skipped} unreadable",
+        wanted.len(),
+        found.len() - inside,
+        elsewhere.len()
+    );
+    for owners in found.values_mut() {
+        owners.sort_by_key(|o| (o.pid, o.fd));
+    }
+    Ok(found)
+}
+
+/// Adds `pid`'s fds that hold a `wanted` inode to `found`; false if its fd
+/// directory cannot be read.
+fn scan_fds(pid: i32, wanted: &HashSet<u64>, found: &mut BTreeMap<u64, Vec<Owner>>) -> bool {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let mut command: Option<String> = None;
+    // Bounded by the process's open files.
+    for entry in dir.flatten() {
+        let Ok(target) = fs::read_link(entry.path()) else { continue };
+        let Some(inode) = socket_inode(target.as_os_str().as_bytes()) else { continue };
+        if !wanted.contains(&inode) {
+            continue;
+        }
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
+        let command = command
+            .get_or_insert_with(|| {
+                fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
+            })
+            .clone();
+        found.entry(inode).or_default().push(Owner { pid, fd, command });
+    }
+    true
+}
+
+/// The inode of an fd link's target `socket:[INODE]`.
+fn socket_inode(target: &[u8]) -> Option<u64> {
+    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// How a socket's bind covers an address: ranked as the kernel ranks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Cover {
+    Exact,
+    Wildcard,
+}
+
+/// How `s` (its family, local address and v6only) covers `addr`:`port`,
+/// `addr` being canonical (IPv4 rather than v4-mapped).
+fn cover(s: &DiagSocket, addr: IpAddr, port: u16) -> Option<Cover> {
+    if s.local.port() != port {
+        return None;
+    }
+    let wild = |unspecified: bool| unspecified.then_some(Cover::Wildcard);
+    match (addr, s.local.ip()) {
+        (IpAddr::V4(a), IpAddr::V4(l)) if l == a => Some(Cover::Exact),
+        (IpAddr::V4(_), IpAddr::V4(l)) => wild(l.is_unspecified()),
+        (IpAddr::V4(_), IpAddr::V6(_)) if s.v6only == Some(true) => None,
+        (IpAddr::V4(a), IpAddr::V6(l)) if l.to_ipv4_mapped() == Some(a) => Some(Cover::Exact),
+        (IpAddr::V4(_), IpAddr::V6(l)) => wild(l.is_unspecified()),
+        (IpAddr::V6(a), IpAddr::V6(l)) if l == a => Some(Cover::Exact),
+        (IpAddr::V6(_), IpAddr::V6(l)) => wild(l.is_unspecified()),
+        (IpAddr::V6(_), IpAddr::V4(_)) => None,
+    }
+}
+
+/// The steerable sockets of `all` in the best [`Cover`] rank for
+/// `addr`:`port`, sorted by (family, local, inode).
+fn best_matches(all: Vec<DiagSocket>, addr: IpAddr, port: u16) -> Vec<DiagSocket> {
+    let ranked: Vec<(Cover, DiagSocket)> =
+        all.into_iter().filter(DiagSocket::steerable).filter_map(|s| Some((cover(&s, addr, port)?, s))).collect();
+    let Some(best) = ranked.iter().map(|(c, _)| *c).min() else { return Vec::new() };
+    let mut out: Vec<DiagSocket> = ranked.into_iter().filter(|(c, _)| *c == best).map(|(_, s)| s).collect();
+    out.sort_by_key(|s| (s.family, s.local, s.inode));
+    out
+}
+
+/// The kernel writes the cookie as two host-order u32s, low half first.
+fn cookie(raw: [u8; 8]) -> u64 {
+    let half = |b: &[u8]| u64::from(u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+    half(&raw[4..]) << 32 | half(&raw[..4])
+}
+
+fn decode(response: &InetResponse, protocol: Protocol) -> Option<DiagSocket> {
+    let header = &response.header;
+    let id = &header.socket_id;
+    let remote = SocketAddr::new(id.destination_address, id.destination_port);
+    Some(DiagSocket {
+        protocol,
+        family: Family::from_af(header.family)?,
+        local: SocketAddr::new(id.source_address, id.source_port),
+        remote: (remote.port() != 0 || !remote.ip().is_unspecified()).then_some(remote),
+        state: header.state,
+        inode: header.inode.into(),
+        cookie: cookie(id.cookie),
+        uid: header.uid,
+        v6only: response.nlas.iter().find_map(|n| match n {
+            Nla::SkV6Only(v) => Some(*v),
+            _ => None,
+        }),
+    })
+}
+
+/// How long one read of a dump may wait before the kernel is deemed stuck.
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for one read: the kernel fills at most 32 KiB per dump message batch.
+const RECV_BUFFER: usize = 64 * 1024;
+/// Reads per dump before giving up (at least one socket per read).
+const MAX_READS: usize = 1 << 20;
+
+/// A NETLINK_SOCK_DIAG socket, made in the calling thread's namespace.
+struct Diag {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+impl Diag {
+    fn open() -> Result<Self> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a NETLINK_SOCK_DIAG socket")?;
+        socket.bind_auto().context("binding the sock_diag socket")?;
+        socket.connect(&netlink_sys::SocketAddr::new(0, 0)).context("connecting the sock_diag socket")?;
+        rustix::net::sockopt::set_socket_timeout(&socket, rustix::net::sockopt::Timeout::Recv, Some(RECV_TIMEOUT))
+            .map_err(std::io::Error::from)
+            .context("setting the sock_diag socket's receive timeout")?;
+        Ok(Diag { socket, sequence: 0, buffer: Vec::with_capacity(RECV_BUFFER) })
+    }
+
+    /// Appends the dump of `protocol` sockets of `family` in `states` to `out`.
+    fn dump(
+        &mut self,
+        protocol: Protocol,
+        family: Family,
+        states: StateFlags,
+        out: &mut Vec<DiagSocket>,
+    ) -> Result<()> {
+        let what = || format!("dumping {protocol} {family} sockets with sock_diag");
+        self.sequence += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = self.sequence;
+        let request = InetRequest {
+            family: family.af(),
+            protocol: protocol.number(),
+            extensions: ExtensionFlags::empty(),
+            states,
+            socket_id: match family {
+                Family::Ipv4 => SocketId::new_v4(),
+                Family::Ipv6 => SocketId::new_v6(),
+            },
+        };
+        let mut message = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        self.socket.send(&bytes, 0).with_context(what)?;
+        for _ in 0..MAX_READS {
+            self.buffer.clear();
+            let len = match self.socket.recv(&mut self.buffer, libc::MSG_TRUNC) {
+                Ok(len) => len,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    fail!(Kernel, "{}: no reply within {RECV_TIMEOUT:?}", what())
+                }
+                Err(e) => return Err(e).with_context(what),
+            };
+            if len > self.buffer.len() {
+                fail!(Kernel, "{}: a {len}-byte read exceeds the {RECV_BUFFER}-byte buffer", what());
+            }
+            if self.parse(len, protocol, out).with_context(what)? {
+                return Ok(());
+            }
+        }
+        fail!(Kernel, "{}: no end of dump after {MAX_READS} reads", what())
+    }
+
+    /// Decodes the messages of one read; true at the end of the dump.
+    fn parse(&self, len: usize, protocol: Protocol, out: &mut Vec<DiagSocket>) -> Result<bool> {
+        let mut offset = 0;
+        // Bounded: each message moves `offset` on by at least its header.
+        while offset < len {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&self.buffer[offset..len])
+                .map_err(|e| Error::Kernel(format!("undecodable sock_diag reply: {e}")))?;
+            let size = message.header.length as usize;
+            if size < 16 {
+                fail!(Kernel, "sock_diag reply with a {size}-byte message");
+            }
+            offset += size.next_multiple_of(4);
+            if message.header.sequence_number != self.sequence {
+                continue;
+            }
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(true),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    let err = e.to_io();
+                    if err.raw_os_error() == Some(libc::ENOENT) {
+                        fail!(
+                            Kernel,
+                            "this kernel has no sock_diag for {protocol} sockets (CONFIG_INET_{}_DIAG)",
+                            protocol.to_string().to_uppercase()
+                        );
+                    }
+                    return Err(err.into());
+                }
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    out.extend(decode(&response, protocol));
+                }
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use netlink_packet_core::Parseable;
+
+    use super::*;
+
+    fn sock(protocol: Protocol, local: &str, v6only: Option<bool>) -> DiagSocket {
+        let local: SocketAddr = local.parse().unwrap();
+        DiagSocket {
+            protocol,
+            family: if local.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 },
+            local,
+            remote: None,
+            state: if protocol == Protocol::Tcp { TCP_LISTEN } else { TCP_CLOSE },
+            inode: 1,
+            cookie: 1,
+            uid: 0,
+            v6only,
+        }
+    }
+
+    fn tcp(local: &str) -> DiagSocket {
+        sock(Protocol::Tcp, local, if local.starts_with('[') { Some(false) } else { None })
+    }
+
+    #[test]
+    fn cover_ranks_exact_before_wildcard_and_honours_v6only() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(cover(&tcp("192.0.2.1:80"), v4, 80), Some(Cover::Exact));
+        assert_eq!(cover(&tcp("192.0.2.1:80"), v4, 81), None);
+        assert_eq!(cover(&tcp("192.0.2.2:80"), v4, 80), None);
+        assert_eq!(cover(&tcp("0.0.0.0:80"), v4, 80), Some(Cover::Wildcard));
+        assert_eq!(cover(&tcp("[::ffff:192.0.2.1]:80"), v4, 80), Some(Cover::Exact));
+        assert_eq!(cover(&tcp("[::]:80"), v4, 80), Some(Cover::Wildcard));
+        assert_eq!(cover(&sock(Protocol::Tcp, "[::]:80", Some(true)), v4, 80), None);
+        assert_eq!(cover(&tcp("[2001:db8::1]:80"), v4, 80), None);
+        assert_eq!(cover(&tcp("[2001:db8::1]:80"), v6, 80), Some(Cover::Exact));
+        assert_eq!(cover(&sock(Protocol::Tcp, "[::]:80", Some(true)), v6, 80), Some(Cover::Wildcard));
+        assert_eq!(cover(&tcp("0.0.0.0:80"), v6, 80), None);
+        assert_eq!(cover(&tcp("[::ffff:192.0.2.1]:80"), v6, 80), None);
+        // The unspecified address asks for the wildcard binds themselves.
+        assert_eq!(cover(&tcp("0.0.0.0:80"), IpAddr::V4(Ipv4Addr::UNSPECIFIED), 80), Some(Cover::Exact));
+        assert_eq!(cover(&tcp("[::]:80"), IpAddr::V6(Ipv6Addr::UNSPECIFIED), 80), Some(Cover::Exact));
+    }
+
+    #[test]
+    fn best_matches_keep_one_rank_and_only_steerable_sockets() {
+        let mut connected = sock(Protocol::Udp, "127.0.0.1:53", None);
+        connected.remote = Some("127.0.0.1:4000".parse().unwrap());
+        let mut not_listening = tcp("127.0.0.1:80");
+        not_listening.state = TCP_CLOSE;
+        let mut second = tcp("0.0.0.0:80");
+        second.inode = 0;
+        let all = vec![tcp("[::]:80"), tcp("0.0.0.0:80"), second.clone(), not_listening.clone()];
+        let addr: IpAddr = "127.0.0.1".parse().unwrap();
+        let found = best_matches(all, addr, 80);
+        assert_eq!(found, vec![second, tcp("0.0.0.0:80"), tcp("[::]:80")]);
+        assert_eq!(groups(&found).map(<[_]>::len).collect::<Vec<_>>(), [2, 1]);
+        let exact = best_matches(vec![tcp("0.0.0.0:80"), tcp("127.0.0.1:80")], addr, 80);
+        assert_eq!(exact, vec![tcp("127.0.0.1:80")]);
+        let udp = vec![connected, sock(Protocol::Udp, "127.0.0.1:53", None)];
+        assert_eq!(best_matches(udp, addr, 53), vec![sock(Protocol::Udp, "127.0.0.1:53", None)]);
+    }
+
+    #[test]
+    fn socket_inode_reads_fd_links() {
+        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode(b"socket:[]"), None);
+        assert_eq!(socket_inode(b"pipe:[12345]"), None);
+        assert_eq!(socket_inode(b"/dev/null"), None);
+    }
+
+    /// An inet_diag_msg as the kernel writes it, with one INET_DIAG_SKV6ONLY.
+    fn kernel_message(cookie: u64) -> Vec<u8> {
+        let mut m = vec![libc::AF_INET6 as u8, TCP_LISTEN, 0, 0];
+        m.extend(8080u16.to_be_bytes()); // sport
+        m.extend(0u16.to_be_bytes()); // dport
+        m.extend("2001:db8::7".parse::<Ipv6Addr>().unwrap().octets());
+        m.extend([0; 16]); // dst
+        m.extend(0u32.to_ne_bytes()); // interface
+        m.extend((cookie as u32).to_ne_bytes());
+        m.extend(((cookie >> 32) as u32).to_ne_bytes());
+        for field in [0u32, 0, 0, 1000, 424242] {
+            // expires, rqueue, wqueue, uid, inode
+            m.extend(field.to_ne_bytes());
+        }
+        m.extend(5u16.to_ne_bytes()); // nla_len
+        m.extend(11u16.to_ne_bytes()); // INET_DIAG_SKV6ONLY
+        m.extend([1, 0, 0, 0]);
+        m
+    }
+
+    #[test]
+    fn decode_reads_a_kernel_message() {
+        let bytes = kernel_message(0x0123_4567_89ab_cdef);
+        let response = InetResponse::parse(&bytes[..]).unwrap();
+        let s = decode(&response, Protocol::Tcp).unwrap();
+        assert_eq!(s.family, Family::Ipv6);
+        assert_eq!(s.local, "[2001:db8::7]:8080".parse().unwrap());
+        assert_eq!(s.remote, None);
+        assert_eq!((s.state, s.uid, s.inode), (TCP_LISTEN, 1000, 424242));
+        assert_eq!(s.cookie, 0x0123_4567_89ab_cdef);
+        assert_eq!(s.v6only, Some(true));
+        assert!(s.steerable());
+        let info = s.info(99);
+        assert!(info.listening && info.v6only && !info.connected);
+        assert_eq!((info.netns_inode, info.local), (99, Some(s.local)));
+    }
+}
