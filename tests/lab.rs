@@ -12,7 +12,8 @@ use steer_tests::{bin_dir, repo_root};
 /// `lab: nmap after steering: 7 77 777 (as expected)` -> `7 77 777`.
 fn reported<'a>(stdout: &'a str, check: &str) -> &'a str {
     let prefix = format!("lab: {check}: ");
-    let line = stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"));
+    let line =
+        stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"));
     line[prefix.len()..].trim_end_matches(" (as expected)").trim()
 }
 
