@@ -132,7 +132,7 @@ done
 trap 'cat "$tmp/metrics.err" >&2' ERR
 printf 'GET /metrics HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n' | ncat 127.0.0.1 9966 >"$tmp/scrape"
 head -1 "$tmp/scrape" | grep -q '^HTTP/1.1 200 OK' || { cat "$tmp/scrape" "$tmp/metrics.err" >&2; exit 1; }
-grep -q '^steer_lookups_total{label="echo"} 0' "$tmp/scrape"
+grep -q '^steer_lookups_total{label="echo",' "$tmp/scrape"
 sed '1,/^\r$/d' "$tmp/scrape" | promtool check metrics
 # Also the 404 and, after unload, the 503 paths.
 printf 'GET /other HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n' | ncat 127.0.0.1 9966 | head -1 | grep -q ' 404 '
@@ -159,7 +159,7 @@ for line in 'hello 7' 'hello 77' 'hello 777' 'hello label' 'open tcp 777'; do
     grep -qx "$line" "$tmp/demo.out" || fail "the walkthrough did not print '$line'"
 done
 
-say "system calls made stay inside each unit's SystemCallFilter"
+say "system calls and socket families used stay inside each unit's SystemCallFilter and RestrictAddressFamilies"
 # A systemd syscall group or name, expanded to syscall names.
 expand_syscalls() {
     local tok
@@ -181,7 +181,13 @@ for unit in "${units[@]}"; do
     [ "$(wc -l <"$tmp/$unit.used")" -gt 20 ] || fail "no trace of $unit's commands"
     outside=$(comm -23 "$tmp/$unit.used" "$tmp/$unit.allowed" | paste -sd ' ')
     [ -z "$outside" ] || fail "$unit's commands call $outside outside its SystemCallFilter"
-    say "  $unit: $(wc -l <"$tmp/$unit.used") distinct system calls, all allowed"
+    # And the socket families against RestrictAddressFamilies.
+    families=$(cat "$tmp/trace/$unit"* | grep -oE '^[0-9]+ +socket\(AF_[A-Z0-9]+' | sed 's/.*(//' | sort -u | paste -sd ' ')
+    allowed=" $(sed -n 's/^RestrictAddressFamilies=//p' "/usr/lib/systemd/system/$unit") "
+    for family in $families; do
+        [[ $allowed == *" $family "* ]] || fail "$unit's commands open $family sockets outside its RestrictAddressFamilies"
+    done
+    say "  $unit: $(wc -l <"$tmp/$unit.used") distinct system calls, all allowed; socket families: ${families:-none}"
 done
 
 say "removing, then purging"
