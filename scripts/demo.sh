@@ -4,8 +4,12 @@
 # namespace `steer-demo`, checked with nmap. Leaves nothing behind.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-cargo build --workspace --quiet
-export PATH="$PWD/target/debug:$PATH"
+# STEER_BIN_DIR: run the tools from there (scripts/package-test.sh runs the
+# installed package's) instead of building them.
+if [ -z "${STEER_BIN_DIR:-}" ]; then
+    cargo build --workspace --quiet
+fi
+export PATH="${STEER_BIN_DIR:-$PWD/target/debug}:$PATH"
 
 ns=steer-demo
 cleanup() {

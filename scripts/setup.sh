@@ -29,3 +29,39 @@ rustup component add clippy rustfmt >/dev/null 2>&1
 # rebuilding it needs the nightly pinned in dispatch-ebpf/rust-toolchain.toml
 # (rustup reads the components from there too).
 (cd dispatch-ebpf && out=$(rustup toolchain install 2>&1) || { echo "$out" >&2; exit 1; })
+
+# `setup.sh --test`: what only the tests need on top.
+[ "${1:-}" = --test ] || exit 0
+
+# The package test: systemd-analyze (it verifies unit files with no systemd
+# running), man (verify checks the units' Documentation=man: pages), strace
+# (the units' system call filters are checked against traces) and cargo-deb,
+# pinned like the BPF nightly.
+need_apt=()
+command -v man >/dev/null 2>&1 || need_apt+=(man-db)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb 3.8.0" ]; then
+    cargo install --quiet --locked cargo-deb --version 3.8.0
+fi
+
+# promtool lints the metrics endpoint's output. Debian 12 ships it only in
+# `prometheus` (96 MB installed, plus JavaScript libraries), whose install
+# also starts a Prometheus server through its init script; so take just
+# /usr/bin/promtool out of that same Debian package.
+if ! command -v promtool >/dev/null 2>&1; then
+    dl=$(mktemp -d)
+    chmod 777 "$dl" # apt's download sandbox user writes here
+    if ! (cd "$dl" && apt-get download -qq prometheus 2>/dev/null); then
+        apt-get update -qq
+        (cd "$dl" && apt-get download -qq prometheus)
+    fi
+    dpkg-deb --fsys-tarfile "$dl"/prometheus_*.deb | tar -xO ./usr/bin/promtool >"$dl/promtool"
+    install -m 755 "$dl/promtool" /usr/local/bin/promtool
+    rm -rf "$dl"
+fi

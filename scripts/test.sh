@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting and lints, the committed BPF object
-# against its source, unit tests, and the real-kernel tests (each in a
-# network namespace of its own).
+# against its source, unit tests, the real-kernel tests (each in a network
+# namespace of its own), and the script checks: the quick start as root and
+# as a user, and the Debian package built, installed, tried and purged.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
+scripts/setup.sh --test
 
 cargo fmt --all --check
 cargo fmt --manifest-path dispatch-ebpf/Cargo.toml --check
@@ -17,8 +19,21 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# The script checks, each counted as one test.
+checks_passed=0
+checks_failed=0
+for check in scripts/quickstart-test.sh scripts/package-test.sh; do
+    if "$check"; then
+        checks_passed=$((checks_passed + 1))
+    else
+        echo "FAILED: $check" >&2
+        checks_failed=$((checks_failed + 1))
+        status=1
+    fi
+done
 # One closing line for the whole run: cargo's last line is some crate's
 # (often empty) doc-test summary.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+awk -v p="$checks_passed" -v f="$checks_failed" \
+    '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -327,7 +327,7 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
             let got = ns.enter(|| -> std::io::Result<String> {
                 use std::io::{Read, Write};
                 let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")?;
                 let mut body = String::new();
                 s.read_to_string(&mut body)?;
                 Ok(body)
@@ -382,4 +382,28 @@ fn dual_stack_ipv6_socket_serves_ipv4_bindings() {
     assert_eq!(who(&ns, "127.0.0.8:8080"), "dual");
     let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
     assert_eq!(list[0]["family"], "ipv6");
+}
+
+#[test]
+fn load_and_attach_if_needed_leave_existing_state_alone() {
+    let ns = TestNs::new("ifneeded");
+    ns.steerctl_ok(&["load", "--if-needed"]);
+    ns.steerctl_ok(&["attach", "--if-needed"]);
+    let before = ns.status();
+    ns.steerctl_ok(&["bind", "web", "tcp", "127.0.0.0/8", "80"]);
+    assert!(ns.steerctl_ok(&["load", "--if-needed"]).starts_with("already loaded"));
+    assert!(ns.steerctl_ok(&["attach", "--if-needed"]).starts_with("already attached"));
+    let after = ns.status();
+    assert_eq!(after["program"]["id"], before["program"]["id"]);
+    assert_eq!(after["link"]["id"], before["link"]["id"]);
+    assert_eq!(ns.steerctl_ok(&["--json", "bindings"]).matches("\"web\"").count(), 1);
+    // Without the flag, both still refuse.
+    assert!(!ns.steerctl(&["load"]).status.success());
+    assert!(!ns.steerctl(&["attach"]).status.success());
+    // Leftover maps without a program are not "loaded".
+    ns.steerctl_ok(&["detach"]);
+    std::fs::remove_file(ns.pin_dir().join("steer_dispatch")).unwrap();
+    let out = ns.steerctl(&["load", "--if-needed"]);
+    assert!(!out.status.success(), "load --if-needed over leftover maps succeeded");
+    assert!(stderr(&out).contains("already loaded"), "{}", stderr(&out));
 }

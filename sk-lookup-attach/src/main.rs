@@ -1,19 +1,9 @@
 //! Links a pinned sk_lookup program to the current network namespace.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser;
-
-/// Create a BPF_SK_LOOKUP link for the current network namespace from the
-/// program pinned at PROG_PIN, and pin the link at LINK_PIN.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// Pinned sk_lookup program, e.g. /sys/fs/bpf/steer/echo_dispatch.
-    prog_pin: PathBuf,
-    /// Where to pin the new link; removing this pin detaches it.
-    link_pin: PathBuf,
-}
+use sk_lookup_attach::Args;
 
 fn main() -> ExitCode {
     env_logger::init();

@@ -5,10 +5,19 @@ use steer::{Dispatcher, Layout, common::names, status::Status};
 
 use crate::output::{self, View};
 
-pub fn load(layout: &Layout) -> Result<()> {
-    let (_, id) = Dispatcher::load(layout)?;
-    println!("loaded {} (program id {id}), pinned under {}", names::STEER_PROGRAM, layout.dir.display());
-    Ok(())
+pub fn load(layout: &Layout, if_needed: bool) -> Result<()> {
+    match Dispatcher::load(layout) {
+        Ok((_, id)) => {
+            println!("loaded {} (program id {id}), pinned under {}", names::STEER_PROGRAM, layout.dir.display());
+            Ok(())
+        }
+        // Only a loaded program counts: leftover maps without one still fail.
+        Err(steer::Error::AlreadyLoaded { .. }) if if_needed && layout.program().exists() => {
+            println!("already loaded: {} exists", layout.program().display());
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub fn unload(layout: &Layout) -> Result<()> {
@@ -18,8 +27,13 @@ pub fn unload(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-pub fn attach(layout: &Layout) -> Result<()> {
-    let id = Dispatcher::open_write(layout)?.attach()?;
+pub fn attach(layout: &Layout, if_needed: bool) -> Result<()> {
+    let state = Dispatcher::open_write(layout)?;
+    if if_needed && layout.link().exists() {
+        println!("already attached: a link is pinned at {}", layout.link().display());
+        return Ok(());
+    }
+    let id = state.attach()?;
     println!("attached: link {id} pinned at {}", layout.link().display());
     Ok(())
 }

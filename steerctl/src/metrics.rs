@@ -1,22 +1,37 @@
 //! metrics: counters per (label, domain, protocol), as a table, JSON or a
 //! Prometheus endpoint.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use anyhow::Result;
-use steer::{Dispatcher, Layout, labelled::DestStats};
+use anyhow::{Context, Result, bail};
+use steer::{Dispatcher, Layout, labelled::DestStats, metrics::Server};
 
 use crate::output::{self, View};
 
-pub fn run(layout: &Layout, serve: Option<SocketAddr>, json: bool) -> Result<()> {
+pub fn run(layout: &Layout, serve: Option<SocketAddr>, timeout: f64, json: bool) -> Result<()> {
     if let Some(addr) = serve {
-        // Check the state once up front; each scrape then reads it afresh
-        // and never holds off writers between scrapes.
-        Dispatcher::open_read(layout)?;
-        eprintln!("serving metrics on http://{addr}/metrics");
-        steer::metrics::serve(layout, addr)?;
+        return self::serve(layout, addr, timeout);
     }
     output::show(&Stats(Dispatcher::open_read(layout)?.metrics()?), json)
+}
+
+fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
+    if !(timeout.is_finite() && (0.001..=3600.0).contains(&timeout)) {
+        bail!("--timeout must be between 0.001 and 3600 seconds, got {timeout}");
+    }
+    // Each scrape reads the state afresh and never holds off writers between
+    // scrapes. Missing state is answered with 503 until it appears; anything
+    // else (no capabilities, say) is worth failing for now.
+    match Dispatcher::open_read(layout) {
+        Ok(_) => {}
+        Err(e) if steer::metrics::is_unavailable(&e) => {
+            eprintln!("steerctl: warning: {:#}; answering 503 until it exists", anyhow::Error::from(e));
+        }
+        Err(e) => return Err(e).context("reading the metrics"),
+    }
+    let server = Server::bind(layout, addr, Duration::from_secs_f64(timeout))?;
+    eprintln!("serving metrics on http://{}{}", server.local_addr()?, steer::metrics::PATH);
+    Ok(server.run()?)
 }
 
 #[derive(serde::Serialize)]

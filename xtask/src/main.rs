@@ -1,4 +1,6 @@
-//! Builds the BPF object from dispatch-ebpf without bpf-linker.
+//! `cargo xtask build-ebpf`: builds the BPF object from dispatch-ebpf
+//! without bpf-linker. `cargo xtask dist`: man pages and shell completions
+//! for the Debian package, generated from the tools' clap definitions.
 //!
 //! Nightly rustc with build-std emits one LLVM bitcode module (LTO, one
 //! codegen unit), and the same toolchain's own `llc` (llvm-tools) lowers it
@@ -33,6 +35,12 @@ enum Cmd {
         /// Do not write: fail if the committed object differs from a fresh build.
         #[arg(long)]
         check: bool,
+    },
+    /// Write man pages and bash/zsh/fish completions for steerctl, sockmap-update
+    /// and sk-lookup-attach under OUT (cargo-deb takes them from packaging/dist).
+    Dist {
+        #[arg(long, default_value = "packaging/dist")]
+        out: PathBuf,
     },
 }
 
@@ -127,8 +135,52 @@ fn build(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The installed tools' command lines.
+fn tools() -> [clap::Command; 3] {
+    [steerctl::command(), sockmap_update::command(), sk_lookup_attach::command()]
+}
+
+/// Man pages (section 1; one per steerctl subcommand too) and completions,
+/// laid out as the package installs them.
+fn dist(out: &Path) -> Result<()> {
+    use clap_complete::Shell;
+
+    let out = if out.is_absolute() { out.to_path_buf() } else { workspace_root().join(out) };
+    let man = out.join("man");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
+    fn man_pages(cmd: clap::Command, dir: &Path) -> Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            man_pages(sub.clone(), dir)?;
+        }
+        let page = clap_mangen::Man::new(cmd).manual("steer").source(concat!("steer ", env!("CARGO_PKG_VERSION")));
+        page.generate_to(dir).with_context(|| format!("writing {}", page.get_filename()))?;
+        Ok(())
+    }
+    for cmd in tools() {
+        let mut cmd = cmd.disable_help_subcommand(true);
+        cmd.build();
+        man_pages(cmd, &man)?;
+    }
+    for (shell, dir, file) in
+        [(Shell::Bash, "bash", "{}"), (Shell::Zsh, "zsh", "_{}"), (Shell::Fish, "fish", "{}.fish")]
+    {
+        let dir = out.join("completions").join(dir);
+        std::fs::create_dir_all(&dir)?;
+        for mut cmd in tools() {
+            let name = cmd.get_name().to_string();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, &name, &mut script);
+            std::fs::write(dir.join(file.replace("{}", &name)), script)?;
+        }
+    }
+    println!("wrote man pages and completions under {}", out.display());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Dist { out } => dist(&out)?,
         Cmd::BuildEbpf { check } => {
             let committed = workspace_root().join(OBJECT);
             if check {

@@ -1,0 +1,147 @@
+//! steerctl: load, attach and drive the sk_lookup dispatcher. Each command
+//! group lives in its own module; the `steer` library does the work. The
+//! command line is defined here, as a library, so that `cargo xtask dist`
+//! can generate man pages and shell completions from it.
+
+mod bindings;
+mod lifecycle;
+mod metrics;
+mod output;
+mod seed;
+mod sockets;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
+use steer::{Layout, layout::DEFAULT_BPFFS};
+
+/// steerctl's command line.
+#[derive(Parser)]
+#[command(
+    name = "steerctl",
+    version,
+    about = "Steer TCP/UDP connections on many ports to one socket with BPF sk_lookup"
+)]
+pub struct Cli {
+    /// Network namespace to act on (e.g. /run/netns/NAME); default: the current one.
+    #[arg(long, global = true)]
+    netns: Option<PathBuf>,
+    /// Mounted bpffs to keep state in; the state directory is BPFFS/steer/<netns inode>.
+    #[arg(long, global = true, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Use this state directory instead of BPFFS/steer/<netns inode>.
+    #[arg(long, global = true)]
+    pin_dir: Option<PathBuf>,
+    /// Print read commands' output as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the dispatcher and pin it with its maps under --pin-dir.
+    Load {
+        /// Succeed without changing anything when the dispatcher is already loaded
+        /// (for boot scripts: pins outlive restarts).
+        #[arg(long)]
+        if_needed: bool,
+    },
+    /// Detach and remove every pin `load` and `attach` made.
+    Unload,
+    /// Link the dispatcher to this network namespace (pinned, so it outlives steerctl).
+    Attach {
+        /// Succeed without changing anything when a link is already pinned.
+        #[arg(long)]
+        if_needed: bool,
+    },
+    /// Remove the link: lookups in this namespace go back to normal.
+    Detach,
+    /// Manage the steered ports.
+    Ports {
+        #[command(subcommand)]
+        command: seed::PortsCommand,
+    },
+    /// Manage the socket that serves the steered ports.
+    #[command(alias = "sockets")]
+    Socket {
+        #[command(subcommand)]
+        command: seed::SocketCommand,
+    },
+    /// Show program, link, network namespace, ports and socket.
+    Status,
+    /// Route PROTOCOL traffic to PREFIX:PORT (PORT 0: every port) to LABEL's socket.
+    Bind(bindings::BindingArgs),
+    /// Remove a binding.
+    Unbind(bindings::BindingArgs),
+    /// List bindings (`--json` prints the format load-bindings reads).
+    Bindings,
+    /// Replace all bindings with a JSON file's, atomically.
+    LoadBindings { file: PathBuf },
+    /// Register a socket of process PID under LABEL.
+    RegisterPid {
+        label: String,
+        #[arg(allow_negative_numbers = true)]
+        pid: i32,
+        /// Pick the socket by protocol, address and port: tcp|udp ADDR PORT.
+        #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
+        socket: Option<Vec<String>>,
+    },
+    /// Register sockets passed by systemd socket activation (LISTEN_FDS) under LABEL.
+    Register { label: String },
+    /// Remove LABEL's sockets.
+    Unregister { label: String },
+    /// List registered sockets: label, cookie, owner, protocol, address.
+    List,
+    /// Per-label lookups, misses and errors.
+    Metrics {
+        /// Serve them in the Prometheus text format at http://ADDR/metrics (e.g. 127.0.0.1:9966)
+        /// until SIGTERM or SIGINT.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<std::net::SocketAddr>,
+        /// With --serve: seconds a client has to send its request and read the answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "serve")]
+        timeout: f64,
+    },
+    /// Replace the BPF program with this build's, keeping maps, link and sockets.
+    Upgrade,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(netns) = &cli.netns {
+        // Still single-threaded here, so the whole process moves.
+        steer::netns::enter(netns)?;
+    }
+    let layout = match &cli.pin_dir {
+        Some(dir) => Layout::new(dir),
+        None => Layout::for_netns(&cli.bpffs, steer::netns::current_inode()?),
+    };
+    let (layout, json) = (&layout, cli.json);
+    match cli.command {
+        Command::Load { if_needed } => lifecycle::load(layout, if_needed),
+        Command::Unload => lifecycle::unload(layout),
+        Command::Attach { if_needed } => lifecycle::attach(layout, if_needed),
+        Command::Detach => lifecycle::detach(layout),
+        Command::Upgrade => lifecycle::upgrade(layout),
+        Command::Status => lifecycle::status(layout, json),
+        Command::Ports { command } => seed::ports(layout, command, json),
+        Command::Socket { command } => seed::socket(layout, command),
+        Command::Bind(args) => bindings::bind(layout, args),
+        Command::Unbind(args) => bindings::unbind(layout, args),
+        Command::Bindings => bindings::list(layout, json),
+        Command::LoadBindings { file } => bindings::load(layout, &file),
+        Command::RegisterPid { label, pid, socket } => sockets::register_pid(layout, &label, pid, socket.as_deref()),
+        Command::Register { label } => sockets::register_activated(layout, &label),
+        Command::Unregister { label } => sockets::unregister(layout, &label),
+        Command::List => sockets::list(layout, json),
+        Command::Metrics { serve, timeout } => metrics::run(layout, serve, timeout, json),
+    }
+}
+
+/// The clap definition, for man pages and completions.
+pub fn command() -> clap::Command {
+    Cli::command()
+}
