@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use steer_common::{BindingKey, LabelName, MAX_LABEL_LEN};
 
 use crate::{
-    error::{Context, Error, Result, fail},
+    error::{Error, Result, fail},
     socket::Protocol,
 };
 
@@ -119,6 +119,15 @@ pub fn bounded(input: &str) -> String {
     }
 }
 
+/// A message cut short, so that input echoed in it cannot flood the terminal.
+pub fn clip(message: &str) -> String {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        None => message.to_string(),
+        Some((cut, _)) => format!("{}... ({} bytes in all)", &message[..cut], message.len()),
+    }
+}
+
 /// Checks a label against the rules and encodes it as the `labels` key.
 pub fn label_key(label: &str) -> Result<LabelName> {
     let ok = !label.is_empty()
@@ -186,7 +195,8 @@ pub struct BindingsFile {
 impl BindingsFile {
     /// Parses a bindings file; `name` is what messages call it.
     pub fn parse(text: &str, name: &str) -> Result<Self> {
-        serde_json::from_str(text).with_context(|| format!("{name} is not a valid bindings file"))
+        serde_json::from_str(text)
+            .map_err(|e| Error::Invalid(format!("{name} is not a valid bindings file: {}", clip(&e.to_string()))))
     }
 }
 
@@ -233,6 +243,9 @@ mod tests {
     #[test]
     fn huge_input_is_quoted_short() {
         let huge = "x".repeat(30 << 20);
+        let file = format!(r#"{{"bindings":[{{"label":"a","protocol":"{huge}","prefix":"::1","port":1}}]}}"#);
+        let msg = BindingsFile::parse(&file, "f.json").unwrap_err().to_string();
+        assert!(msg.len() < 400 && msg.contains("unknown variant"), "{} bytes: {}", msg.len(), &msg[..100]);
         let msg = huge.parse::<Prefix>().unwrap_err().to_string();
         assert!(msg.len() < 200, "{} bytes", msg.len());
         assert!(msg.contains(&format!("({} bytes)", huge.len())), "{msg}");
@@ -320,6 +333,6 @@ mod tests {
         );
         let sctp = r#"{"bindings":[{"label":"x","protocol":"sctp","prefix":"::1","port":1}]}"#;
         let err = BindingsFile::parse(sctp, "f").unwrap_err();
-        assert!(std::error::Error::source(&err).unwrap().to_string().contains("unknown variant"));
+        assert!(err.to_string().contains("unknown variant `sctp`"), "{err}");
     }
 }

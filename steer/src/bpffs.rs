@@ -1,8 +1,24 @@
-//! Checks that pins go to a mounted bpf filesystem.
+//! Where state may live: on a mounted bpf filesystem, in directories no
+//! other user can change.
+//!
+//! A state directory's path is checked component by component from `/`,
+//! each opened relative to its parent with O_NOFOLLOW and checked on its
+//! fd, so a symlink or a directory another user made cannot slip in, and
+//! the check cannot be raced: once every component is one only root can
+//! change (or sits in a sticky directory and is root's), nobody else can
+//! swap any of them afterwards.
 
-use std::path::{Path, PathBuf};
+use std::{
+    ffi::OsStr,
+    os::fd::{AsFd, OwnedFd},
+    path::{Component, Path, PathBuf},
+};
 
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use rustix::{
+    fs::{Mode, OFlags, openat},
+    io::Errno,
+};
 
 use crate::error::{Error, Result, fail};
 
@@ -11,14 +27,25 @@ fn is_bpffs(path: &Path) -> bool {
 }
 
 fn not_bpffs(path: &Path, pin: &Path) -> Error {
-    // Suggest the conventional mount point when the path is under /sys/fs.
+    // Suggest the conventional mount point under /sys/fs, else the
+    // directory that exists but is not bpffs.
     let mount_point =
-        pin.ancestors().find(|p| p.parent().is_some_and(|parent| parent == Path::new("/sys/fs"))).unwrap_or(pin);
+        pin.ancestors().find(|p| p.parent().is_some_and(|parent| parent == Path::new("/sys/fs"))).unwrap_or(path);
     Error::NotBpffs { path: path.to_path_buf(), mount_point: PathBuf::from(mount_point) }
 }
 
-/// Fails unless `dir` is an existing directory on bpffs.
+/// Fails unless `dir`, or the nearest directory above it that exists, is
+/// on bpffs; NotLoaded when `dir` itself is missing.
 pub fn require_dir(dir: &Path) -> Result<()> {
+    if let Err(e) = std::fs::metadata(dir) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            fail!(
+                Permission,
+                "{} is not reachable for this user: steer's state is root's (pins and directories are root-only, mode 0700); run as root",
+                dir.display()
+            );
+        }
+    }
     if !dir.is_dir() {
         if let Some(existing) = dir.ancestors().skip(1).find(|p| p.is_dir()) {
             if !is_bpffs(existing) {
@@ -33,18 +60,6 @@ pub fn require_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Fails unless `dir` either is on bpffs or can be created on it.
-pub fn require_creatable_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() {
-        return require_dir(dir);
-    }
-    match dir.ancestors().skip(1).find(|p| p.is_dir()) {
-        Some(existing) if is_bpffs(existing) => Ok(()),
-        Some(existing) => Err(not_bpffs(existing, dir)),
-        None => fail!(Invalid, "{} has no existing parent directory", dir.display()),
-    }
-}
-
 /// Fails unless `path` is a file on bpffs (a pin).
 pub fn require_pin(path: &Path, what: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -56,4 +71,159 @@ pub fn require_pin(path: &Path, what: &str) -> Result<()> {
         fail!(Pin, "no {what} pinned at {}", path.display());
     }
     Ok(())
+}
+
+fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// What is wrong with a directory another user could change, and the fix.
+fn unsafe_dir(path: &Path, uid: u32, mode: u32, why: &str, fix: &str) -> Error {
+    Error::Permission(format!("{} (owner uid {uid}, mode {:04o}) {why}; {fix}", path.display(), mode & 0o7777))
+}
+
+/// The directory `path`, every component checked as the module describes;
+/// the last `ours` components are steer's own and must also be the
+/// caller's, closed to everyone else (mode 0700). Errors name the path,
+/// its owner and mode, and what to do. A missing component is NotLoaded.
+/// The directory is opened for reading, so it can be locked.
+pub fn open_checked(path: &Path, ours: usize) -> Result<OwnedFd> {
+    if !path.is_absolute() {
+        fail!(Invalid, "{} is not an absolute path", path.display());
+    }
+    let names: Vec<&OsStr> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Ok(n)),
+            Component::RootDir => None,
+            _ => Some(Err(())),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Invalid(format!("{} must not contain `.` or `..`", path.display())))?;
+    let me = euid();
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir: OwnedFd = rustix::fs::open("/", flags, Mode::empty()).map_err(std::io::Error::from)?;
+    let mut at = PathBuf::from("/");
+    let mut parent_shared = false;
+    for (i, name) in names.iter().enumerate() {
+        at.push(name);
+        let last = i + 1 == names.len();
+        let flags = if last { (flags - OFlags::PATH) | OFlags::RDONLY } else { flags };
+        let next = match openat(dir.as_fd(), *name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Err(Error::NotLoaded { dir: path.to_path_buf() }),
+            Err(Errno::NOTDIR | Errno::LOOP) => fail!(
+                Permission,
+                "{} is a symlink or not a directory; steer keeps state only in real directories: remove it (rm {})",
+                at.display(),
+                at.display()
+            ),
+            Err(Errno::ACCESS) => fail!(
+                Permission,
+                "{} is not reachable for this user: steer's state is root's (mode 0700); run as root",
+                at.display()
+            ),
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        };
+        let stat = rustix::fs::fstat(&next).map_err(std::io::Error::from)?;
+        let (uid, mode) = (stat.st_uid, stat.st_mode);
+        let trusted_owner = uid == 0 || uid == me;
+        if parent_shared && !trusted_owner {
+            // In a directory others may write, only an entry's owner can move it.
+            return Err(unsafe_dir(
+                &at,
+                uid,
+                mode,
+                "belongs to another user in a directory everyone may write",
+                &format!("remove it (rm -r {}) and let steer create it", at.display()),
+            ));
+        }
+        if i + ours >= names.len() {
+            if uid != me || mode & 0o077 != 0 {
+                return Err(unsafe_dir(
+                    &at,
+                    uid,
+                    mode,
+                    "must be this user's and closed to others (0700)",
+                    &format!("remove it (rm -r {}) and load again, or chown {me} and chmod 700 it", at.display()),
+                ));
+            }
+        } else if !trusted_owner || (mode & 0o022 != 0 && mode & 0o1000 == 0) {
+            return Err(unsafe_dir(
+                &at,
+                uid,
+                mode,
+                "could be changed by another user",
+                "keep steer's state under a directory only root can write (or a sticky one such as bpffs's root)",
+            ));
+        }
+        parent_shared = mode & 0o022 != 0;
+        dir = next;
+    }
+    Ok(dir)
+}
+
+/// `dir`'s last component and its parent, for *at() calls.
+pub fn split(dir: &Path) -> Result<(&Path, &OsStr)> {
+    match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, name)),
+        _ => fail!(Invalid, "{} is not a directory steer can keep state in", dir.display()),
+    }
+}
+
+/// Makes `name` (mode 0700) in the checked directory `parent` unless it
+/// exists; true when made.
+pub fn make_private_dir(parent: &OwnedFd, name: &OsStr) -> Result<bool> {
+    match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => Ok(false),
+        Err(e) => Err(std::io::Error::from(e).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("steer-bpffs-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o755).create(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn private_dirs_pass_and_open_ones_do_not() {
+        let base = scratch("modes");
+        let ours = base.join("state");
+        std::fs::DirBuilder::new().mode(0o700).create(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+        open_checked(&ours, 1).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = open_checked(&ours, 1).unwrap_err().to_string();
+        assert!(err.contains("mode 0755") && err.contains("must be this user's and closed to others"), "{err}");
+        assert!(matches!(open_checked(&base.join("missing"), 1), Err(Error::NotLoaded { .. })));
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn symlinks_are_refused_wherever_they_are() {
+        let base = scratch("links");
+        std::fs::DirBuilder::new().mode(0o700).create(base.join("real")).unwrap();
+        symlink(base.join("real"), base.join("link")).unwrap();
+        let err = open_checked(&base.join("link"), 1).unwrap_err().to_string();
+        assert!(err.contains("is a symlink or not a directory"), "{err}");
+        let err = open_checked(&base.join("link").join("x"), 1).unwrap_err().to_string();
+        assert!(err.contains("is a symlink"), "{err}");
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn relative_and_dotted_paths_are_refused() {
+        assert!(open_checked(Path::new("relative/dir"), 1).is_err());
+        assert!(open_checked(Path::new("/tmp/../etc"), 1).unwrap_err().to_string().contains("must not contain"));
+    }
 }

@@ -15,7 +15,7 @@ use aya::{
     programs::{ProgramInfo, SkLookup, links::FdLink},
 };
 use log::{debug, info};
-use steer_common::{LAYOUT_VERSION, MAPS, StateMeta, map, map_spec, names};
+use steer_common::{MAPS, map, map_spec, names};
 
 use crate::{
     Layout, bpffs,
@@ -67,14 +67,26 @@ pub struct Dispatcher<A: Access = ReadOnly> {
 
 impl Dispatcher<ReadOnly> {
     /// Opens the state for reading, waiting while a writer holds it.
+    /// Stale state opens (status reports it).
     pub fn open_read(layout: &Layout) -> Result<Self> {
         Self::open(layout)
     }
 }
 
 impl Dispatcher<ReadWrite> {
-    /// Opens the state for changing it, waiting for other readers and writers.
+    /// Opens the state for changing it, waiting for other readers and
+    /// writers. Refused when the state is stale (its namespace is gone) or
+    /// its program is not this build's.
     pub fn open_write(layout: &Layout) -> Result<Self> {
+        let state = Self::open(layout)?;
+        state.check_usable()?;
+        Ok(state)
+    }
+
+    /// Opens the state to repair or remove it: as [`Self::open_write`], but
+    /// stale state and another build's program are accepted (unload,
+    /// detach, upgrade and gc are how one fixes them).
+    pub fn open_repair(layout: &Layout) -> Result<Self> {
         Self::open(layout)
     }
 }
@@ -84,7 +96,19 @@ impl<A: Access> Dispatcher<A> {
         // Every pin is root's; say so before any EPERM can.
         preflight::require_bpf_caps()?;
         bpffs::require_dir(&layout.dir)?;
-        Ok(Self { layout: layout.clone(), _lock: StateLock::acquire(&layout.dir, A::MODE)?, _access: PhantomData })
+        let dir = bpffs::open_checked(&layout.dir, layout.owned)?;
+        let inode = rustix::fs::fstat(&dir).map_err(std::io::Error::from)?.st_ino;
+        let lock = StateLock::acquire(dir, &layout.dir, A::MODE)?;
+        // An unload may have removed the directory while this waited, or a
+        // load put another in its place.
+        if std::fs::metadata(&layout.dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() != Some(inode) {
+            fail!(
+                Conflict,
+                "the state at {} was unloaded while this command waited for it; run it again",
+                layout.dir.display()
+            );
+        }
+        Ok(Self { layout: layout.clone(), _lock: lock, _access: PhantomData })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -110,6 +134,19 @@ impl<A: Access> Dispatcher<A> {
 /// The spec of one of the object's maps.
 pub(crate) fn spec(name: &str) -> &'static steer_common::MapSpec {
     map_spec(name).expect("steer-common lists every map the library opens")
+}
+
+/// Removes a state directory's pins (steer's names only) and the directory
+/// if that empties it: for leftovers nothing refers to.
+pub(crate) fn remove_state(dir: &Path) {
+    let layout = Layout::new(dir);
+    if let Ok(link) = sys::obj_get(&layout.link()) {
+        let _ = sys::link_detach(link.as_fd());
+    }
+    for pin in layout.pins().iter().chain(&layout.staged_pins()) {
+        let _ = std::fs::remove_file(pin);
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes already-made pins when a multi-step operation fails half way,
@@ -160,35 +197,86 @@ fn program(ebpf: &mut aya::Ebpf) -> &mut SkLookup {
 impl Dispatcher<ReadWrite> {
     /// Loads the dispatcher and pins it with its maps under `layout.dir`.
     /// Returns the open state and the program id.
+    ///
+    /// Everything is made in a new 0700 directory beside it, then renamed
+    /// into place (RENAME_NOREPLACE): a load killed half way leaves no
+    /// half-built state, and of concurrent loads exactly one wins.
     pub fn load(layout: &Layout) -> Result<(Self, u32)> {
         preflight::require_kernel()?;
         preflight::require_bpf_caps()?;
-        bpffs::require_creatable_dir(&layout.dir)?;
-        let created_dir = !layout.dir.exists();
-        if created_dir {
-            std::fs::create_dir_all(&layout.dir).with_context(|| format!("creating {}", layout.dir.display()))?;
+        let (parent, name) = bpffs::split(&layout.dir)?;
+        if layout.owned >= 2 {
+            // `<bpffs>/steer`: made here, 0700, the first time.
+            let (bpffs_root, root_name) = bpffs::split(parent)?;
+            bpffs::require_dir(bpffs_root).map_err(|e| match e {
+                Error::NotLoaded { dir } => Error::Invalid(format!(
+                    "{} does not exist: mount a bpf filesystem there (`mount -t bpf bpf {}`) or pass --bpffs",
+                    dir.display(),
+                    dir.display()
+                )),
+                e => e,
+            })?;
+            bpffs::make_private_dir(&bpffs::open_checked(bpffs_root, 0)?, root_name)?;
         }
-        // Under the lock, a concurrent load either finds our pins or we find its.
-        let state = Self::open(layout)?;
-        if let Some(existing) = layout.pins().into_iter().find(|p| p.exists()) {
-            return Err(Error::AlreadyLoaded { pin: existing, dir: layout.dir.clone() });
+        bpffs::require_dir(parent).map_err(|e| match e {
+            Error::NotLoaded { dir } => {
+                Error::Invalid(format!("{} does not exist: make it on a bpf filesystem first", dir.display()))
+            }
+            e => e,
+        })?;
+        let parent_fd = bpffs::open_checked(parent, layout.owned - 1)?;
+        for _attempt in 0..3 {
+            if layout.dir.exists() {
+                return Err(Self::loaded_already(layout));
+            }
+            let staged_name = format!("{}-tmp-{}", name.to_string_lossy(), std::process::id());
+            let staged = Layout { dir: parent.join(&staged_name), owned: layout.owned };
+            remove_state(&staged.dir);
+            bpffs::make_private_dir(&parent_fd, staged_name.as_ref())?;
+            let rollback = Rollback { paths: staged.pins(), dir: Some(staged.dir.clone()) };
+            let lock = StateLock::fresh(bpffs::open_checked(&staged.dir, layout.owned)?)?;
+            let state = Self { layout: staged.clone(), _lock: lock, _access: PhantomData };
+            let mut ebpf = load_object(&staged)?;
+            let program = program(&mut ebpf);
+            let id = program.info()?.id();
+            program.pin(staged.program()).context("pinning the program")?;
+            state.record_identity(&program.info()?)?;
+            match rustix::fs::renameat_with(
+                &parent_fd,
+                staged_name.as_str(),
+                &parent_fd,
+                name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => {
+                    rollback.disarm();
+                    info!("loaded program id {id} under {}", layout.dir.display());
+                    return Ok((Self { layout: layout.clone(), _lock: state._lock, _access: PhantomData }, id));
+                }
+                // Another load won; or an unload is emptying the old state: try again once it is gone.
+                Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => {
+                    drop((state, ebpf, rollback));
+                    let _ = Dispatcher::<ReadWrite>::open_repair(layout);
+                }
+                Err(e) => return Err(std::io::Error::from(e)).context("moving the new state into place"),
+            }
         }
-        let rollback = Rollback { paths: layout.pins(), dir: created_dir.then(|| layout.dir.clone()) };
-        let mut ebpf = load_object(layout)?;
-        let program = program(&mut ebpf);
-        let id = program.info()?.id();
-        program
-            .pin(layout.program())
-            .with_context(|| format!("pinning the program at {}", layout.program().display()))?;
-        let mut plane = crate::plane::Plane::open(&state)?;
-        plane.set_meta(StateMeta { layout_version: LAYOUT_VERSION, ..Default::default() })?;
-        rollback.disarm();
-        info!("loaded program id {id} under {}", layout.dir.display());
-        Ok((state, id))
+        Err(Self::loaded_already(layout))
+    }
+
+    fn loaded_already(layout: &Layout) -> Error {
+        if let Ok(state) = Dispatcher::open_read(layout) {
+            if let Ok(Some(stale)) = state.staleness() {
+                return Error::Conflict(format!("{stale}; remove it with `steerctl gc`, then load again"));
+            }
+        }
+        let pin = layout.pins().into_iter().find(|p| p.exists()).unwrap_or_else(|| layout.dir.clone());
+        Error::AlreadyLoaded { pin, dir: layout.dir.clone() }
     }
 
     /// Detaches and removes every pin steerctl made, then the directory if
-    /// empty. Works on partial state too.
+    /// empty. Works on partial state too. `<bpffs>/steer` stays: root's and
+    /// 0700, it keeps other users from claiming the name.
     pub fn unload(self) -> Result<Vec<PathBuf>> {
         let layout = &self.layout;
         let mut removed = Vec::new();
@@ -203,9 +291,6 @@ impl Dispatcher<ReadWrite> {
         }
         // Only empty directories go: others' pins there stay put.
         let _ = std::fs::remove_dir(&layout.dir);
-        if let Some(parent) = layout.dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "steer")) {
-            let _ = std::fs::remove_dir(parent);
-        }
         Ok(removed)
     }
 
@@ -250,6 +335,7 @@ impl Dispatcher<ReadWrite> {
         }
         std::fs::rename(&staged, layout.program()).context("replacing the program pin")?;
         staged_guard.disarm();
+        self.record_identity(&program.info()?)?;
         info!("upgraded program {old_id} -> {new_id}");
         Ok((old_id, new_id))
     }

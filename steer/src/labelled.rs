@@ -282,6 +282,39 @@ impl Maps {
         Ok(())
     }
 
+    /// Fails when the label has sockets and none can take `b`'s traffic:
+    /// the check `register` makes, for a binding added after the sockets.
+    fn check_sockets_serve(&self, b: &Binding) -> Result<()> {
+        let Some(id) = self.label_id(&b.label)? else { return Ok(()) };
+        let cookies: Vec<u64> = self.socket_slots([id])?.into_iter().map(|(_, _, cookie)| cookie).collect();
+        if cookies.is_empty() {
+            return Ok(());
+        }
+        let netns = crate::netns::current_inode()?;
+        let infos: Vec<SocketInfo> = match crate::diag::by_cookies(&cookies) {
+            Ok(found) => found.values().map(|s| s.info(netns)).collect(),
+            Err(e) => {
+                log::warn!("cannot check label {}'s sockets against the binding: {e}", b.label);
+                return Ok(());
+            }
+        };
+        if !infos.is_empty() && !infos.iter().any(|info| serves(info, b)) {
+            let kinds: BTreeSet<String> = infos
+                .iter()
+                .map(|i| format!("{} {}{}", i.protocol, i.family, if i.v6only { " (IPv6-only)" } else { "" }))
+                .collect();
+            fail!(
+                Invalid,
+                "label {} has {} socket(s), none of which can take {} {} traffic; register a matching socket first",
+                b.label,
+                kinds.into_iter().collect::<Vec<_>>().join(", "),
+                b.protocol,
+                if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }
+            );
+        }
+        Ok(())
+    }
+
     fn bump_record(&mut self) -> Result<()> {
         self.meta.record_version += 1;
         self.plane.set_meta(self.meta)
@@ -514,6 +547,7 @@ impl Dispatcher<ReadWrite> {
             }
             return Ok(false);
         }
+        maps.check_sockets_serve(b)?;
         let id = maps.ensure_labels([b.label.as_str()])?[&b.label];
         maps.record_insert(key, id)?;
         maps.bump_record()?;

@@ -10,16 +10,23 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub dir: PathBuf,
+    /// How many trailing components of `dir` are steer's own: 2 for
+    /// `<bpffs>/steer/<netns inode>` (steer makes both), 1 for a directory
+    /// given with --pin-dir.
+    pub owned: usize,
 }
+
+/// The directory under a bpffs that holds the per-namespace state directories.
+pub const STATE_ROOT: &str = "steer";
 
 impl Layout {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { dir: dir.into(), owned: 1 }
     }
     /// The state directory of one network namespace: `<bpffs>/steer/<netns inode>`,
     /// so namespaces sharing a bpffs never share state.
     pub fn for_netns(bpffs: &Path, netns_inode: u64) -> Self {
-        Self::new(bpffs.join("steer").join(netns_inode.to_string()))
+        Self { dir: bpffs.join(STATE_ROOT).join(netns_inode.to_string()), owned: 2 }
     }
     pub fn program(&self) -> PathBuf {
         self.dir.join(names::STEER_PROGRAM)

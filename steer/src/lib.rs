@@ -11,6 +11,7 @@ pub mod compile;
 pub mod diag;
 pub mod dispatcher;
 pub mod error;
+pub mod identity;
 pub mod labelled;
 pub mod layout;
 pub mod lock;

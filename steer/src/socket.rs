@@ -142,13 +142,16 @@ pub fn inspect(fd: BorrowedFd<'_>) -> Result<SocketInfo> {
     let kind = SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT;
     if kind != SFlag::S_IFSOCK {
         let what = match kind {
-            SFlag::S_IFREG => "it is a regular file",
-            SFlag::S_IFDIR => "it is a directory",
-            SFlag::S_IFIFO => "it is a pipe",
-            SFlag::S_IFCHR => "it is a character device",
-            _ => "it is something else",
+            SFlag::S_IFREG => "a regular file".to_string(),
+            SFlag::S_IFDIR => "a directory".to_string(),
+            SFlag::S_IFIFO => "a pipe".to_string(),
+            SFlag::S_IFCHR => "a character device".to_string(),
+            // Such as anon_inode:[eventpoll]: the fd's own name says what it is.
+            _ => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map(|l| l.display().to_string())
+                .unwrap_or_else(|_| "another kind of file".into()),
         };
-        fail!(Invalid, "{what}, not a socket");
+        fail!(Invalid, "it is {what}, not a socket");
     }
     let domain = sockopt::socket_domain(fd).map_err(std::io::Error::from)?;
     let family = match domain {
@@ -271,37 +274,50 @@ pub fn take_steerable(pid: i32, fd: i32) -> Result<TakenSocket> {
 
 /// The single steerable socket among `pid`'s fds.
 pub fn find_steerable(pid: i32) -> Result<TakenSocket> {
-    let mut found = steerable_sockets(pid)?;
-    match found.len() {
-        1 => Ok(found.pop().expect("one element")),
-        0 => fail!(Invalid, "process {pid} has no listening TCP or bound UDP socket in this network namespace"),
+    let found = candidates(pid)?;
+    match found.as_slice() {
+        [one] => take_steerable(pid, one.fd),
+        [] => fail!(Invalid, "process {pid} has no listening TCP or bound UDP socket in this network namespace"),
         _ => fail!(Invalid, "process {pid} has several sockets, pick one with --fd: {}", describe(&found)),
     }
 }
 
-/// Every socket of `pid` that sk_lookup could steer to, duplicated.
-pub fn steerable_sockets(pid: i32) -> Result<Vec<TakenSocket>> {
+/// A socket of a process that sk_lookup could steer to, as sock_diag
+/// describes it: no fd taken yet.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub fd: i32,
+    pub info: SocketInfo,
+}
+
+/// Every socket of `pid` that sk_lookup could steer to in this network
+/// namespace: its socket fds (from /proc/PID/fd) matched with a sock_diag
+/// dump by inode. No fd is taken: `take_steerable` takes only the one chosen.
+pub fn candidates(pid: i32) -> Result<Vec<Candidate>> {
     let process =
         procfs::process::Process::new(pid).map_err(|_| Error::Invalid(format!("no process with PID {pid}")))?;
-    let mut found = Vec::new();
+    let mut fds = std::collections::BTreeMap::new();
     for entry in process.fd().with_context(|| format!("listing fds of process {pid}"))?.flatten() {
-        if !matches!(entry.target, procfs::process::FDTarget::Socket(_)) {
-            continue;
-        }
-        // Failing to take the fd (EPERM, exit) is an error; a socket that
-        // cannot be steered to is just not a candidate.
-        let socket = take_fd(pid, entry.fd)?;
-        let Ok(info) = inspect(socket.as_fd()) else { continue };
-        if check_steerable(&info).is_ok() {
-            found.push(TakenSocket { pid, fd: entry.fd, info, socket });
+        if let procfs::process::FDTarget::Socket(inode) = entry.target {
+            fds.entry(inode).or_insert(entry.fd);
         }
     }
+    let netns = netns::current_inode()?;
+    let mut found = Vec::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for socket in diag::sockets(protocol)?.into_iter().filter(diag::DiagSocket::steerable) {
+            if let Some(&fd) = fds.get(&socket.inode) {
+                found.push(Candidate { fd, info: socket.info(netns) });
+            }
+        }
+    }
+    found.sort_by_key(|c| c.fd);
     Ok(found)
 }
 
 /// "fd 3 (tcp 127.0.0.1:80), ..." for error messages.
-pub fn describe(sockets: &[TakenSocket]) -> String {
-    sockets.iter().map(|t| format!("fd {} ({})", t.fd, t.info)).collect::<Vec<_>>().join(", ")
+pub fn describe(sockets: &[Candidate]) -> String {
+    sockets.iter().map(|c| format!("fd {} ({})", c.fd, c.info)).collect::<Vec<_>>().join(", ")
 }
 
 /// A process holding a socket.
@@ -373,10 +389,10 @@ impl SocketFilter {
 /// The steerable sockets of `pid` matching `filter`: with a filter exactly
 /// one, without one at most one per family and protocol.
 pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<TakenSocket>> {
-    let mut found = steerable_sockets(pid)?;
+    let mut found = candidates(pid)?;
     if let Some(f) = filter {
-        found.retain(|t| {
-            t.info.protocol == f.protocol && t.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
+        found.retain(|c| {
+            c.info.protocol == f.protocol && c.info.local.is_some_and(|a| a.ip() == f.address && a.port() == f.port)
         });
     }
     match filter {
@@ -396,7 +412,7 @@ pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<TakenSo
         }
         None => {
             let kinds: std::collections::BTreeSet<(Family, Protocol)> =
-                found.iter().map(|t| (t.info.family, t.info.protocol)).collect();
+                found.iter().map(|c| (c.info.family, c.info.protocol)).collect();
             if kinds.len() != found.len() {
                 fail!(
                     Invalid,
@@ -407,7 +423,8 @@ pub fn sockets_of(pid: i32, filter: Option<&SocketFilter>) -> Result<Vec<TakenSo
         }
         _ => {}
     }
-    Ok(found)
+    // Only now, and only the chosen, are fds taken.
+    found.iter().map(|c| take_steerable(pid, c.fd)).collect()
 }
 
 /// Sockets handed over by systemd socket activation (LISTEN_PID/LISTEN_FDS),

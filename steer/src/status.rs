@@ -48,6 +48,8 @@ pub struct Status {
     pub registered_sockets: usize,
     /// Whether lookups run the recorded bindings, and use the seed list.
     pub plane: Option<crate::labelled::PlaneStatus>,
+    /// Why the state is stale (its namespace is gone), if it is.
+    pub stale: Option<String>,
 }
 
 impl<A: Access> Dispatcher<A> {
@@ -88,6 +90,7 @@ impl<A: Access> Dispatcher<A> {
         } else {
             None
         };
+        let stale = if layout.map(map::STEER_META).exists() { self.staleness()? } else { None };
         let (labels, bindings, registered_sockets, plane) = if layout.map(map::LABELS).exists() {
             (self.labels()?.len(), self.bindings()?.len(), self.registered_count()?, Some(self.plane_status()?))
         } else {
@@ -98,6 +101,7 @@ impl<A: Access> Dispatcher<A> {
             bindings,
             registered_sockets,
             plane,
+            stale,
             pin_dir: layout.dir.display().to_string(),
             current_netns_inode: netns::current_inode()?,
             program,

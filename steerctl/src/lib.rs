@@ -36,6 +36,9 @@ pub struct Cli {
     /// Print read commands' output as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Seconds to wait for another steerctl holding the state's lock before giving up.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 30.0)]
+    wait: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,6 +110,13 @@ enum Command {
     },
     /// Replace the BPF program with this build's, keeping maps, link and sockets.
     Upgrade,
+    /// Remove state left by network namespaces that no longer exist (and by
+    /// killed loads) under BPFFS/steer.
+    Gc {
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Runs a parsed command line.
@@ -115,6 +125,10 @@ pub fn run(cli: Cli) -> Result<()> {
         // Still single-threaded here, so the whole process moves.
         steer::netns::enter(netns)?;
     }
+    if !(cli.wait >= 0.0 && cli.wait.is_finite()) {
+        anyhow::bail!("--wait takes a number of seconds, not {}", cli.wait);
+    }
+    steer::lock::set_wait(std::time::Duration::from_secs_f64(cli.wait));
     let layout = match &cli.pin_dir {
         Some(dir) => Layout::new(dir),
         None => Layout::for_netns(&cli.bpffs, steer::netns::current_inode()?),
@@ -126,6 +140,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Attach { if_needed } => lifecycle::attach(layout, if_needed),
         Command::Detach => lifecycle::detach(layout),
         Command::Upgrade => lifecycle::upgrade(layout),
+        Command::Gc { dry_run } => lifecycle::gc(&cli.bpffs, dry_run, json),
         Command::Status => lifecycle::status(layout, json),
         Command::Ports { command } => seed::ports(layout, command, json),
         Command::Socket { command } => seed::socket(layout, command),

@@ -21,7 +21,7 @@ pub fn load(layout: &Layout, if_needed: bool) -> Result<()> {
 }
 
 pub fn unload(layout: &Layout) -> Result<()> {
-    for path in Dispatcher::open_write(layout)?.unload()? {
+    for path in Dispatcher::open_repair(layout)?.unload()? {
         println!("removed {}", path.display());
     }
     Ok(())
@@ -39,7 +39,7 @@ pub fn attach(layout: &Layout, if_needed: bool) -> Result<()> {
 }
 
 pub fn detach(layout: &Layout) -> Result<()> {
-    if !Dispatcher::open_write(layout)?.detach()? {
+    if !Dispatcher::open_repair(layout)?.detach()? {
         bail!("not attached: no link pinned at {}", layout.link().display());
     }
     println!("detached: removed {}", layout.link().display());
@@ -47,7 +47,7 @@ pub fn detach(layout: &Layout) -> Result<()> {
 }
 
 pub fn upgrade(layout: &Layout) -> Result<()> {
-    let (old, new) = Dispatcher::open_write(layout)?.upgrade()?;
+    let (old, new) = Dispatcher::open_repair(layout)?.upgrade()?;
     println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
     Ok(())
 }
@@ -87,10 +87,35 @@ impl View for StatusView {
                 ),
             ),
         ];
+        if let Some(stale) = &s.stale {
+            rows.push(("stale", format!("{stale}; remove it with `steerctl gc`")));
+        }
         if s.plane.as_ref().is_some_and(|p| !p.up_to_date) {
             let note = "a write was interrupted: lookups use the previous bindings until the next bind, unbind or load-bindings";
             rows.push(("warning", note.into()));
         }
         output::record(rows)
+    }
+}
+
+pub fn gc(bpffs: &std::path::Path, dry_run: bool, json: bool) -> Result<()> {
+    output::show(&Collected(steer::identity::gc(bpffs, dry_run)?), json)
+}
+
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+struct Collected(Vec<steer::identity::GcEntry>);
+
+impl View for Collected {
+    fn table(&self) -> String {
+        let rows = self.0.iter().map(|e| {
+            let verdict = match (&e.stale, e.removed) {
+                (None, _) => "kept: its namespace lives".to_string(),
+                (Some(why), true) => format!("removed: {why}"),
+                (Some(why), false) => format!("would remove: {why}"),
+            };
+            [e.dir.display().to_string(), verdict]
+        });
+        output::table(["STATE", "VERDICT"], rows)
     }
 }
