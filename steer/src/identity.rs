@@ -195,7 +195,11 @@ fn live_namespace_path(inode: u64) -> Option<PathBuf> {
 pub fn gc(bpffs: &Path, dry_run: bool) -> Result<Vec<GcEntry>> {
     crate::preflight::require_bpf_caps()?;
     let root = bpffs.join(crate::layout::STATE_ROOT);
-    crate::bpffs::require_dir(&root)?;
+    match crate::bpffs::require_dir(&root) {
+        // No state was ever made here: nothing to collect.
+        Err(Error::NotLoaded { .. }) => return Ok(Vec::new()),
+        other => other?,
+    }
     crate::bpffs::open_checked(&root, 1)?;
     let live = live_namespaces();
     let mut out = Vec::new();

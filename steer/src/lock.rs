@@ -85,8 +85,8 @@ impl StateLock {
             let waited = start.elapsed();
             if waited >= wait() {
                 return Err(Error::Conflict(format!(
-                    "gave up after {:.0?} waiting for the lock on {}, held by {}; pass --wait SECONDS to wait longer",
-                    wait(),
+                    "gave up after {}s waiting for the lock on {}, held by {}; pass --wait SECONDS to wait longer",
+                    wait().as_secs_f64(),
                     path.display(),
                     holders(&file)
                 )));
