@@ -317,7 +317,16 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
     let metrics: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "metrics"])).unwrap();
     let reasons = serde_json::json!({"already_assigned": 0, "bad_socket": 0, "other": 0, "protocol": 0});
     let expected = serde_json::json!([{"label": "web", "domain": "ipv4", "protocol": "tcp", "lookups": 6, "misses": 1, "errors": 0, "errors_by_reason": reasons}]);
-    assert_eq!(metrics, expected);
+    assert_eq!(metrics["destinations"], expected);
+    // The gauges: one label, one binding, no socket left; the seed list unused.
+    assert_eq!(metrics["labels"], 1);
+    assert_eq!(
+        metrics["bindings"],
+        serde_json::json!([{"label": "web", "domain": "ipv4", "protocol": "tcp", "value": 1}])
+    );
+    assert_eq!(metrics["registered_sockets"], serde_json::json!([]));
+    assert_eq!(metrics["seed"], serde_json::json!({"ports": 0, "lookups": 0, "misses": 0, "errors": 0}));
+    assert!(metrics["build"]["program_tag"].as_str().is_some_and(|t| t.len() == 16), "{metrics}");
 
     let mut serve = ns.command(bin("steerctl"));
     serve.args(["--pin-dir", ns.pin_dir().to_str().unwrap(), "metrics", "--serve", "127.0.0.1:9100"]);

@@ -491,6 +491,39 @@ impl<A: Access> Dispatcher<A> {
         Ok(out)
     }
 
+    /// (label, socket family, protocol) of every registered socket, without
+    /// looking for owners.
+    pub fn registered(&self) -> Result<Vec<(String, Family, Protocol)>> {
+        let maps = Maps::open(self)?;
+        let names = maps.label_names()?;
+        Ok(maps
+            .socket_slots(names.keys().copied())?
+            .into_iter()
+            .map(|(id, slot, _)| {
+                let family = if slot % 4 >= 2 { Family::Ipv6 } else { Family::Ipv4 };
+                let protocol = if slot % 2 == 1 { Protocol::Udp } else { Protocol::Tcp };
+                (names[&id].clone(), family, protocol)
+            })
+            .collect())
+    }
+
+    /// The seed list's counters, summed over CPUs.
+    pub fn seed_metrics(&self) -> Result<steer_common::SeedMetrics> {
+        let per_cpu: PerCpuArray<MapData, steer_common::SeedMetrics> = self.typed_map(map::SEED_METRICS)?;
+        let mut sum = steer_common::SeedMetrics::default();
+        for m in per_cpu.get(&0, 0)?.iter() {
+            sum.lookups += m.lookups;
+            sum.misses += m.misses;
+            sum.errors += m.errors;
+        }
+        Ok(sum)
+    }
+
+    /// The program tag recorded when it was loaded or upgraded.
+    pub fn program_tag(&self) -> Result<u64> {
+        Ok(Maps::open(self)?.meta.program_tag)
+    }
+
     /// Every destination's counters.
     pub fn metrics(&self) -> Result<Vec<DestStats>> {
         let maps = Maps::open(self)?;

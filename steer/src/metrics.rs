@@ -39,7 +39,9 @@ use crate::{
     dispatcher::Dispatcher,
     error::{Context, Error, Result},
     labelled::DestStats,
+    socket::{Family, Protocol},
 };
+use serde::Serialize;
 
 /// The only path served.
 pub const PATH: &str = "/metrics";
@@ -52,43 +54,167 @@ const MAX_CONNECTIONS: usize = 256;
 /// Threads reading the state (flock and map reads block).
 const READ_THREADS: usize = 4;
 
-/// The metrics in the Prometheus text exposition format.
-pub fn prometheus(stats: &[DestStats]) -> String {
-    type Counter = (&'static str, &'static str, fn(&DestStats) -> u64);
-    let counters: [Counter; 2] = [
-        ("steer_lookups_total", "Connections matched to a label's binding.", |s| s.lookups),
-        (
-            "steer_misses_total",
-            "Matched connections dropped: the label has no socket for their family and protocol.",
-            |s| s.misses,
-        ),
-    ];
+/// Everything `steerctl metrics` and the endpoint report, read in one go.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsReport {
+    /// Counters per (label, domain, protocol).
+    pub destinations: Vec<DestStats>,
+    /// Bindings per (label, domain of the prefix, protocol).
+    pub bindings: Vec<Gauge>,
+    /// Registered sockets per (label, socket family, protocol): 0 or 1.
+    pub registered_sockets: Vec<Gauge>,
+    pub labels: usize,
+    pub seed: SeedReport,
+    pub build: BuildInfo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Gauge {
+    pub label: String,
+    pub domain: Family,
+    pub protocol: Protocol,
+    pub value: u64,
+}
+
+/// The seed port list's own counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SeedReport {
+    pub ports: usize,
+    pub lookups: u64,
+    pub misses: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BuildInfo {
+    pub version: String,
+    /// The loaded program's tag, as `bpftool prog` shows it.
+    pub program_tag: String,
+}
+
+/// Reads the report from an open state.
+pub fn report<A: crate::dispatcher::Access>(d: &Dispatcher<A>) -> Result<MetricsReport> {
+    let mut bindings = std::collections::BTreeMap::new();
+    for b in d.bindings()? {
+        let domain = if b.prefix.addr.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 };
+        *bindings.entry((b.label, domain, b.protocol)).or_insert(0) += 1;
+    }
+    let gauges = |m: std::collections::BTreeMap<(String, Family, Protocol), u64>| {
+        m.into_iter().map(|((label, domain, protocol), value)| Gauge { label, domain, protocol, value }).collect()
+    };
+    let registered = d.registered()?.into_iter().map(|k| (k, 1)).collect();
+    let seed = d.seed_metrics()?;
+    Ok(MetricsReport {
+        destinations: d.metrics()?,
+        bindings: gauges(bindings),
+        registered_sockets: gauges(registered),
+        labels: d.labels()?.len(),
+        seed: SeedReport { ports: d.ports()?.len(), lookups: seed.lookups, misses: seed.misses, errors: seed.errors },
+        build: BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            program_tag: format!("{:016x}", d.program_tag()?),
+        },
+    })
+}
+
+/// Writes one metric family: HELP, TYPE, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, u64)>) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    for (labels, value) in samples {
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}{braces} {value}");
+    }
+}
+
+fn dest_labels(label: &str, domain: Family, protocol: Protocol) -> String {
+    format!("label=\"{label}\",domain=\"{domain}\",protocol=\"{protocol}\"")
+}
+
+/// The report in the Prometheus text exposition format.
+pub fn prometheus(report: &MetricsReport) -> String {
     let mut out = String::new();
-    let labels = |s: &DestStats| format!("label=\"{}\",domain=\"{}\",protocol=\"{}\"", s.label, s.domain, s.protocol);
-    for (name, help, value) in counters {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n");
-        for s in stats {
-            let _ = writeln!(out, "{name}{{{}}} {}", labels(s), value(s));
-        }
-    }
-    let name = "steer_errors_total";
-    let _ = write!(
-        out,
-        "# HELP {name} Matched connections dropped: the kernel refused the socket (sk_assign), by reason.\n# TYPE {name} counter\n"
+    let dests = &report.destinations;
+    let by_dest =
+        |f: fn(&DestStats) -> u64| dests.iter().map(move |s| (dest_labels(&s.label, s.domain, s.protocol), f(s)));
+    family(
+        &mut out,
+        "steer_lookups_total",
+        "counter",
+        "Connections matched to a label's binding.",
+        by_dest(|s| s.lookups),
     );
-    for s in stats {
-        for (reason, n) in &s.errors_by_reason {
-            let _ = writeln!(out, "{name}{{{},reason=\"{reason}\"}} {n}", labels(s));
-        }
-    }
+    family(
+        &mut out,
+        "steer_misses_total",
+        "counter",
+        "Matched connections dropped: the label has no socket for their family and protocol.",
+        by_dest(|s| s.misses),
+    );
+    family(
+        &mut out,
+        "steer_errors_total",
+        "counter",
+        "Matched connections dropped: the kernel refused the label's socket (bpf_sk_assign), by reason.",
+        dests.iter().flat_map(|s| {
+            s.errors_by_reason
+                .iter()
+                .map(|(reason, n)| (format!("{},reason=\"{reason}\"", dest_labels(&s.label, s.domain, s.protocol)), *n))
+        }),
+    );
+    let gauge =
+        |g: &Vec<Gauge>| g.iter().map(|g| (dest_labels(&g.label, g.domain, g.protocol), g.value)).collect::<Vec<_>>();
+    family(
+        &mut out,
+        "steer_bindings",
+        "gauge",
+        "Bindings of a label, by the prefix's family and protocol.",
+        gauge(&report.bindings),
+    );
+    family(
+        &mut out,
+        "steer_registered_sockets",
+        "gauge",
+        "Sockets registered for a label, by family and protocol (0 or 1).",
+        gauge(&report.registered_sockets),
+    );
+    family(&mut out, "steer_labels", "gauge", "Labels in use.", [(String::new(), report.labels as u64)]);
+    let seed = &report.seed;
+    family(&mut out, "steer_seed_ports", "gauge", "Ports on the seed port list.", [(String::new(), seed.ports as u64)]);
+    family(
+        &mut out,
+        "steer_seed_lookups_total",
+        "counter",
+        "Connections to a port on the seed list.",
+        [(String::new(), seed.lookups)],
+    );
+    family(
+        &mut out,
+        "steer_seed_misses_total",
+        "counter",
+        "Connections to a seed port dropped: no seed socket.",
+        [(String::new(), seed.misses)],
+    );
+    family(
+        &mut out,
+        "steer_seed_errors_total",
+        "counter",
+        "Connections to a seed port dropped: the kernel refused the seed socket.",
+        [(String::new(), seed.errors)],
+    );
+    let build = &report.build;
+    family(
+        &mut out,
+        "steer_build_info",
+        "gauge",
+        "steer's version and the loaded program's tag.",
+        [(format!("version=\"{}\",program_tag=\"{}\"", build.version, build.program_tag), 1)],
+    );
     out
 }
 
-/// The endpoint's body: reads the state at `layout` under a shared lock,
-/// which is released before this returns, and renders it.
+/// The body of a scrape: the state read afresh.
 pub fn render(layout: &Layout) -> Result<String> {
-    let stats = Dispatcher::open_read(layout)?.metrics()?;
-    Ok(prometheus(&stats))
+    Ok(prometheus(&report(&Dispatcher::open_read(layout)?)?))
 }
 
 /// True when `e` means there is no state to report (never loaded, unloaded,
@@ -246,7 +372,6 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
-    use crate::socket::{Family, Protocol};
 
     #[test]
     fn prometheus_text_has_help_type_and_one_line_per_destination() {
@@ -259,15 +384,32 @@ mod tests {
             errors,
             errors_by_reason: [("bad_socket", errors), ("other", 0)].into_iter().collect(),
         };
-        let text = prometheus(&[stat("web", 6, 0), stat("dns", 2, 3)]);
+        let report = MetricsReport {
+            destinations: vec![stat("web", 6, 0), stat("dns", 2, 3)],
+            bindings: vec![Gauge { label: "web".into(), domain: Family::Ipv6, protocol: Protocol::Udp, value: 4 }],
+            labels: 2,
+            seed: SeedReport { ports: 3, lookups: 5, misses: 1, errors: 0 },
+            build: BuildInfo { version: "0.1.0".into(), program_tag: "00ff".into() },
+            ..Default::default()
+        };
+        let text = prometheus(&report);
         assert!(text.contains("# TYPE steer_lookups_total counter\n"));
+        assert!(text.contains("steer_bindings{label=\"web\",domain=\"ipv6\",protocol=\"udp\"} 4\n"), "{text}");
+        assert!(text.contains("# TYPE steer_registered_sockets gauge\n"), "{text}");
+        assert!(
+            text.contains("steer_labels 2\nsteer_seed_ports 3\n") || text.contains("steer_seed_ports 3\n"),
+            "{text}"
+        );
+        assert!(text.contains("steer_seed_lookups_total 5\n"), "{text}");
+        assert!(text.contains("steer_build_info{version=\"0.1.0\",program_tag=\"00ff\"} 1\n"), "{text}");
         assert!(text.contains("steer_lookups_total{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 6\n"), "{text}");
         assert!(
             text.contains(
                 "steer_errors_total{label=\"dns\",domain=\"ipv4\",protocol=\"tcp\",reason=\"bad_socket\"} 3\n"
             )
         );
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 8);
+        // 2 lookups, 2 misses, 4 errors, 1 binding gauge, labels, 4 seed lines, build info.
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 15);
     }
 
     #[test]

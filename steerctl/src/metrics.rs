@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use steer::{Dispatcher, Layout, labelled::DestStats, metrics::Server};
+use steer::{
+    Dispatcher, Layout,
+    metrics::{MetricsReport, Server},
+};
 
 use crate::output::{self, View};
 
@@ -12,7 +15,7 @@ pub fn run(layout: &Layout, serve: Option<SocketAddr>, timeout: f64, json: bool)
     if let Some(addr) = serve {
         return self::serve(layout, addr, timeout);
     }
-    output::show(&Stats(Dispatcher::open_read(layout)?.metrics()?), json)
+    output::show(&Report(steer::metrics::report(&Dispatcher::open_read(layout)?)?), json)
 }
 
 fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
@@ -36,11 +39,12 @@ fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
 
 #[derive(serde::Serialize)]
 #[serde(transparent)]
-struct Stats(Vec<DestStats>);
+struct Report(MetricsReport);
 
-impl View for Stats {
+impl View for Report {
     fn table(&self) -> String {
-        let rows = self.0.iter().map(|s| {
+        let r = &self.0;
+        let rows = r.destinations.iter().map(|s| {
             let reasons = s.errors_by_reason.iter().filter(|(_, n)| **n > 0).map(|(r, n)| format!("{r} {n}"));
             let errors = match output::joined(reasons, ", ", "") {
                 detail if detail.is_empty() => s.errors.to_string(),
@@ -55,6 +59,17 @@ impl View for Stats {
                 errors,
             ]
         });
-        output::table(["LABEL", "DOMAIN", "PROTOCOL", "LOOKUPS", "MISSES", "ERRORS"], rows)
+        let table = output::table(["LABEL", "DOMAIN", "PROTOCOL", "LOOKUPS", "MISSES", "ERRORS"], rows);
+        let bindings: u64 = r.bindings.iter().map(|g| g.value).sum();
+        let summary = format!(
+            "labels {}, bindings {bindings}, registered sockets {}; seed list: {} ports, {} lookups, {} misses, {} errors",
+            r.labels,
+            r.registered_sockets.len(),
+            r.seed.ports,
+            r.seed.lookups,
+            r.seed.misses,
+            r.seed.errors
+        );
+        format!("{table}\n{summary}")
     }
 }
