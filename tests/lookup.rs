@@ -1,0 +1,221 @@
+//! The data plane against a model written here (independent of the
+//! library's): longest prefix first, then the exact port over the wildcard,
+//! IPv4 as v4-mapped IPv6. Nested prefixes at every length, IPv4 and IPv6,
+//! through real connections; and random sets of many lengths through the
+//! kernel's own program (BPF_PROG_TEST_RUN), many lookups each.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+};
+
+use steer::{
+    Dispatcher, Layout,
+    bindings::{Binding, BindingsFile, Prefix},
+    socket::Protocol,
+};
+use steer_tests::{TestNs, stderr};
+
+/// A binding as the model sees it.
+#[derive(Debug, Clone)]
+struct Rule {
+    label: String,
+    addr: u128,
+    len: u32,
+    port: u16,
+}
+
+fn mapped(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => 0xffff_0000_0000 | u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+impl Rule {
+    fn new(label: &str, prefix: IpAddr, len: u32, port: u16) -> Self {
+        let (addr, len) = (mapped(prefix), if prefix.is_ipv4() { len + 96 } else { len });
+        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        Rule { label: label.into(), addr: addr & mask, len, port }
+    }
+
+    fn covers(&self, addr: u128) -> bool {
+        let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - self.len) };
+        addr & mask == self.addr
+    }
+
+    fn binding(&self, protocol: Protocol) -> Binding {
+        let v6 = Ipv6Addr::from(self.addr);
+        let prefix = match v6.to_ipv4_mapped() {
+            Some(v4) if self.len >= 96 => Prefix::new(IpAddr::V4(v4), (self.len - 96) as u8),
+            _ => Prefix::new(IpAddr::V6(v6), self.len as u8),
+        }
+        .unwrap();
+        Binding { label: self.label.clone(), protocol, prefix, port: self.port }
+    }
+}
+
+/// The model: the longest covering prefix, then the exact port.
+fn model(rules: &[Rule], addr: IpAddr, port: u16) -> Option<&str> {
+    let addr = mapped(addr);
+    rules
+        .iter()
+        .filter(|r| (r.port == 0 || r.port == port) && r.covers(addr))
+        .max_by_key(|r| (r.len, r.port != 0))
+        .map(|r| r.label.as_str())
+}
+
+fn flip(addr: IpAddr, bit: u32) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) ^ (1 << (31 - bit)))),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) ^ (1 << (127 - bit)))),
+    }
+}
+
+#[test]
+fn nested_prefixes_at_every_length_through_real_connections() {
+    let ns = TestNs::new("everylen");
+    // Every address local, so connections to any of them stay on lo.
+    ns.add_local_route("0.0.0.0/0");
+    ns.add_local_route("::/0");
+    let (t4, t6): (IpAddr, IpAddr) = ("10.77.1.5".parse().unwrap(), "2001:db8:7::5".parse().unwrap());
+    let mut rules = Vec::new();
+    for (target, max) in [(t4, 32), (t6, 128)] {
+        let family = if target.is_ipv4() { "v4" } else { "v6" };
+        for len in 0..=max {
+            rules.push(Rule::new(&format!("{family}w{len}"), target, len, 0));
+            // Exact-port bindings at every third length, on one port.
+            if len % 3 == 0 {
+                rules.push(Rule::new(&format!("{family}e{len}"), target, len, 4242));
+            }
+        }
+    }
+    // Each label answers with its name from its own socket.
+    let layout_dir = ns.pin_dir();
+    let pin_dir = layout_dir.to_str().unwrap();
+    ns.steerctl_ok(&["load"]);
+    ns.steerctl_ok(&["attach"]);
+    let file = BindingsFile { bindings: rules.iter().map(|r| r.binding(Protocol::Tcp)).collect() };
+    let path = std::env::temp_dir().join(format!("steer-everylen-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(&file).unwrap()).unwrap();
+    ns.steerctl_ok(&["load-bindings", path.to_str().unwrap()]);
+    std::fs::remove_file(&path).unwrap();
+    let me = std::process::id().to_string();
+    for r in &rules {
+        let v6 = Ipv6Addr::from(r.addr).to_ipv4_mapped().is_none() || r.len < 96;
+        let server = ns.named_tcp_server(if v6 { "[::1]:0" } else { "127.0.0.1:0" }, &r.label);
+        let out = ns.run(
+            "steerctl",
+            &[
+                "--pin-dir",
+                pin_dir,
+                "register-pid",
+                &r.label,
+                &me,
+                "tcp",
+                &server.ip().to_string(),
+                &server.port().to_string(),
+            ],
+        );
+        assert!(out.status.success(), "{}: {}", r.label, stderr(&out));
+    }
+    let mut checked = 0;
+    for (target, max) in [(t4, 32), (t6, 128)] {
+        for port in [4242, 80] {
+            let queries = (0..max).map(|bit| flip(target, bit)).chain([target]);
+            for addr in queries {
+                let want = model(&rules, addr, port).expect("the /0 covers everything");
+                let got = ns.first_line(SocketAddr::new(addr, port)).unwrap_or_else(|e| format!("error: {e}"));
+                assert_eq!(got, want, "{addr} port {port}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * (33 + 129));
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Addresses from a few regions, so prefixes nest often.
+fn random_addr(rng: &mut Rng) -> IpAddr {
+    let noise = rng.next();
+    match rng.below(4) {
+        0 => IpAddr::V4(Ipv4Addr::new(10, (noise & 1) as u8, (noise >> 8) as u8 & 3, (noise >> 16) as u8)),
+        1 => IpAddr::V4(Ipv4Addr::new(192, 0, 2, (noise >> 8) as u8)),
+        2 => IpAddr::V6(Ipv6Addr::from(0x2001_0db8u128 << 96 | u128::from(noise & 0xff00_0000_0003))),
+        _ => IpAddr::V6(Ipv6Addr::from(u128::from(noise) << 64 | u128::from(rng.next() & 3))),
+    }
+}
+
+#[test]
+fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
+    let ns = TestNs::new("randkernel");
+    ns.steerctl_ok(&["load"]);
+    let layout = Layout::new(ns.pin_dir());
+    let labels: Vec<String> = (0..6).map(|i| format!("l{i}")).collect();
+    // One dual-stack TCP socket per label: serves its IPv4 and IPv6 lookups.
+    let sockets: Vec<std::net::TcpListener> =
+        labels.iter().map(|_| ns.enter(|| std::net::TcpListener::bind("[::]:0").unwrap())).collect();
+    let cookies: BTreeMap<&str, u64> = ns.enter(|| {
+        let state = Dispatcher::open_write(&layout).unwrap();
+        labels
+            .iter()
+            .zip(&sockets)
+            .map(|(label, s)| {
+                let info = steer::socket::inspect(s.as_fd()).unwrap();
+                state.register(label, &[(&info, s.as_fd())]).unwrap();
+                (label.as_str(), info.cookie)
+            })
+            .collect()
+    });
+    let program = steer::sys::obj_get(&layout.program()).unwrap();
+    let mut rng = Rng(0x5eed_4b1d_0000_0001);
+    let mut lookups = 0;
+    for round in 0..40 {
+        let mut rules: Vec<Rule> = Vec::new();
+        for _ in 0..rng.below(60) + 1 {
+            let addr = random_addr(&mut rng);
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len = match rng.below(3) {
+                0 => rng.below(max + 1),
+                1 => max - rng.below(9),
+                _ => rng.below(17),
+            } as u32;
+            let rule = Rule::new(&labels[rng.below(6) as usize], addr, len, [0, 0, 80, 443, 1][rng.below(5) as usize]);
+            if !rules.iter().any(|o| (o.addr, o.len, o.port) == (rule.addr, rule.len, rule.port)) {
+                rules.push(rule);
+            }
+        }
+        let file = BindingsFile { bindings: rules.iter().map(|r| r.binding(Protocol::Tcp)).collect() };
+        ns.enter(|| Dispatcher::open_write(&layout).unwrap().load_bindings(&file).unwrap());
+        for _ in 0..250 {
+            let addr = random_addr(&mut rng);
+            let port = [80, 443, 1, 2][rng.below(4) as usize];
+            let remote = if addr.is_ipv4() { "127.0.0.1:40000" } else { "[::1]:40000" };
+            let ctx = steer::test_run::lookup_ctx(Protocol::Tcp, SocketAddr::new(addr, port), remote.parse().unwrap());
+            let run = steer::test_run::run(program.as_fd(), &ctx, 1).unwrap();
+            let want = model(&rules, addr, port).map(|label| cookies[label]).unwrap_or(0);
+            assert_eq!(
+                run.cookie, want,
+                "round {round}: {addr} port {port}: the kernel assigned another socket\n{rules:#?}"
+            );
+            assert_eq!(run.retval, 1, "round {round}: {addr} port {port} dropped");
+            lookups += 1;
+        }
+    }
+    assert_eq!(lookups, 40 * 250);
+}
