@@ -233,7 +233,7 @@ vm_build_rootfs() {
     ln -sf ../../bin/busybox "$root/usr/bin/env"
 
     # The real tools the tests and the lab use (busybox's would differ).
-    for tool in ip ncat nmap bpftool setpriv bash; do
+    for tool in ip ncat nmap bpftool setpriv bash strace flock; do
         exe=$(command -v "$tool") || vm_die "$tool is missing (scripts/setup.sh installs it)"
         vm_copy_exe "$root" "$(readlink -f "$exe")"
         # Also where PATH lookups and #! lines expect it.

@@ -98,12 +98,16 @@ macro_rules! btf_maps {
         // Safety: as above.
         unsafe impl Sync for $ident {}
     };
+    // Inner maps give their key and value by size, not by BTF type: userspace
+    // makes the chunk maps without BTF, and kernels up to about 6.1 (which
+    // compare the BTF-derived field offsets of template and chunk) refuse a
+    // chunk unlike a template made with BTF types.
     (@inner $ident:ident, $inner:ty, $inner_max:expr, $inner_flags:expr) => {
         #[repr(C)]
         pub struct $ident {
             pub r#type: *const [i32; steer_common::kernel::BPF_MAP_TYPE_ARRAY as usize],
-            pub key: *const u32,
-            pub value: *const $inner,
+            pub key_size: *const [i32; size_of::<u32>()],
+            pub value_size: *const [i32; size_of::<$inner>()],
             pub max_entries: *const [i32; ($inner_max) as usize],
             pub map_flags: *const [i32; ($inner_flags) as usize],
         }
