@@ -45,6 +45,22 @@ fn as_nobody(ns: &TestNs, program: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs steerctl ARGS in the namespace and SIGKILLs it after `delay`.
+fn killed_after(ns: &TestNs, args: &[&str], delay: Duration) {
+    let mut child = ns
+        .command(bin("steerctl"))
+        .arg("--bpffs")
+        .arg(&ns.bpffs)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn still_steered(ns: &TestNs) {
     assert_eq!(ns.echo(7, "still").unwrap(), "still", "steering changed");
 }
@@ -228,16 +244,7 @@ fn writes_killed_at_any_point_leave_state_the_next_command_accepts() {
     std::fs::write(&file, big_bindings(2000, 10)).unwrap();
     let before = ns.status_at(&dir)["bindings"].as_u64().unwrap();
     for delay_ms in [5, 40, 120, 300, 700] {
-        let mut child = ns
-            .command(bin("steerctl"))
-            .args(["--bpffs", ns.bpffs.to_str().unwrap(), "load-bindings", file.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
+        killed_after(&ns, &["load-bindings", file.to_str().unwrap()], Duration::from_millis(delay_ms));
         // Accepted, and truthful: the old set or the whole new one.
         let status = ns.status_at(&dir);
         let bound = status["bindings"].as_u64().unwrap();
@@ -258,16 +265,7 @@ fn writes_killed_at_any_point_leave_state_the_next_command_accepts() {
     // A killed load leaves nothing half-built: gc clears its staging directory.
     let fresh = TestNs::new("killedload");
     for delay_ms in [2, 15, 60] {
-        let mut child = fresh
-            .command(bin("steerctl"))
-            .args(["--bpffs", fresh.bpffs.to_str().unwrap(), "load"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
+        killed_after(&fresh, &["load"], Duration::from_millis(delay_ms));
         let out = steerctl(&fresh, &["gc"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let state = fresh.bpffs.join("steer").join(fresh.inode().to_string());

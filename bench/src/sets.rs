@@ -45,22 +45,6 @@ pub struct BindingSet {
     pub miss_port: u16,
 }
 
-/// A small deterministic generator (xorshift), so every run measures the
-/// same sets.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// `count` distinct lengths in the v4-mapped space (0..=128), spread out,
 /// always including 128; 33 means every IPv4 length (96..=128).
 fn spread(count: usize) -> Vec<u8> {
@@ -91,7 +75,8 @@ fn prefix_at(addr: u128, len: u8) -> Prefix {
 /// 10.0.0.0/8 and 2001:db8::/32, on exact and wildcard ports; plus the
 /// hit's binding, and `hot` prefixes of every length on the hit's port.
 pub fn generate(name: &str, n: usize, lengths: &[u8], hot: bool) -> BindingSet {
-    let mut rng = Rng(0x5eed_0000_0000_0001 ^ n as u64 ^ (lengths.len() as u64) << 32);
+    // Seeded: every run measures the same sets.
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0000_0000_0001 ^ n as u64 ^ (lengths.len() as u64) << 32);
     let v4_base = mapped(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)));
     let v6_base = mapped("2001:db8::".parse().unwrap());
     let mut bindings = vec![Binding {
@@ -121,23 +106,16 @@ pub fn generate(name: &str, n: usize, lengths: &[u8], hot: bool) -> BindingSet {
     let mut seen: BTreeSet<_> = bindings.iter().map(Binding::key).collect();
     bindings.retain(|b| !covers_miss(b));
     while bindings.len() < n {
-        let len = lengths[rng.below(lengths.len() as u64) as usize];
+        let len = lengths[rng.usize(..lengths.len())];
         // IPv4 only has lengths 96..=128 in the mapped space.
-        let v4 = len >= 96 && rng.below(2) == 0;
-        let addr = if v4 {
-            v4_base | u128::from(rng.next() as u32 & 0x00ff_ffff)
-        } else {
-            v6_base | u128::from(rng.next()) << 32
-        };
+        let v4 = len >= 96 && rng.bool();
+        let addr =
+            if v4 { v4_base | u128::from(rng.u32(..0x0100_0000)) } else { v6_base | u128::from(rng.u64(..)) << 32 };
         let dense = if v4 { 104 } else { 32 };
-        let port = if len < dense {
-            SHORT_PREFIX_PORTS[rng.below(2) as usize]
-        } else {
-            [0, 0, 443, HIT_PORT][rng.below(4) as usize]
-        };
+        let port = if len < dense { SHORT_PREFIX_PORTS[rng.usize(..2)] } else { [0, 0, 443, HIT_PORT][rng.usize(..4)] };
         let binding = Binding {
-            label: format!("l{}", rng.below(u64::from(LABELS))),
-            protocol: if rng.below(5) == 0 { Protocol::Udp } else { Protocol::Tcp },
+            label: format!("l{}", rng.u32(..LABELS)),
+            protocol: if rng.u8(..5) == 0 { Protocol::Udp } else { Protocol::Tcp },
             prefix: prefix_at(addr, len),
             port,
         };

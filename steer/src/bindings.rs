@@ -220,7 +220,7 @@ pub fn decode_key(key: &BindingKey) -> Result<(Protocol, Prefix, u16)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn b(label: &str, protocol: Protocol, prefix: &str, port: u16) -> Binding {
@@ -283,16 +283,23 @@ mod tests {
         assert_eq!(v4_host.addr, "10.1.2.3".parse::<Ipv4Addr>().unwrap().to_ipv6_mapped().octets());
     }
 
-    #[test]
-    fn precedence_is_longest_prefix_then_exact_port() {
+    /// Overlapping bindings: same prefix on two ports, nested prefixes,
+    /// a host route, and an IPv6 /0 that covers IPv4 too.
+    pub(crate) fn precedence_examples() -> Vec<Binding> {
         use Protocol::Tcp;
-        let set = [
+        vec![
             b("a", Tcp, "127.0.0.0/8", 0),
             b("b", Tcp, "127.0.0.0/8", 80),
             b("c", Tcp, "127.0.0.0/24", 0),
             b("d", Tcp, "127.0.0.5/32", 80),
             b("v6", Tcp, "::/0", 443),
-        ];
+        ]
+    }
+
+    #[test]
+    fn precedence_is_longest_prefix_then_exact_port() {
+        use Protocol::Tcp;
+        let set = precedence_examples();
         let who = |addr: &str, port| resolve(&set, Tcp, addr.parse().unwrap(), port).map(|b| b.label.as_str());
         assert_eq!(who("127.1.0.1", 80), Some("b"));
         assert_eq!(who("127.1.0.1", 81), Some("a"));

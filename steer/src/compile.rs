@@ -338,16 +338,8 @@ mod tests {
     #[test]
     fn the_precedence_examples_compile_right() {
         use Protocol::{Tcp, Udp};
-        let set = [
-            b("a", Tcp, "127.0.0.0/8", 0),
-            b("b", Tcp, "127.0.0.0/8", 80),
-            b("c", Tcp, "127.0.0.0/24", 0),
-            b("d", Tcp, "127.0.0.5/32", 80),
-            b("v6", Tcp, "::/0", 443),
-            b("all", Udp, "::/0", 0),
-            b("v4all", Udp, "0.0.0.0/0", 53),
-            b("w", Udp, "2001:db8::/32", 0),
-        ];
+        let mut set = crate::bindings::tests::precedence_examples();
+        set.extend([b("all", Udp, "::/0", 0), b("v4all", Udp, "0.0.0.0/0", 53), b("w", Udp, "2001:db8::/32", 0)]);
         let mut queries = Vec::new();
         for addr in ["127.1.0.1", "127.0.0.9", "127.0.0.5", "10.0.0.1", "2001:db8::1", "::1", "255.255.255.255", "::"] {
             for port in [80, 81, 443, 53, 1] {
@@ -367,53 +359,40 @@ mod tests {
         assert_eq!(generation.dir_chunks.len(), 1);
     }
 
-    /// A small deterministic generator (xorshift), so failures reproduce.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     fn v6(addr: u128) -> IpAddr {
         IpAddr::V6(addr.into())
     }
 
     /// Addresses drawn from a few nearby regions so prefixes nest often.
-    fn random_addr(rng: &mut Rng) -> IpAddr {
-        let noise = rng.next();
-        match rng.below(4) {
+    fn random_addr(rng: &mut fastrand::Rng) -> IpAddr {
+        let noise = rng.u64(..);
+        match rng.u8(..4) {
             0 => IpAddr::from([10, (noise & 1) as u8, (noise >> 8) as u8 & 3, (noise >> 16) as u8]),
             1 => IpAddr::from([127, 0, (noise & 1) as u8, (noise >> 8) as u8]),
             2 => v6(0x2001_0db8_0000_0000_0000_0000_0000_0000u128 | u128::from(noise & 0xff00_0000_0003)),
-            _ => v6(u128::from(noise) << 64 | u128::from(rng.next() & 3)),
+            _ => v6(u128::from(noise) << 64 | u128::from(rng.u8(..4))),
         }
     }
 
     #[test]
     fn random_sets_agree_with_the_model() {
-        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        // Seeded, so a failing round reproduces.
+        let mut rng = fastrand::Rng::with_seed(0x5eed_1234_abcd_0001);
         for round in 0..300 {
             let mut set: Vec<Binding> = Vec::new();
-            for _ in 0..rng.below(40) + 1 {
+            for _ in 0..rng.usize(1..=40) {
                 let addr = random_addr(&mut rng);
-                let max = if addr.is_ipv4() { 32 } else { 128 };
-                let len = match rng.below(3) {
-                    0 => rng.below(max + 1) as u8,
-                    1 => (max - rng.below(9)) as u8,
-                    _ => rng.below(17) as u8,
+                let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
+                let len = match rng.u8(..3) {
+                    0 => rng.u8(..=max),
+                    1 => max - rng.u8(..9),
+                    _ => rng.u8(..17),
                 };
                 let binding = Binding {
-                    label: format!("l{}", rng.below(6)),
-                    protocol: if rng.below(3) == 0 { Protocol::Udp } else { Protocol::Tcp },
+                    label: format!("l{}", rng.u8(..6)),
+                    protocol: if rng.u8(..3) == 0 { Protocol::Udp } else { Protocol::Tcp },
                     prefix: Prefix::new(addr, len).unwrap(),
-                    port: [0, 0, 80, 443, 1][rng.below(5) as usize],
+                    port: [0, 0, 80, 443, 1][rng.usize(..5)],
                 };
                 if !set.iter().any(|o| o.key() == binding.key()) {
                     set.push(binding);
@@ -421,8 +400,8 @@ mod tests {
             }
             let queries: Vec<_> = (0..200)
                 .map(|_| {
-                    let protocol = if rng.below(3) == 0 { Protocol::Udp } else { Protocol::Tcp };
-                    (protocol, random_addr(&mut rng), [80, 443, 1, 2][rng.below(4) as usize])
+                    let protocol = if rng.u8(..3) == 0 { Protocol::Udp } else { Protocol::Tcp };
+                    (protocol, random_addr(&mut rng), [80, 443, 1, 2][rng.usize(..4)])
                 })
                 .collect();
             // Say which round failed, for reproduction.
