@@ -373,7 +373,7 @@ fn separated(n: u32) -> String {
 }
 
 /// Whether `info`'s socket can take connections matched by `b`.
-fn serves(info: &SocketInfo, b: &Binding) -> bool {
+pub(crate) fn serves(info: &SocketInfo, b: &Binding) -> bool {
     info.protocol == b.protocol
         && match (info.family, b.prefix.addr) {
             (Family::Ipv4, IpAddr::V4(_)) | (Family::Ipv6, IpAddr::V6(_)) => true,

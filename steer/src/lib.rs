@@ -8,9 +8,11 @@
 pub mod bindings;
 pub mod bpffs;
 pub mod compile;
+pub mod config;
 pub mod diag;
 pub mod dispatcher;
 pub mod error;
+pub mod explain;
 pub mod identity;
 pub mod labelled;
 pub mod layout;
@@ -20,10 +22,12 @@ pub mod metrics;
 pub mod netns;
 pub mod plane;
 pub mod preflight;
+pub mod servers;
 pub mod socket;
 pub mod status;
 pub mod sys;
 pub mod test_run;
+pub mod watch;
 
 pub use dispatcher::{DISPATCH_OBJECT, Dispatcher, ReadOnly, ReadWrite};
 pub use error::{Error, Result};

@@ -7,14 +7,16 @@
 //!   them crate-private), on a link opened with `BPF_OBJ_GET`;
 //! * batch updates (`BPF_MAP_UPDATE_BATCH`): one call, and for a map of
 //!   maps one RCU grace period instead of one per element;
-//! * `SIOCGSKNS`, a socket's network namespace.
+//! * `SIOCGSKNS`, a socket's network namespace;
+//! * walking every BPF link (`BPF_LINK_GET_NEXT_ID`) for the netns ones:
+//!   aya's `LinkInfo` hides a link's namespace and attach type.
 
 use std::{
     ffi::CString,
     io,
     mem::size_of,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::ffi::OsStrExt,
     },
     path::Path,
@@ -28,7 +30,12 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
+/// `enum bpf_attach_type`'s BPF_SK_LOOKUP.
+pub const BPF_SK_LOOKUP: u32 = 36;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_NETNS: u32 = 5;
 /// `ioctl` returning a netns fd for a socket (linux/sockios.h).
@@ -265,4 +272,94 @@ pub fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     }
     // Safety: the ioctl returned a new fd we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(ns) })
+}
+
+/// One sk_lookup link of some network namespace.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SkLookupLink {
+    pub link_id: u32,
+    pub program_id: u32,
+    /// The program's name as the kernel keeps it (at most 15 bytes).
+    pub program_name: String,
+    pub netns_inode: u32,
+}
+
+/// Every BPF_SK_LOOKUP link attached to the network namespace with inode
+/// `netns_ino`: BPF_LINK_GET_NEXT_ID over all links, each opened by id
+/// and read with BPF_OBJ_GET_INFO_BY_FD. Links that vanish meanwhile are
+/// skipped.
+pub fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<SkLookupLink>> {
+    let mut out = Vec::new();
+    let mut id = 0u32;
+    // Bounded by the number of links (ids only grow, at most u32::MAX).
+    for _ in 0..1_000_000 {
+        let mut attr = [id, 0u32, 0u32, 0u32];
+        // Safety: BPF_LINK_GET_NEXT_ID takes start_id and writes next_id.
+        match unsafe { bpf(BPF_LINK_GET_NEXT_ID, &mut attr) } {
+            Ok(_) => id = attr[1],
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
+        }
+        let mut attr = [id, 0u32, 0u32];
+        // Safety: BPF_LINK_GET_FD_BY_ID takes the id and returns a new fd.
+        let fd = match unsafe { bpf(BPF_LINK_GET_FD_BY_ID, &mut attr) } {
+            // Safety: a new fd we now own.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let Ok(info) = link_info_words(fd.as_fd()) else { continue };
+        // type, id, prog_id, pad, then netns_ino, attach_type.
+        if info[0] != BPF_LINK_TYPE_NETNS || info[5] != BPF_SK_LOOKUP || u64::from(info[4]) != netns_ino {
+            continue;
+        }
+        out.push(SkLookupLink {
+            link_id: info[1],
+            program_id: info[2],
+            program_name: program_name(info[2]).unwrap_or_default(),
+            netns_inode: info[4],
+        });
+    }
+    Ok(out)
+}
+
+fn link_info_words(link: BorrowedFd<'_>) -> io::Result<[u32; 32]> {
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u32; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<[u32; 32]>() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // Safety: info is as large as info_len says.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    Ok(info)
+}
+
+/// The name of the loaded program with `id` (BPF_PROG_GET_FD_BY_ID, then
+/// `bpf_prog_info.name`, 16 bytes at offset 64).
+pub fn program_name(id: u32) -> io::Result<String> {
+    let mut attr = [id, 0u32, 0u32];
+    // Safety: BPF_PROG_GET_FD_BY_ID takes the id and returns a new fd.
+    let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;
+    // Safety: a new fd we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = [0u8; 80];
+    let mut attr = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: 80, info: info.as_mut_ptr() as u64 };
+    // Safety: info is as large as info_len says.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }

@@ -8,6 +8,7 @@ mod lifecycle;
 mod metrics;
 mod output;
 mod seed;
+mod servers;
 mod sockets;
 
 use std::path::PathBuf;
@@ -88,14 +89,59 @@ enum Command {
         label: String,
         #[arg(allow_negative_numbers = true)]
         pid: i32,
-        /// Pick the socket by protocol, address and port: tcp|udp ADDR PORT.
+        /// Pick the socket by protocol, address and port: tcp|udp ADDR PORT
+        /// (one member of a reuseport group).
         #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
         socket: Option<Vec<String>>,
+        /// Steer to exactly this socket, not its SO_REUSEPORT group.
+        #[arg(long)]
+        no_reuseport: bool,
     },
-    /// Register sockets passed by systemd socket activation (LISTEN_FDS) under LABEL.
-    Register { label: String },
-    /// Remove LABEL's sockets.
-    Unregister { label: String },
+    /// Register the socket listening at tcp|udp ADDR PORT (found with
+    /// sock_diag, taken from its owner) under LABEL; without them, the
+    /// sockets systemd passed (LISTEN_FDS).
+    Register {
+        label: String,
+        #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
+        socket: Option<Vec<String>>,
+        /// Steer to exactly this socket, not its SO_REUSEPORT group.
+        #[arg(long)]
+        no_reuseport: bool,
+        /// Take the socket only from processes of this name.
+        #[arg(long, value_name = "NAME")]
+        process: Option<String>,
+    },
+    /// Remove LABEL's sockets, or only those of a protocol and/or family.
+    Unregister {
+        label: String,
+        /// tcp|udp and/or ipv4|ipv6.
+        #[arg(num_args = 0..=2, value_names = ["tcp|udp", "ipv4|ipv6"])]
+        which: Vec<String>,
+    },
+    /// Apply a declarative config (bindings and registrations); idempotent.
+    Apply {
+        file: PathBuf,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Keep a config applied in the foreground: re-register restarted servers'
+    /// sockets; SIGHUP or a change of FILE reloads it, SIGTERM/SIGINT stop.
+    Watch {
+        file: PathBuf,
+        /// How often registered sockets are checked, in milliseconds.
+        #[arg(long, default_value_t = 10, value_name = "MS")]
+        interval_ms: u64,
+    },
+    /// What steer does with one connection: runs the pinned program on it.
+    Explain {
+        protocol: steer::socket::Protocol,
+        addr: std::net::IpAddr,
+        port: u16,
+        /// The client's address and port (default 127.0.0.1 / ::1, port 40000).
+        #[arg(long, num_args = 2, value_names = ["ADDR", "PORT"])]
+        from: Option<Vec<String>>,
+    },
     /// List registered sockets: label, cookie, owner, protocol, address.
     List,
     /// Per-label lookups, misses and errors.
@@ -148,11 +194,40 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Unbind(args) => bindings::unbind(layout, args),
         Command::Bindings => bindings::list(layout, json),
         Command::LoadBindings { file } => bindings::load(layout, &file),
-        Command::RegisterPid { label, pid, socket } => sockets::register_pid(layout, &label, pid, socket.as_deref()),
-        Command::Register { label } => sockets::register_activated(layout, &label),
-        Command::Unregister { label } => sockets::unregister(layout, &label),
+        Command::RegisterPid { label, pid, socket: Some(socket), no_reuseport } => servers::register(
+            layout,
+            &label,
+            &servers::target(&socket)?,
+            &steer::servers::OwnerFilter::pid(pid),
+            no_reuseport,
+        ),
+        Command::RegisterPid { label, pid, socket: None, .. } => sockets::register_pid(layout, &label, pid, None),
+        Command::Register { label, socket: Some(socket), no_reuseport, process } => servers::register(
+            layout,
+            &label,
+            &servers::target(&socket)?,
+            &steer::servers::OwnerFilter { pid: None, process },
+            no_reuseport,
+        ),
+        Command::Register { label, .. } => sockets::register_activated(layout, &label),
+        Command::Unregister { label, which } => sockets::unregister(layout, &label, &which),
+        Command::Apply { file, dry_run } => servers::apply(layout, &file, dry_run, json),
+        Command::Watch { file, interval_ms } => {
+            servers::watch(layout, &file, std::time::Duration::from_millis(interval_ms.max(1)))
+        }
+        Command::Explain { protocol, addr, port, from } => {
+            servers::explain(layout, protocol, addr, port, from.as_deref(), json)
+        }
         Command::List => sockets::list(layout, json),
         Command::Metrics { serve, timeout } => metrics::run(layout, serve, timeout, json),
+    }
+}
+
+impl Cli {
+    /// env_logger's level unless RUST_LOG says otherwise: `watch` runs as a
+    /// service and its log is its output.
+    pub fn default_log_level(&self) -> &'static str {
+        if matches!(self.command, Command::Watch { .. }) { "info" } else { "warn" }
     }
 }
 

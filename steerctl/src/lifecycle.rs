@@ -53,16 +53,22 @@ pub fn upgrade(layout: &Layout) -> Result<()> {
 }
 
 pub fn status(layout: &Layout, json: bool) -> Result<()> {
-    output::show(&StatusView(Dispatcher::open_read(layout)?.status()?), json)
+    let status = Dispatcher::open_read(layout)?.status()?;
+    let other_sk_lookup = steer::explain::other_links(&layout.link())?;
+    output::show(&StatusView { status, other_sk_lookup }, json)
 }
 
 #[derive(serde::Serialize)]
-#[serde(transparent)]
-struct StatusView(Status);
+struct StatusView {
+    #[serde(flatten)]
+    status: Status,
+    /// sk_lookup links of this namespace other than steer's.
+    other_sk_lookup: Vec<steer::sys::SkLookupLink>,
+}
 
 impl View for StatusView {
     fn table(&self) -> String {
-        let s = &self.0;
+        let s = &self.status;
         let program = s.program.as_ref().map_or("not loaded".into(), |p| format!("{} id {}", p.name, p.id));
         let link = s.link.as_ref().map_or("not attached".into(), |l| {
             format!("id {} prog {} netns inode {}", l.id, l.program_id, l.netns_inode)
@@ -93,6 +99,19 @@ impl View for StatusView {
         if s.plane.as_ref().is_some_and(|p| !p.up_to_date) {
             let note = "a write was interrupted: lookups use the previous bindings until the next bind, unbind or load-bindings";
             rows.push(("warning", note.into()));
+        }
+        if !self.other_sk_lookup.is_empty() {
+            let links = self
+                .other_sk_lookup
+                .iter()
+                .map(|l| format!("link {} (prog {} name {})", l.link_id, l.program_id, l.program_name));
+            rows.push((
+                "other sk_lookup programs",
+                format!(
+                    "{} — their redirects override steer's drops, and their drops can hide steer's answers",
+                    links.collect::<Vec<_>>().join(", ")
+                ),
+            ));
         }
         output::record(rows)
     }

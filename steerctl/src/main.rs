@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    match steerctl::run(steerctl::Cli::parse()) {
+    let cli = steerctl::Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(cli.default_log_level())).init();
+    match steerctl::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("steerctl: error: {e:#}");

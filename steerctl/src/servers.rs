@@ -1,0 +1,170 @@
+//! Real servers: register by listening address, apply, watch and explain.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::atomic::{AtomicU8, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use steer::{
+    Dispatcher, Layout,
+    config::{self, Config},
+    explain::{Explanation, Verdict},
+    servers::{self, OwnerFilter, Target},
+    socket::Protocol,
+    watch,
+};
+
+use crate::output::{self, View};
+
+/// `register LABEL tcp|udp ADDR PORT` and `register-pid LABEL PID tcp|udp ADDR PORT`.
+pub fn register(layout: &Layout, label: &str, target: &Target, filter: &OwnerFilter, no_reuseport: bool) -> Result<()> {
+    let state = Dispatcher::open_write(layout)?;
+    let registered = servers::register_by_address(&state, label, target, filter, no_reuseport)?;
+    println!("{}", registered.describe());
+    Ok(())
+}
+
+/// Parses `tcp|udp ADDR PORT`.
+pub fn target(args: &[String]) -> Result<Target> {
+    let [protocol, address, port] = args else { bail!("expected tcp|udp ADDR PORT") };
+    let f = steer::socket::SocketFilter::parse(protocol, address, port)?;
+    Ok(Target { protocol: f.protocol, address: f.address, port: f.port })
+}
+
+pub fn apply(layout: &Layout, file: &Path, dry_run: bool, json: bool) -> Result<()> {
+    // A bad file fails here, before the state is even opened.
+    let config = Config::load(file)?;
+    if dry_run {
+        let plan = config::plan(&Dispatcher::open_read(layout)?, &config)?;
+        return output::show(&PlanView { plan, dry_run, failed: Vec::new() }, json);
+    }
+    let applied = config::apply(&Dispatcher::open_write(layout)?, &config)?;
+    let failed = applied.failed.clone();
+    output::show(&PlanView { plan: applied.plan, dry_run, failed: applied.failed }, json)?;
+    if !failed.is_empty() {
+        bail!("{} registration(s) failed", failed.len());
+    }
+    Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct PlanView {
+    #[serde(flatten)]
+    plan: config::Plan,
+    dry_run: bool,
+    failed: Vec<(String, String)>,
+}
+
+impl View for PlanView {
+    fn table(&self) -> String {
+        let mut lines = self.plan.describe(self.dry_run);
+        lines.extend(self.failed.iter().map(|(what, err)| format!("{what}: failed: {err}")));
+        lines.join("\n")
+    }
+}
+
+static SIGNAL: AtomicU8 = AtomicU8::new(0);
+const RELOAD: u8 = 1;
+const STOP: u8 = 2;
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let what = if signal == libc::SIGHUP { RELOAD } else { STOP };
+    // Stop wins over a pending reload.
+    SIGNAL.fetch_max(what, Ordering::SeqCst);
+}
+
+/// `watch FILE`: in the foreground until SIGTERM or SIGINT (exit 0);
+/// SIGHUP reloads.
+pub fn watch(layout: &Layout, file: &Path, interval: Duration) -> Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // Safety: the handler only touches an atomic.
+        unsafe { sigaction(signal, &action) }.context("installing signal handlers")?;
+    }
+    let options = watch::Options { interval, ..Default::default() };
+    watch::run(layout, file, &options, || match SIGNAL.swap(0, Ordering::SeqCst) {
+        STOP => Some(watch::Event::Stop),
+        RELOAD => Some(watch::Event::Reload),
+        _ => None,
+    })?;
+    Ok(())
+}
+
+pub fn explain(
+    layout: &Layout,
+    protocol: Protocol,
+    addr: IpAddr,
+    port: u16,
+    from: Option<&[String]>,
+    json: bool,
+) -> Result<()> {
+    let remote = match from {
+        Some([addr, port]) => Some(SocketAddr::new(
+            addr.parse().with_context(|| format!("{addr:?} is not an IP address"))?,
+            port.parse().with_context(|| format!("{port:?} is not a port"))?,
+        )),
+        _ => None,
+    };
+    let state = Dispatcher::open_read(layout)?;
+    let explanation = steer::explain::explain(&state, protocol, SocketAddr::new(addr, port), remote)?;
+    output::show(&ExplainView(explanation), json)
+}
+
+#[derive(serde::Serialize)]
+#[serde(transparent)]
+struct ExplainView(Explanation);
+
+impl View for ExplainView {
+    fn table(&self) -> String {
+        let e = &self.0;
+        let verdict = match e.verdict {
+            Verdict::Assigned => "assigned a socket",
+            Verdict::Dropped => "drop",
+            Verdict::NormalLookup => "normal lookup",
+        };
+        let mut rows = vec![
+            ("lookup", format!("{} {} -> {}", e.protocol, e.remote, e.local)),
+            ("verdict", format!("{verdict} (program returned {})", if e.retval == 1 { "SK_PASS" } else { "SK_DROP" })),
+            ("why", e.reason.clone()),
+        ];
+        if let Some(label) = &e.label {
+            rows.push(("label", label.clone()));
+        }
+        if let Some(binding) = &e.binding {
+            rows.push(("binding", binding.to_string()));
+        }
+        if let Some(cookie) = e.cookie {
+            let socket = e.socket.clone().unwrap_or_else(|| "?".into());
+            let slot = e.slot.as_ref().map(|s| format!(", slot {s}")).unwrap_or_default();
+            rows.push(("socket", format!("cookie {cookie} {socket}{slot}")));
+            rows.push(("owner", output::joined(e.owners.iter().map(ToString::to_string), ", ", "none")));
+        }
+        if e.group.len() > 1 {
+            rows.push(("reuseport group", members(&e.group)));
+        }
+        if !e.normal_lookup.is_empty() {
+            rows.push(("normal lookup finds", members(&e.normal_lookup)));
+        }
+        for w in &e.warnings {
+            rows.push(("warning", w.clone()));
+        }
+        output::record(rows)
+    }
+}
+
+/// "cookie 5 127.0.0.1:80 nginx (pid 7, fd 6); cookie 6 ..."
+pub fn members(group: &[servers::Member]) -> String {
+    let each = group.iter().map(|m| {
+        format!(
+            "cookie {} {} {}",
+            m.cookie,
+            m.local,
+            output::joined(m.owners.iter().map(ToString::to_string), ", ", "-")
+        )
+    });
+    output::joined(each, "; ", "-")
+}
