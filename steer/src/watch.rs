@@ -186,7 +186,11 @@ fn pass(layout: &Layout, config: &Config, bindings: bool, missing_since: &mut Ve
         .enumerate()
         .map(|(i, step)| {
             let w = &step.wanted;
-            if let (Choice::Register { member, .. }, Some(since)) = (&step.choice, missing_since[i].take()) {
+            let since = match &step.choice {
+                Choice::Register { member, .. } => missing_since[i].take().map(|since| (member, since)),
+                _ => None,
+            };
+            if let Some((member, since)) = since {
                 info!(
                     "{} {}: replacement cookie {} registered {} ms after the old socket went missing",
                     w.label,
