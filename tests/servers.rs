@@ -549,7 +549,7 @@ fn explain_and_connect(ns: &TestNs, addr: &str) -> (serde_json::Value, String) {
 /// of the server a real connection reached.
 fn explain_agrees_on_precedence(ns: &TestNs, addrs: &[&str]) {
     for addr in addrs {
-        let (e, got) = explain_and_connect(&ns, addr);
+        let (e, got) = explain_and_connect(ns, addr);
         assert_eq!(e["verdict"], "assigned", "{addr}: {e}");
         assert_eq!(e["label"].as_str(), Some(got.as_str()), "{addr}: explain says {e}, a connection got {got}");
         assert_eq!(e["binding"]["label"], e["label"], "{addr}: {e}");
