@@ -278,7 +278,10 @@ fn plan_one<A: Access>(state: &Dispatcher<A>, w: &Wanted) -> Result<Choice> {
             return Ok(choice);
         }
     }
-    let groups = servers::groups(&target, true)?;
+    let mut groups = servers::groups(&target, true)?;
+    if let Some(pid) = filter.pid {
+        servers::add_pid_owners(&mut groups, pid);
+    }
     // Flags that differ re-register the socket with the new ones.
     Ok(match servers::choose(&groups, &filter, if flags_match { current } else { None }) {
         Choice::Register { member, owner, group, .. } => {

@@ -129,6 +129,30 @@ pub fn groups(target: &Target, with_owners: bool) -> Result<Vec<Vec<Member>>> {
     Ok(diag::groups(&found).map(|g| g.iter().map(|s| Member::new(s, &owners)).collect()).collect())
 }
 
+/// Adds `pid`'s own fds to the members' owners. diag's owner scan
+/// reports the holders inside the namespace first and stops there, so a
+/// process outside it (a pid named on purpose) may be missing when a
+/// process inside also holds the socket (an inherited fd).
+pub fn add_pid_owners(groups: &mut [Vec<Member>], pid: i32) {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return };
+    let command = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim_end().to_string();
+    // Bounded by the process's open files.
+    for entry in dir.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let Some(inode) =
+            target.to_str().and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        for m in groups.iter_mut().flatten().filter(|m| m.inode == inode) {
+            if !m.owners.iter().any(|o| o.pid == pid && o.fd == fd) {
+                m.owners.push(Owner { pid, fd, command: command.clone() });
+            }
+        }
+    }
+}
+
 /// What to do about one wanted registration.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -235,7 +259,10 @@ pub fn register_by_address(
 ) -> Result<Registered> {
     crate::preflight::require_fd_taking_caps()?;
     crate::bindings::label_key(label)?;
-    let groups = groups(target, true)?;
+    let mut groups = groups(target, true)?;
+    if let Some(pid) = filter.pid {
+        add_pid_owners(&mut groups, pid);
+    }
     let current = match groups.first().and_then(|g| g.first()) {
         Some(m) => slot_cookie(state, label, m.family, target.protocol)?,
         None => None,
