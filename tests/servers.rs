@@ -629,7 +629,7 @@ fn ipv4_to_a_label_with_only_an_ipv6_only_socket_is_a_miss() {
     assert_eq!((e["verdict"].as_str(), got.as_str()), (Some("dropped"), "refused"), "{e}");
     assert!(e["reason"].as_str().unwrap().contains("its only socket for it is IPv6-only"), "{e}");
     let metrics = json(&ns.steerctl_ok(&["--json", "metrics"]));
-    let v4 = metrics.as_array().unwrap().iter().find(|m| m["domain"] == "ipv4").unwrap().clone();
+    let v4 = metrics["destinations"].as_array().unwrap().iter().find(|m| m["domain"] == "ipv4").unwrap().clone();
     // explain's test run and the connection: two lookups, two misses, no error.
     assert_eq!(
         (v4["lookups"].as_u64(), v4["misses"].as_u64(), v4["errors"].as_u64()),
