@@ -19,26 +19,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-# nginx (tests/servers.rs runs it with a reuseport listener in a test namespace)
-# and systemd-socket-activate (Debian's systemd package). nginx's postinst
-# would start the system-wide service on port 80: a policy-rc.d forbids
-# starting services during the install, and the service is left disabled.
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    [ ${#need_apt[@]} -gt 0 ] || apt-get update -qq
-    policy=/usr/sbin/policy-rc.d
-    own_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
-    fi
-    apt-get install -y -qq nginx >/dev/null || { [ "$own_policy" = 1 ] && rm -f "$policy"; exit 1; }
-    [ "$own_policy" = 1 ] && rm -f "$policy"
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        systemctl disable --now nginx >/dev/null 2>&1 || true
-    fi
-fi
-command -v systemd-socket-activate >/dev/null 2>&1 || apt-get install -y -qq systemd >/dev/null
-
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
     command -v curl >/dev/null 2>&1 || apt-get install -y -qq curl >/dev/null
@@ -52,6 +32,26 @@ rustup component add clippy rustfmt >/dev/null 2>&1
 
 # `setup.sh --test`: what only the tests need on top.
 [ "${1:-}" = --test ] || exit 0
+
+# nginx (tests/servers.rs runs it with a reuseport listener in a test namespace)
+# and systemd-socket-activate (Debian's systemd package). nginx's postinst
+# would start the system-wide service on port 80: a policy-rc.d forbids
+# starting services during the install, and the service is left disabled.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && own_policy=1
+    fi
+    apt-get install -y -qq nginx >/dev/null || { [ "$own_policy" = 1 ] && rm -f "$policy"; exit 1; }
+    [ "$own_policy" = 1 ] && rm -f "$policy"
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        systemctl disable --now nginx >/dev/null 2>&1 || true
+    fi
+fi
+command -v systemd-socket-activate >/dev/null 2>&1 || apt-get install -y -qq systemd >/dev/null
 
 # The package test: systemd-analyze (it verifies unit files with no systemd
 # running), man (verify checks the units' Documentation=man: pages), strace
