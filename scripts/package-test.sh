@@ -44,7 +44,7 @@ dpkg -i "$deb" >"$tmp/dpkg.out" 2>&1 || {
     fail "dpkg -i"
 }
 dpkg -L steer | sort >"$tmp/files"
-units=(steer.service steer-metrics.service)
+units=(steer.service steer-metrics.service steer-watch.service)
 expected=(/usr/bin/steerctl /usr/bin/sockmap-update /usr/bin/sk-lookup-attach
     /usr/share/man/man1/steerctl.1.gz /usr/share/man/man1/steerctl-metrics.1.gz
     /usr/share/man/man1/sockmap-update.1.gz /usr/share/man/man1/sk-lookup-attach.1.gz
@@ -69,14 +69,6 @@ for unit in "${units[@]}"; do
     score=$(systemd-analyze security --offline=yes "/usr/lib/systemd/system/$unit" 2>/dev/null | tail -1)
     say "  $unit: verified; ${score#→ }"
 done
-# Written, not packaged: `steerctl watch` does not exist yet. Its unit is
-# checked as a file all the same (the binary it names is installed now).
-if steerctl watch --help >/dev/null 2>&1; then
-    fail "steerctl watch exists now: add steer-watch to systemd-units in steerctl/Cargo.toml"
-fi
-out=$(systemd-analyze verify packaging/debian/steer-watch.service 2>&1) || fail "verify steer-watch.service: $out"
-[ -z "$out" ] || fail "verify steer-watch.service: $out"
-say "  steer-watch.service: verified, not packaged (no \`steerctl watch\` yet)"
 
 # A unit's commands, as that unit runs them: the bounding set and
 # no_new_privs it sets. Root otherwise, like the units.
@@ -93,14 +85,15 @@ as_unit() {
 }
 steer_set=$(bounding_set steer.service)
 metrics_set=$(bounding_set steer-metrics.service)
+watch_set=$(bounding_set steer-watch.service)
 
-say "steer.service's commands, twice (a restart finds the pins in place), then steer-metrics.service's"
+say "steer.service's commands, twice (a restart finds the pins in place), then steer-watch.service's and steer-metrics.service's"
 ip netns add "$ns"
 ip -n "$ns" link set lo up
 sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/steer.service >"$tmp/steer.exec"
 metrics_exec=$(sed -n 's/^ExecStart=//p' /usr/lib/systemd/system/steer-metrics.service)
 [ ! -e /etc/steer/config.json ] || say "  note: /etc/steer/config.json exists here, so steer.service applies it"
-export steer_set metrics_set metrics_exec tmp
+export steer_set metrics_set watch_set metrics_exec tmp
 cat >"$tmp/units.sh" <<'UNITS'
 set -euo pipefail
 mount -t bpf bpf /sys/fs/bpf
@@ -121,6 +114,33 @@ done
 grep -q '^already loaded' "$tmp/units.out"
 grep -q '^already attached' "$tmp/units.out"
 /usr/bin/steerctl bind echo tcp 127.0.0.2 80 >/dev/null
+# steer-watch.service's command on a config of its own: it registers the
+# server, re-registers it after a restart, and exits 0 on SIGTERM.
+echo '{"registrations": [{"label": "echo", "protocol": "tcp", "address": "127.0.0.1", "port": 7777}]}' >"$tmp/watch.json"
+ncat -lk 127.0.0.1 7777 -c 'echo watched' &
+server=$!
+setpriv --no-new-privs --inh-caps=-all --bounding-set="$watch_set" \
+    strace -f -qq -o "$tmp/trace/steer-watch.service" /usr/bin/steerctl watch "$tmp/watch.json" 2>"$tmp/watch.err" &
+watcher=$!
+trap 'cat "$tmp/watch.err" >&2' ERR
+answers() {
+    for _ in $(seq 100); do
+        [ "$(ncat --recv-only 127.0.0.2 80 </dev/null 2>/dev/null)" = watched ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+answers
+kill "$server"
+wait "$server" || true
+ncat -lk 127.0.0.1 7777 -c 'echo watched' &
+server=$!
+answers
+kill -TERM "$(pgrep -P "$watcher")"
+wait "$watcher" # 0 after SIGTERM
+kill "$server"
+wait "$server" || true
+trap - ERR
 # shellcheck disable=SC2086
 setpriv --no-new-privs --inh-caps=-all --bounding-set="$metrics_set" \
     strace -f -qq -o "$tmp/trace/steer-metrics.service" $metrics_exec 2>"$tmp/metrics.err" &
