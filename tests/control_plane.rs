@@ -224,6 +224,10 @@ fn concurrent_binds_all_land() {
             cmd.args([
                 "--pin-dir",
                 pin_dir.to_str().unwrap(),
+                // Twenty writers queue on the lock; under emulation (the VM
+                // matrix) each bind takes seconds, so the default 30 s is short.
+                "--wait",
+                "600",
                 "bind",
                 &format!("l{i}"),
                 "tcp",
