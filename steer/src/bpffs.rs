@@ -34,17 +34,31 @@ fn not_bpffs(path: &Path, pin: &Path) -> Error {
     Error::NotBpffs { path: path.to_path_buf(), mount_point: PathBuf::from(mount_point) }
 }
 
+fn not_a_real_dir(at: &Path) -> Error {
+    Error::Permission(format!(
+        "{} is a symlink or not a directory; steer keeps state only in real directories: remove it (rm {})",
+        at.display(),
+        at.display()
+    ))
+}
+
+fn not_reachable(at: &Path) -> Error {
+    Error::Permission(format!(
+        "{} is not reachable for this user: steer's state is root's (pins and directories are root-only, mode 0700); run as root",
+        at.display()
+    ))
+}
+
 /// Fails unless `dir`, or the nearest directory above it that exists, is
-/// on bpffs; NotLoaded when `dir` itself is missing.
+/// on bpffs; NotLoaded when `dir` itself is missing (or goes while this
+/// looks: a concurrent unload).
 pub fn require_dir(dir: &Path) -> Result<()> {
-    if let Err(e) = std::fs::metadata(dir) {
-        if e.kind() == std::io::ErrorKind::PermissionDenied {
-            fail!(
-                Permission,
-                "{} is not reachable for this user: steer's state is root's (pins and directories are root-only, mode 0700); run as root",
-                dir.display()
-            );
-        }
+    // Not followed: with fs.protected_symlinks (Debian's default) even
+    // root gets EACCES following another user's symlink in a sticky dir.
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => return Err(not_a_real_dir(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(not_reachable(dir)),
+        _ => {}
     }
     if !dir.is_dir() {
         if let Some(existing) = dir.ancestors().skip(1).find(|p| p.is_dir()) {
@@ -54,16 +68,19 @@ pub fn require_dir(dir: &Path) -> Result<()> {
         }
         return Err(Error::NotLoaded { dir: dir.to_path_buf() });
     }
-    if !is_bpffs(dir) {
-        return Err(not_bpffs(dir, dir));
+    match statfs(dir) {
+        Ok(s) if s.filesystem_type() == BPF_FS_MAGIC => Ok(()),
+        Ok(_) => Err(not_bpffs(dir, dir)),
+        Err(nix::errno::Errno::ENOENT) => Err(Error::NotLoaded { dir: dir.to_path_buf() }),
+        Err(e) => Err(std::io::Error::from(e).into()),
     }
-    Ok(())
 }
 
 /// Fails unless `path` is a file on bpffs (a pin).
 pub fn require_pin(path: &Path, what: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
-        if dir.is_dir() && !is_bpffs(dir) {
+        // A directory gone meanwhile (a concurrent unload) is "no pin" below.
+        if statfs(dir).is_ok_and(|s| s.filesystem_type() != BPF_FS_MAGIC) {
             return Err(not_bpffs(dir, path));
         }
     }
@@ -112,17 +129,8 @@ pub fn open_checked(path: &Path, ours: usize) -> Result<OwnedFd> {
         let next = match openat(dir.as_fd(), *name, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Err(Error::NotLoaded { dir: path.to_path_buf() }),
-            Err(Errno::NOTDIR | Errno::LOOP) => fail!(
-                Permission,
-                "{} is a symlink or not a directory; steer keeps state only in real directories: remove it (rm {})",
-                at.display(),
-                at.display()
-            ),
-            Err(Errno::ACCESS) => fail!(
-                Permission,
-                "{} is not reachable for this user: steer's state is root's (mode 0700); run as root",
-                at.display()
-            ),
+            Err(Errno::NOTDIR | Errno::LOOP) => return Err(not_a_real_dir(&at)),
+            Err(Errno::ACCESS) => return Err(not_reachable(&at)),
             Err(e) => return Err(std::io::Error::from(e).into()),
         };
         let stat = rustix::fs::fstat(&next).map_err(std::io::Error::from)?;
