@@ -12,6 +12,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /run/netns
+# What udev makes on a real system; tools write to /dev/stderr.
+ln -sf /proc/self/fd /dev/fd
+for i in 0:stdin 1:stdout 2:stderr; do ln -sf "/proc/self/fd/${i%%:*}" "/dev/${i#*:}"; done
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # /tmp stays on the initramfs (writable already): a tmpfs there would hide
