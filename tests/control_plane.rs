@@ -35,27 +35,10 @@ fn who(ns: &TestNs, addr: &str) -> String {
     ns.first_line(addr).unwrap_or_else(|e| format!("error: {e}"))
 }
 
-/// Labels a..d, each with its own socket; bindings overlap on purpose.
-fn overlapping(ns: &TestNs, v6: bool) {
-    let (wide, narrow, host, server_addr) = if v6 {
-        ("2001:db8::/32", "2001:db8::/64", "2001:db8::5/128", "[::1]:0")
-    } else {
-        ("127.0.0.0/8", "127.0.0.0/24", "127.0.0.5/32", "127.0.0.1:0")
-    };
-    for label in ["a", "b", "c", "d"] {
-        let addr = ns.named_tcp_server(server_addr, label);
-        register(ns, label, "tcp", addr);
-    }
-    ns.steerctl_ok(&["bind", "a", "tcp", wide, "0"]);
-    ns.steerctl_ok(&["bind", "b", "tcp", wide, "80"]);
-    ns.steerctl_ok(&["bind", "c", "tcp", narrow, "0"]);
-    ns.steerctl_ok(&["bind", "d", "tcp", host, "80"]);
-}
-
 #[test]
 fn overlapping_ipv4_bindings_take_longest_prefix_then_exact_port() {
     let ns = loaded();
-    overlapping(&ns, false);
+    ns.overlapping_bindings(false);
     // Same /8 prefix: the exact port beats the wildcard.
     assert_eq!(who(&ns, "127.1.0.1:80"), "b");
     assert_eq!(who(&ns, "127.1.0.1:81"), "a");
@@ -70,7 +53,7 @@ fn overlapping_ipv4_bindings_take_longest_prefix_then_exact_port() {
 fn overlapping_ipv6_bindings_take_longest_prefix_then_exact_port() {
     let ns = loaded();
     ns.add_local_route("2001:db8::/32");
-    overlapping(&ns, true);
+    ns.overlapping_bindings(true);
     assert_eq!(who(&ns, "[2001:db8:1::1]:80"), "b");
     assert_eq!(who(&ns, "[2001:db8:1::1]:81"), "a");
     assert_eq!(who(&ns, "[2001:db8::9]:80"), "c");

@@ -515,23 +515,6 @@ fn apply_is_idempotent_dry_run_changes_nothing_and_a_bad_config_changes_nothing(
     assert!(stderr(&out).contains("label web has no registered udp socket"), "{}", stderr(&out));
 }
 
-/// Labels a..d with overlapping bindings (as tests/control_plane.rs).
-fn overlapping(ns: &TestNs, v6: bool) {
-    let (wide, narrow, host, server_addr) = if v6 {
-        ("2001:db8::/32", "2001:db8::/64", "2001:db8::5/128", "[::1]:0")
-    } else {
-        ("127.0.0.0/8", "127.0.0.0/24", "127.0.0.5/32", "127.0.0.1:0")
-    };
-    for label in ["a", "b", "c", "d"] {
-        let addr = ns.named_tcp_server(server_addr, label);
-        ns.steerctl_ok(&["register", label, "tcp", &addr.ip().to_string(), &addr.port().to_string()]);
-    }
-    ns.steerctl_ok(&["bind", "a", "tcp", wide, "0"]);
-    ns.steerctl_ok(&["bind", "b", "tcp", wide, "80"]);
-    ns.steerctl_ok(&["bind", "c", "tcp", narrow, "0"]);
-    ns.steerctl_ok(&["bind", "d", "tcp", host, "80"]);
-}
-
 /// explain's answer for a TCP connection to `addr`, and what a real
 /// connection there got.
 fn explain_and_connect(ns: &TestNs, addr: &str) -> (serde_json::Value, String) {
@@ -562,7 +545,7 @@ fn explain_agrees_on_precedence(ns: &TestNs, addrs: &[&str]) {
 fn explain_agrees_with_real_connections_ipv6() {
     let ns = loaded();
     ns.add_local_route("2001:db8::/32");
-    overlapping(&ns, true);
+    ns.overlapping_bindings(true);
     explain_agrees_on_precedence(
         &ns,
         &["[2001:db8:1::1]:80", "[2001:db8:1::1]:81", "[2001:db8::9]:80", "[2001:db8::5]:80", "[2001:db8::5]:22"],
@@ -572,7 +555,7 @@ fn explain_agrees_with_real_connections_ipv6() {
 #[test]
 fn explain_agrees_with_real_connections() {
     let ns = loaded();
-    overlapping(&ns, false);
+    ns.overlapping_bindings(false);
     explain_agrees_on_precedence(
         &ns,
         &["127.1.0.1:80", "127.1.0.1:81", "127.0.0.9:80", "127.0.0.9:443", "127.0.0.5:80", "127.0.0.5:81"],

@@ -306,18 +306,13 @@ fn check_fits(w: &Wanted, member: &Member, bindings: &[Binding]) -> Result<()> {
         inode: member.inode,
         netns_inode: 0,
     };
-    if !served.is_empty() && !served.iter().any(|b| crate::labelled::serves(&info, b)) {
-        let kinds: BTreeSet<String> = served
-            .iter()
-            .map(|b| format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }))
-            .collect();
+    if let Some(kinds) = crate::labelled::unserved(&info, &served) {
         fail!(
             Invalid,
-            "registration {} {}: label {} is bound to {} but the socket there is a {} {}{} socket",
+            "registration {} {}: label {} is bound to {kinds} but the socket there is a {} {}{} socket",
             w.label,
             w.target(),
             w.label,
-            kinds.into_iter().collect::<Vec<_>>().join(", "),
             w.protocol,
             member.family,
             if member.v6only { " IPv6-only" } else { "" }

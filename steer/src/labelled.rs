@@ -383,6 +383,22 @@ pub(crate) fn serves(info: &SocketInfo, b: &Binding) -> bool {
         }
 }
 
+/// When `served` (a label's bindings) is not empty and none of them can use
+/// `info`'s socket, the kinds they are ("tcp ipv4, udp ipv6"), for an error.
+pub(crate) fn unserved<B: std::borrow::Borrow<Binding>>(info: &SocketInfo, served: &[B]) -> Option<String> {
+    if served.is_empty() || served.iter().any(|b| serves(info, b.borrow())) {
+        return None;
+    }
+    let kinds: BTreeSet<String> = served
+        .iter()
+        .map(|b| {
+            let b = b.borrow();
+            format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" })
+        })
+        .collect();
+    Some(kinds.into_iter().collect::<Vec<_>>().join(", "))
+}
+
 /// What the published bindings answer for one lookup.
 #[derive(Debug, Clone, Serialize)]
 pub struct Resolved {
@@ -661,15 +677,10 @@ impl Dispatcher<ReadWrite> {
         bindings::label_key(label)?;
         let served: Vec<Binding> = self.bindings()?.into_iter().filter(|b| b.label == label).collect();
         for (info, _) in sockets {
-            if !served.is_empty() && !served.iter().any(|b| serves(info, b)) {
-                let kinds: BTreeSet<String> = served
-                    .iter()
-                    .map(|b| format!("{} {}", b.protocol, if b.prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" }))
-                    .collect();
+            if let Some(kinds) = unserved(info, &served) {
                 fail!(
                     Invalid,
-                    "label {label} is bound to {} but this is a {} {} socket ({info}); register a matching socket",
-                    kinds.into_iter().collect::<Vec<_>>().join(", "),
+                    "label {label} is bound to {kinds} but this is a {} {} socket ({info}); register a matching socket",
                     info.protocol,
                     info.family
                 );

@@ -215,21 +215,7 @@ pub struct NetnsLinkInfo {
 }
 
 pub fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    // type, id, prog_id, pad, then the union (netns_ino, attach_type).
-    let mut info = [0u32; 32];
-    let mut attr = InfoAttr {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: size_of::<[u32; 32]>() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // Safety: info is as large as info_len says.
-    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
+    let info = link_info_words(link)?;
     if info[0] != BPF_LINK_TYPE_NETNS {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace link"));
     }
@@ -323,6 +309,8 @@ pub fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<SkLookupLink>> {
     Ok(out)
 }
 
+/// `bpf_link_info` as words: type, id, prog_id, pad, then the union (for a
+/// netns link: netns_ino, attach_type).
 fn link_info_words(link: BorrowedFd<'_>) -> io::Result<[u32; 32]> {
     #[repr(C)]
     struct InfoAttr {

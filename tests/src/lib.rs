@@ -251,6 +251,27 @@ impl TestNs {
         local
     }
 
+    /// Labels a..d, each with its own named socket (registered from this
+    /// process), and TCP bindings that overlap on purpose: a on the wide
+    /// prefix, any port; b on it, port 80; c on a narrower prefix, any port;
+    /// d on one host, port 80.
+    pub fn overlapping_bindings(&self, v6: bool) {
+        let (wide, narrow, host, server_addr) = if v6 {
+            ("2001:db8::/32", "2001:db8::/64", "2001:db8::5/128", "[::1]:0")
+        } else {
+            ("127.0.0.0/8", "127.0.0.0/24", "127.0.0.5/32", "127.0.0.1:0")
+        };
+        let me = std::process::id().to_string();
+        for label in ["a", "b", "c", "d"] {
+            let addr = self.named_tcp_server(server_addr, label);
+            self.steerctl_ok(&["register-pid", label, &me, "tcp", &addr.ip().to_string(), &addr.port().to_string()]);
+        }
+        self.steerctl_ok(&["bind", "a", "tcp", wide, "0"]);
+        self.steerctl_ok(&["bind", "b", "tcp", wide, "80"]);
+        self.steerctl_ok(&["bind", "c", "tcp", narrow, "0"]);
+        self.steerctl_ok(&["bind", "d", "tcp", host, "80"]);
+    }
+
     /// Connects to `addr` and returns the first line the server sends.
     pub fn first_line(&self, addr: SocketAddr) -> std::io::Result<String> {
         self.enter(|| {
