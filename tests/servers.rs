@@ -92,6 +92,40 @@ fn cookie_of(fd: impl AsFd) -> u64 {
 }
 
 /// Connects to `addr` (from inside the namespace) and reads one line.
+/// A client connecting to `addr` every `pause` in a thread, each answer
+/// (or error) logged with when it was asked, until [`Self::stop`].
+struct ConnectLoop {
+    done: Arc<AtomicBool>,
+    client: std::thread::JoinHandle<Vec<(Instant, std::io::Result<String>)>>,
+}
+
+impl ConnectLoop {
+    fn start(ns: &Arc<TestNs>, addr: SocketAddr, pause: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let (ns, stop) = (ns.clone(), done.clone());
+        let client = std::thread::spawn(move || {
+            ns.enter(|| {
+                let mut log = Vec::new();
+                // Bounded: 20,000 connections or until told to stop.
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    log.push((Instant::now(), line(addr)));
+                    std::thread::sleep(pause);
+                }
+                log
+            })
+        });
+        Self { done, client }
+    }
+
+    fn stop(self) -> Vec<(Instant, std::io::Result<String>)> {
+        self.done.store(true, Ordering::SeqCst);
+        self.client.join().unwrap()
+    }
+}
+
 fn line(addr: SocketAddr) -> std::io::Result<String> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -221,24 +255,7 @@ fn a_reuseport_group_is_served_whole_and_survives_the_registered_members_exit() 
     );
     let watch = Watch::start(&ns, &config);
     let registered = list[0]["cookie"].as_u64().unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (ns, done) = (ns.clone(), done.clone());
-        std::thread::spawn(move || {
-            ns.enter(|| {
-                let mut log = Vec::new();
-                // Bounded: 20,000 connections or until told to stop.
-                for _ in 0..20_000 {
-                    if done.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    log.push((Instant::now(), line(steered).is_ok()));
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                log
-            })
-        })
-    };
+    let client = ConnectLoop::start(&ns, steered, Duration::from_millis(1));
     std::thread::sleep(Duration::from_millis(100));
     let (name, listener) = members.remove(&registered).unwrap();
     let closed_at = Instant::now();
@@ -247,10 +264,9 @@ fn a_reuseport_group_is_served_whole_and_survives_the_registered_members_exit() 
     let reregistered = closed_at.elapsed();
     assert!(members.contains_key(&replacement), "the watcher registered another member");
     std::thread::sleep(Duration::from_millis(300));
-    done.store(true, Ordering::SeqCst);
-    let log = client.join().unwrap();
+    let log = client.stop();
     let refused: Vec<Duration> =
-        log.iter().filter(|(_, ok)| !ok).map(|(t, _)| t.saturating_duration_since(closed_at)).collect();
+        log.iter().filter(|(_, r)| r.is_err()).map(|(t, _)| t.saturating_duration_since(closed_at)).collect();
     eprintln!(
         "reuseport: member {name} exited; re-registered after {:.1} ms; {} of {} connections failed, all within {:.1} ms of the exit",
         reregistered.as_secs_f64() * 1e3,
@@ -355,23 +371,7 @@ fn watch_re_registers_a_restarted_server_quickly() {
         assert!(Instant::now() < deadline, "first ncat never served:\n{}", watch.log());
         std::thread::sleep(Duration::from_millis(5));
     }
-    let done = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (ns, done) = (ns.clone(), done.clone());
-        std::thread::spawn(move || {
-            ns.enter(|| {
-                let mut log = Vec::new();
-                for _ in 0..20_000 {
-                    if done.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    log.push((Instant::now(), line(steered)));
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                log
-            })
-        })
-    };
+    let client = ConnectLoop::start(&ns, steered, Duration::from_millis(2));
     std::thread::sleep(Duration::from_millis(100));
     first.kill().unwrap();
     first.wait().unwrap();
@@ -380,8 +380,7 @@ fn watch_re_registers_a_restarted_server_quickly() {
     let mut second = start_ncat("second");
     let listened = listening(&ns).expect("the restarted ncat listens");
     std::thread::sleep(Duration::from_millis(500));
-    done.store(true, Ordering::SeqCst);
-    let log = client.join().unwrap();
+    let log = client.stop();
     let _ = second.kill();
     let _ = second.wait();
     let failed: Vec<&Instant> = log.iter().filter(|(_, r)| r.is_err()).map(|(t, _)| t).collect();
