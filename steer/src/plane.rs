@@ -1,14 +1,16 @@
 //! Publishing a compiled generation so that lookups switch to it at once.
 //!
 //! `steer_dirs` and `steer_ranges` hold two halves of chunk slots; lookups
-//! read the half `steer_config` names. A write fills the idle half with
-//! fresh, never-modified chunk maps (slots it does not need get a shared
-//! empty chunk), switches `active_half` (one byte, so no lookup sees a mix),
-//! waits for an RCU grace period so no lookup still runs on the old half,
-//! and replaces the old half's chunks with the empty one, which frees them:
-//! memory follows the bindings. The kernel waits for a grace period after
-//! every change of a map of maps, so slots change in batches: three grace
-//! periods per write whatever its size. `steer_meta`'s `idle_dirty` says
+//! read the half `steer_config` names (an empty slot reads as no entry). A
+//! write fills the idle half's slots the generation needs with fresh,
+//! never-modified chunk maps, switches `active_half` (one byte, so no lookup
+//! sees a mix), waits for an RCU grace period so no lookup still runs on the
+//! old half, and replaces the old half's chunks with an empty one, which
+//! frees them: memory follows the bindings. `steer_meta` records which slots
+//! each half fills, so a write touches only those. The kernel waits for a
+//! grace period after every change of a map of maps: where it has batch
+//! updates for them, slots change in batches (three grace periods per write
+//! whatever its size); elsewhere one per slot changed. `idle_dirty` says
 //! when the idle half may still be read (a write died between switching and
 //! emptying), so the next write waits first.
 
@@ -24,7 +26,7 @@ use aya::{
 };
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use steer_common::{
-    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, RANGE_CHUNKS, Range, StateMeta,
+    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, RANGE_CHUNKS, Range, StateMeta,
     kernel::{BPF_F_MMAPABLE, BPF_MAP_TYPE_ARRAY},
     map,
 };
@@ -163,13 +165,16 @@ fn new_chunk<T: Pod>(entries: &[T], name: &str) -> Result<MapData> {
     Ok(map)
 }
 
-/// Points slots `first..` of a map of maps at `chunks`, in one batch where
-/// the kernel has batch updates for maps of maps, slot by slot otherwise.
-fn install(outer: BorrowedFd<'_>, first: u32, chunks: &[&MapData]) -> Result<()> {
+/// Points `slots` of a map of maps at `chunks`, in one batch where the
+/// kernel has batch updates for maps of maps, slot by slot otherwise.
+fn install(outer: BorrowedFd<'_>, slots: &[u32], chunks: &[&MapData]) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let keys: Vec<u8> = (first..first + chunks.len() as u32).flat_map(u32::to_ne_bytes).collect();
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<u8> = slots.iter().flat_map(|slot| slot.to_ne_bytes()).collect();
     let fds: Vec<u8> = chunks.iter().flat_map(|c| (c.fd().as_fd().as_raw_fd() as u32).to_ne_bytes()).collect();
-    match sys::map_update_batch(outer, &keys, &fds, chunks.len() as u32) {
+    match sys::map_update_batch(outer, &keys, &fds, slots.len() as u32) {
         Ok(()) => Ok(()),
         // EINVAL, ENOTSUPP (524): no batch updates for maps of maps here.
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) => {
@@ -180,6 +185,19 @@ fn install(outer: BorrowedFd<'_>, first: u32, chunks: &[&MapData]) -> Result<()>
         }
         Err(e) => Err(e).context("installing chunks"),
     }
+}
+
+/// The chunk numbers set in `bits`.
+fn dir_chunks_in(bits: &DirSlots) -> impl Iterator<Item = u32> + '_ {
+    (0..DIR_CHUNKS).filter(|c| bits[*c as usize / 64] >> (c % 64) & 1 != 0)
+}
+
+fn dir_slots_of(chunks: impl IntoIterator<Item = u32>) -> DirSlots {
+    let mut bits = DirSlots::default();
+    for c in chunks {
+        bits[c as usize / 64] |= 1 << (c % 64);
+    }
+    bits
 }
 
 /// Waits until every BPF program run that began before now has finished
@@ -236,27 +254,34 @@ impl Plane {
         let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
         let empty_dir = new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir")?;
         let empty_ranges = new_chunk::<Range>(&[], "steer_range")?;
-        // The idle half: every directory slot (absent chunks empty), and the
-        // range slots this generation needs or the half held before.
-        let mut dir_chunks = Vec::with_capacity(DIR_CHUNKS as usize);
-        for chunk in 0..DIR_CHUNKS {
-            dir_chunks.push(match generation.dir_chunks.get(&chunk) {
-                Some(entries) => Some(new_chunk(entries, "steer_dir")?),
-                None => None,
-            });
-        }
-        let dir_refs: Vec<&MapData> = dir_chunks.iter().map(|c| c.as_ref().unwrap_or(&empty_dir)).collect();
-        install(dirs, idle * DIR_CHUNKS, &dir_refs)?;
+        let dir_chunks = generation
+            .dir_chunks
+            .iter()
+            .map(|(&chunk, entries)| Ok((chunk, new_chunk(entries, "steer_dir")?)))
+            .collect::<Result<BTreeMap<u32, MapData>>>()?;
         let range_chunks = generation
             .ranges
             .chunks(CHUNK_ENTRIES as usize)
             .map(|entries| new_chunk(entries, "steer_range"))
             .collect::<Result<Vec<_>>>()?;
-        // Empty chunks also replace what a killed write may have left.
-        let held = usize::from(meta.range_slots[idle as usize]).max(usize::from(meta.range_slots[active as usize]));
+        // The idle half: the slots this generation needs, and those a killed
+        // write left filled (emptied). Recorded first, so a write killed
+        // while installing leaves no filled slot unaccounted for.
+        let needed = dir_slots_of(dir_chunks.keys().copied());
+        let touched = std::array::from_fn(|w| needed[w] | meta.dir_slots[idle as usize][w]);
+        let held_ranges = meta.range_slots[idle as usize];
+        meta.dir_slots[idle as usize] = touched;
+        meta.range_slots[idle as usize] = held_ranges.max(range_chunks.len() as u16);
+        self.meta.set(0, meta, 0).context("writing steer_meta")?;
+        let (slots, refs): (Vec<u32>, Vec<&MapData>) = dir_chunks_in(&touched)
+            .map(|chunk| (idle * DIR_CHUNKS + chunk, dir_chunks.get(&chunk).unwrap_or(&empty_dir)))
+            .unzip();
+        install(dirs, &slots, &refs)?;
         let mut range_refs: Vec<&MapData> = range_chunks.iter().collect();
-        range_refs.resize(range_refs.len().max(held), &empty_ranges);
-        install(ranges, idle * RANGE_CHUNKS, &range_refs)?;
+        range_refs.resize(range_refs.len().max(held_ranges.into()), &empty_ranges);
+        let slots: Vec<u32> = (0..range_refs.len() as u32).map(|i| idle * RANGE_CHUNKS + i).collect();
+        install(ranges, &slots, &range_refs)?;
+        meta.dir_slots[idle as usize] = needed;
         meta.range_slots[idle as usize] = range_chunks.len() as u16;
         meta.idle_dirty = 1;
         self.meta.set(0, meta, 0).context("writing steer_meta")?;
@@ -264,11 +289,13 @@ impl Plane {
         self.config.set(0, config, 0).context("switching to the new bindings")?;
         grace_period();
         // The old half's chunks are freed as empty ones replace them.
-        install(dirs, active * DIR_CHUNKS, &vec![&empty_dir; DIR_CHUNKS as usize])?;
-        let old = usize::from(meta.range_slots[active as usize]);
-        if old > 0 {
-            install(ranges, active * RANGE_CHUNKS, &vec![&empty_ranges; old])?;
-        }
+        let slots: Vec<u32> =
+            dir_chunks_in(&meta.dir_slots[active as usize]).map(|c| active * DIR_CHUNKS + c).collect();
+        install(dirs, &slots, &vec![&empty_dir; slots.len()])?;
+        let slots: Vec<u32> =
+            (0..u32::from(meta.range_slots[active as usize])).map(|i| active * RANGE_CHUNKS + i).collect();
+        install(ranges, &slots, &vec![&empty_ranges; slots.len()])?;
+        meta.dir_slots[active as usize] = DirSlots::default();
         meta.range_slots[active as usize] = 0;
         meta.idle_dirty = 0;
         self.meta.set(0, meta, 0).context("writing steer_meta")?;
