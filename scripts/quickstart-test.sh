@@ -35,6 +35,14 @@ fi
 for line in 'hello 7' 'hello 77' 'hello 777' 'hello label' 'open tcp 777'; do
     grep -qx "$line" "$tmp/demo.out" || fail "the walkthrough did not print '$line'"
 done
+# The README shows this output: the same lines but for ids, pids and cookies
+# (and the table widths they change).
+shape() { sed -E 's/[0-9]{3,}/N/g; s/ +/ /g; s/─+/─/g' "$@"; }
+sed -n '/^\$ steerctl load$/,/^removed .*steer_meta$/p' README.md | shape >"$tmp/readme.shape"
+if ! diff <(shape "$tmp/demo.out" | sed '${/^$/d}') "$tmp/readme.shape" >"$tmp/readme.diff"; then
+    cat "$tmp/readme.diff" >&2
+    fail "the README's walkthrough differs from scripts/demo.sh's output (< demo, > README): paste the new output in"
+fi
 
 # 2. and 3. A user: re-run under sudo when there is one; otherwise say so.
 demo=$PWD/scripts/demo.sh
