@@ -427,6 +427,62 @@ fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// The bpf(2) calls of `steerctl ARGS` (its main thread), as strace shows them.
+fn bpf_calls(ns: &TestNs, args: &[&str]) -> Vec<String> {
+    let out = ns
+        .command("strace")
+        .args(["-qq", "-e", "trace=bpf", "-o", "/dev/stderr"])
+        .arg(bin("steerctl"))
+        .arg("--pin-dir")
+        .arg(ns.pin_dir())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    stderr(&out).lines().filter(|l| l.starts_with("bpf(")).map(str::to_string).collect()
+}
+
+/// A bind killed just before any one of its map writes (strace delivers
+/// SIGKILL on entry to that bpf call), and after the last, then run
+/// again: it always ends recorded, published and serving.
+#[test]
+fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
+    let ns = loaded();
+    ns.steerctl_ok(&["bind", "a", "tcp", "10.0.0.0/8", "80"]);
+    let addr = ns.named_tcp_server("127.0.0.1:0", "b");
+    register(&ns, "b", "tcp", addr);
+    ns.add_local_route("192.0.2.0/24");
+    let bind = ["bind", "b", "tcp", "192.0.2.0/24", "0"];
+    let unbind = ["unbind", "b", "tcp", "192.0.2.0/24", "0"];
+    let calls = bpf_calls(&ns, &bind);
+    ns.steerctl_ok(&unbind);
+    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
+    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i + 1).collect();
+    let after_last = kill_at.last().copied().unwrap_or(0) + 1;
+    if after_last <= calls.len() {
+        kill_at.push(after_last);
+    }
+    assert!((3..=60).contains(&kill_at.len()), "{} writes:\n{}", kill_at.len(), calls.join("\n"));
+    for n in kill_at {
+        let out = ns
+            .command("strace")
+            .args(["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
+            .arg(format!("inject=bpf:signal=SIGKILL:when={n}"))
+            .arg(bin("steerctl"))
+            .arg("--pin-dir")
+            .arg(ns.pin_dir())
+            .args(bind)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "bind killed at bpf call {n} finished: {}", stderr(&out));
+        ns.steerctl_ok(&bind);
+        let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
+        assert_eq!(status["plane"]["up_to_date"], true, "killed at bpf call {n} ({}): {status}", calls[n - 1]);
+        assert_eq!(who(&ns, "192.0.2.9:1234"), "b", "killed at bpf call {n}: {}", calls[n - 1]);
+        ns.steerctl_ok(&unbind);
+    }
+}
+
 /// Each change of a map of maps costs a grace period (milliseconds) where
 /// the kernel has no batch updates for them (5.10, 6.1): a bind changes
 /// only the chunks its bindings need, not every slot (about 390 calls).

@@ -14,7 +14,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use nix::sys::statfs::{BPF_FS_MAGIC, fstatfs, statfs};
 use rustix::{
     fs::{Mode, OFlags, openat},
     io::Errno,
@@ -97,6 +97,17 @@ fn euid() -> u32 {
 /// What is wrong with a directory another user could change, and the fix.
 fn unsafe_dir(path: &Path, uid: u32, mode: u32, why: &str, fix: &str) -> Error {
     Error::Permission(format!("{} (owner uid {uid}, mode {:04o}) {why}; {fix}", path.display(), mode & 0o7777))
+}
+
+/// [`open_checked`], and the opened directory on bpffs: checked on its fd,
+/// so the directory checked is the one used.
+pub fn open_checked_bpffs(path: &Path, ours: usize) -> Result<OwnedFd> {
+    let dir = open_checked(path, ours)?;
+    match fstatfs(&dir) {
+        Ok(s) if s.filesystem_type() == BPF_FS_MAGIC => Ok(dir),
+        Ok(_) => Err(not_bpffs(path, path)),
+        Err(e) => Err(std::io::Error::from(e).into()),
+    }
 }
 
 /// The directory `path`, every component checked as the module describes;

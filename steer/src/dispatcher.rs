@@ -96,7 +96,7 @@ impl<A: Access> Dispatcher<A> {
         // Every pin is root's; say so before any EPERM can.
         preflight::require_bpf_caps()?;
         bpffs::require_dir(&layout.dir)?;
-        let dir = bpffs::open_checked(&layout.dir, layout.owned)?;
+        let dir = bpffs::open_checked_bpffs(&layout.dir, layout.owned)?;
         let inode = rustix::fs::fstat(&dir).map_err(std::io::Error::from)?.st_ino;
         let lock = StateLock::acquire(dir, &layout.dir, A::MODE)?;
         // An unload may have removed the directory while this waited, or a
@@ -216,7 +216,7 @@ impl Dispatcher<ReadWrite> {
                 )),
                 e => e,
             })?;
-            bpffs::make_private_dir(&bpffs::open_checked(bpffs_root, 0)?, root_name)?;
+            bpffs::make_private_dir(&bpffs::open_checked_bpffs(bpffs_root, 0)?, root_name)?;
         }
         bpffs::require_dir(parent).map_err(|e| match e {
             Error::NotLoaded { dir } => {
@@ -224,7 +224,7 @@ impl Dispatcher<ReadWrite> {
             }
             e => e,
         })?;
-        let parent_fd = bpffs::open_checked(parent, layout.owned - 1)?;
+        let parent_fd = bpffs::open_checked_bpffs(parent, layout.owned - 1)?;
         for _attempt in 0..3 {
             if layout.dir.exists() {
                 return Err(Self::loaded_already(layout));
@@ -234,7 +234,7 @@ impl Dispatcher<ReadWrite> {
             remove_state(&staged.dir);
             bpffs::make_private_dir(&parent_fd, staged_name.as_ref())?;
             let rollback = Rollback { paths: staged.pins(), dir: Some(staged.dir.clone()) };
-            let lock = StateLock::fresh(bpffs::open_checked(&staged.dir, layout.owned)?)?;
+            let lock = StateLock::fresh(bpffs::open_checked_bpffs(&staged.dir, layout.owned)?)?;
             let state = Self { layout: staged.clone(), _lock: lock, _access: PhantomData };
             let mut ebpf = load_object(&staged)?;
             let program = program(&mut ebpf);

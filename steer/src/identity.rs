@@ -146,14 +146,13 @@ fn live_namespaces() -> BTreeSet<u64> {
 
 /// Why the state in `dir` is stale as seen from outside its namespace:
 /// its link is dead, or no namespace with its inode (and cookie) exists.
-fn stale_from_outside(dir: &Path, live: &BTreeSet<u64>) -> Result<Option<String>> {
-    let state = Dispatcher::open_repair(&Layout::new(dir))?;
+fn stale_from_outside(state: &Dispatcher<ReadWrite>, live: &BTreeSet<u64>) -> Result<Option<String>> {
     let link = state.layout().link();
     if link.exists() {
         let info = sys::netns_link_info(sys::obj_get(&link)?.as_fd())?;
         return Ok((info.netns_ino == 0).then(|| format!("its link {} is dead", info.id)));
     }
-    let meta = Plane::open(&state)?.meta()?;
+    let meta = Plane::open(state)?.meta()?;
     if !live.contains(&meta.netns_inode) {
         return Ok(Some(format!("no network namespace {} exists", meta.netns_inode)));
     }
@@ -200,22 +199,35 @@ pub fn gc(bpffs: &Path, dry_run: bool) -> Result<Vec<GcEntry>> {
         Err(Error::NotLoaded { .. }) => return Ok(Vec::new()),
         other => other?,
     }
-    crate::bpffs::open_checked(&root, 1)?;
+    crate::bpffs::open_checked_bpffs(&root, 1)?;
     let live = live_namespaces();
     let mut out = Vec::new();
     let mut names: Vec<PathBuf> = std::fs::read_dir(&root)?.flatten().map(|e| e.path()).collect();
     names.sort();
     for dir in names {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let stale = match name.rsplit_once("-tmp-") {
-            // A load's staging directory: stale once its process is gone.
-            Some((_, pid)) => {
-                let alive = pid.parse::<i32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists());
-                (!alive).then(|| format!("left by a load (pid {pid}) that did not finish"))
+        let loading = name.rsplit_once("-tmp-").map(|(_, pid)| pid.to_string());
+        // A load's staging directory: stale once its process is gone.
+        if let Some(pid) = &loading {
+            if pid.parse::<i32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
+                out.push(GcEntry { dir, stale: None, removed: false });
+                continue;
             }
-            None => match stale_from_outside(&dir, &live) {
+        }
+        // Held from the check through the removal: nothing changes between.
+        let state = match Dispatcher::<ReadWrite>::open_repair(&Layout::new(&dir)) {
+            Ok(state) => state,
+            // Not steer's, unreadable or just unloaded: say so, touch nothing.
+            Err(e) => {
+                log::warn!("{}: {e}", dir.display());
+                out.push(GcEntry { dir, stale: None, removed: false });
+                continue;
+            }
+        };
+        let stale = match loading {
+            Some(pid) => Some(format!("left by a load (pid {pid}) that did not finish")),
+            None => match stale_from_outside(&state, &live) {
                 Ok(stale) => stale,
-                // Not steer's, or unreadable: say so, touch nothing.
                 Err(e) => {
                     log::warn!("{}: {e}", dir.display());
                     None
@@ -224,9 +236,9 @@ pub fn gc(bpffs: &Path, dry_run: bool) -> Result<Vec<GcEntry>> {
         };
         let removed = stale.is_some() && !dry_run;
         if removed {
-            let _lock = Dispatcher::<ReadWrite>::open_repair(&Layout::new(&dir));
             remove_state(&dir);
         }
+        drop(state);
         out.push(GcEntry { dir, stale, removed });
     }
     Ok(out)

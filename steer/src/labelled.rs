@@ -94,18 +94,27 @@ impl Record {
     }
 }
 
-/// A record set with room for `capacity` bindings: a fresh, empty map
-/// pinned over `bindings_N` (only userspace reads these maps).
-fn fresh_record(layout: &crate::Layout, index: usize, capacity: u32) -> Result<Record> {
+/// A record set holding `entries`, with room for `capacity` bindings: a new
+/// map, filled, then pinned over `bindings_N` in one rename, so a write
+/// killed half way leaves the old record whole (only userspace reads these).
+fn fresh_record(
+    layout: &crate::Layout,
+    index: usize,
+    capacity: u32,
+    entries: impl IntoIterator<Item = (BindingKey, u32)>,
+) -> Result<Record> {
     let name = [map::BINDINGS_0, map::BINDINGS_1][index];
     let spec = spec(name);
     let obj = aya_obj::Map::new_from_params(spec.map_type, spec.key_size, spec.value_size, capacity, spec.flags);
-    let data = MapData::create(obj, name, None).context("creating a binding record")?;
+    let mut record = Record::new(MapData::create(obj, name, None).context("creating a binding record")?)?;
+    for (key, label) in entries {
+        record.map.insert(key, label, 0).context("recording the bindings")?;
+    }
     let staged = layout.dir.join(format!("{name}_next"));
     let _ = std::fs::remove_file(&staged);
-    data.pin(&staged).context("pinning a binding record")?;
+    MapData::from_fd(record.fd.try_clone()?)?.pin(&staged).context("pinning a binding record")?;
     std::fs::rename(&staged, layout.map(name)).context("replacing a binding record")?;
-    Record::new(data)
+    Ok(record)
 }
 
 /// A record capacity with room to grow for `count` bindings.
@@ -190,11 +199,9 @@ impl Maps {
                 if entries.len() >= MAX_BINDINGS as usize {
                     fail!(Full, "bindings map full ({} entries)", separated(MAX_BINDINGS));
                 }
-                let mut grown = fresh_record(&self.layout, active, record_capacity(entries.len() + 1))?;
-                for (k, v) in entries.iter().copied().chain([(key, label)]) {
-                    grown.map.insert(k, v, 0).context("copying the binding record")?;
-                }
-                self.records[active] = grown;
+                let capacity = record_capacity(entries.len() + 1);
+                self.records[active] =
+                    fresh_record(&self.layout, active, capacity, entries.into_iter().chain([(key, label)]))?;
                 Ok(())
             }
             other => other.context("adding the binding"),
@@ -359,6 +366,45 @@ impl Maps {
     }
 }
 
+/// The socket slots alone (three maps, not all of them): for loops that
+/// read them often, such as `watch`'s check every 10 ms.
+pub struct Slots {
+    labels: HashMap<MapData, LabelName, u32>,
+    sockets: SocketMap<u32>,
+    flags: aya::maps::Array<MapData, u32>,
+}
+
+impl Slots {
+    pub fn open<A: Access>(d: &Dispatcher<A>) -> Result<Self> {
+        Ok(Self {
+            labels: d.typed_map(map::LABELS)?,
+            sockets: SocketMap::open_spec(&d.layout().map(map::SOCKETS), spec(map::SOCKETS))?,
+            flags: d.typed_map(map::SOCKET_FLAGS)?,
+        })
+    }
+
+    fn slot(&self, label: &str, family: Family, protocol: Protocol) -> Result<Option<u32>> {
+        let id = lookup(&self.labels, &bindings::label_key(label)?)?;
+        Ok(id.map(|id| socket_slot(id, family_index(family), protocol_index(protocol))))
+    }
+
+    /// The cookie of the socket in `label`'s slot for (`family`, `protocol`).
+    pub fn cookie(&self, label: &str, family: Family, protocol: Protocol) -> Result<Option<u64>> {
+        match self.slot(label, family, protocol)? {
+            Some(slot) => self.sockets.cookie(&slot),
+            None => Ok(None),
+        }
+    }
+
+    /// The `socket_flag` bits of that slot (0 for an unknown label).
+    pub fn flags(&self, label: &str, family: Family, protocol: Protocol) -> Result<u32> {
+        match self.slot(label, family, protocol)? {
+            Some(slot) => Ok(self.flags.get(&slot, 0)?),
+            None => Ok(0),
+        }
+    }
+}
+
 /// 1048576 as "1,048,576".
 fn separated(n: u32) -> String {
     let digits = n.to_string();
@@ -473,9 +519,7 @@ impl<A: Access> Dispatcher<A> {
 
     /// The `socket_flag` bits of a socket slot.
     pub fn socket_flags(&self, label: &str, family: Family, protocol: Protocol) -> Result<u32> {
-        let maps = Maps::open(self)?;
-        let Some(id) = maps.label_id(label)? else { return Ok(0) };
-        Ok(maps.socket_flags.get(&socket_slot(id, family_index(family), protocol_index(protocol)), 0)?)
+        Slots::open(self)?.flags(label, family, protocol)
     }
 
     /// How many sockets are registered, without looking for their owners.
@@ -598,8 +642,9 @@ impl Dispatcher<ReadWrite> {
         }
         maps.check_sockets_serve(b)?;
         let id = maps.ensure_labels([b.label.as_str()])?[&b.label];
-        maps.record_insert(key, id)?;
+        // Bumped first: a write killed after changing the record is seen as unpublished.
         maps.bump_record()?;
+        maps.record_insert(key, id)?;
         let entries = maps.record_entries()?;
         maps.publish(&entries)?;
         Ok(true)
@@ -613,8 +658,8 @@ impl Dispatcher<ReadWrite> {
             _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
         }
         let active = (maps.meta.active_record & 1) as usize;
-        maps.records[active].map.remove(&key)?;
         maps.bump_record()?;
+        maps.records[active].map.remove(&key)?;
         let entries = maps.record_entries()?;
         maps.publish(&entries)?;
         maps.collect_labels()
@@ -647,10 +692,8 @@ impl Dispatcher<ReadWrite> {
         let entries: Vec<(BindingKey, u32)> = seen.iter().map(|(key, label)| (*key, ids[*label])).collect();
         let idle = (1 - (maps.meta.active_record & 1)) as usize;
         // The idle set held the set before last; only this writer reads it.
-        maps.records[idle] = fresh_record(self.layout(), idle, record_capacity(entries.len()))?;
-        for (key, id) in &entries {
-            maps.records[idle].map.insert(*key, *id, 0).context("recording the bindings")?;
-        }
+        maps.records[idle] =
+            fresh_record(self.layout(), idle, record_capacity(entries.len()), entries.iter().copied())?;
         maps.meta.active_record = idle as u32;
         maps.bump_record()?;
         let stats = maps.publish(&entries)?;
