@@ -792,3 +792,75 @@ fn a_server_started_by_systemd_socket_activate_is_registered_by_address() {
     assert!(out.contains("systemd-socket-"), "{out}");
     assert_eq!(ns.enter(|| line("127.0.0.98:98".parse().unwrap())).unwrap(), "inetd");
 }
+
+/// A registration whose chosen socket is IPv6 (the filter's process holds
+/// only that one) while an IPv4 wildcard listens there too: `watch` checks
+/// the IPv6 slot, so it registers once and keeps it, not again every
+/// second.
+#[test]
+fn watch_keeps_a_registration_in_the_second_familys_slot() {
+    use std::os::unix::process::CommandExt;
+    let mut ns = loaded();
+    let _v4 = reuseport_listener(&ns, "0.0.0.0:8093".parse().unwrap());
+    let v6 = reuseport_listener(&ns, "[::]:8093".parse().unwrap());
+    let v6_cookie = cookie_of(&v6);
+    // Only a `sleep` holds the IPv6 socket, as its fd 100.
+    let mut cmd = ns.command("sleep");
+    cmd.arg("30");
+    let raw = v6.as_raw_fd();
+    // Safety: dup2 and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if raw == 100 { libc::fcntl(raw, libc::F_SETFD, 0) } else { libc::dup2(raw, 100) };
+            if ok < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        });
+    }
+    ns.spawn(cmd);
+    drop(v6);
+    let config = write_config(
+        &ns,
+        "dual.json",
+        &serde_json::json!({"registrations": [
+            {"label": "dual", "protocol": "tcp", "address": "127.0.0.1", "port": 8093, "process": "sleep"}
+        ]}),
+    );
+    let watch = Watch::start(&ns, &config);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while slot_cookie(&ns, "dual", Family::Ipv6, Protocol::Tcp) != Some(v6_cookie) {
+        assert!(Instant::now() < deadline, "never registered:\n{}", watch.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Three full passes (one a second).
+    std::thread::sleep(Duration::from_millis(3200));
+    let log = watch.log();
+    let registered = log.lines().filter(|l| l.contains("steer::servers") && l.ends_with(" as dual")).count();
+    assert_eq!(registered, 1, "registered {registered} times:\n{log}");
+    assert_eq!(slot_cookie(&ns, "dual", Family::Ipv4, Protocol::Tcp), None);
+    assert!(watch.stop().success());
+}
+
+/// With its state unloaded, `watch` says so once, not every 10 ms; it
+/// retries every second and registers again once the state is back.
+#[test]
+fn watch_reports_an_unloaded_state_once_and_registers_again_when_it_is_back() {
+    let ns = loaded();
+    let server = reuseport_listener(&ns, "127.0.0.1:8094".parse().unwrap());
+    let cookie = cookie_of(&server);
+    let config = write_config(
+        &ns,
+        "back.json",
+        &serde_json::json!({"registrations": [{"label": "back", "protocol": "tcp", "address": "127.0.0.1", "port": 8094}]}),
+    );
+    let watch = Watch::start(&ns, &config);
+    wait_for_slot(&ns, "back", Some(cookie), None, Duration::from_secs(5));
+    ns.steerctl_ok(&["unload"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = watch.log();
+    let errors = log.lines().filter(|l| l.contains(" ERROR ")).count();
+    assert!((1..=2).contains(&errors), "{errors} errors logged in 1.5 s:\n{log}");
+    ns.steerctl_ok(&["load"]);
+    ns.steerctl_ok(&["attach"]);
+    wait_for_slot(&ns, "back", Some(cookie), None, Duration::from_secs(5));
+    watch.wait_for_log("working again", Duration::from_secs(2));
+    assert!(watch.stop().success());
+}

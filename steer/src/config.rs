@@ -37,6 +37,7 @@ use crate::{
     bindings::{self, Binding, BindingsFile},
     dispatcher::Access,
     error::{Context, Result, fail},
+    labelled::Slots,
     servers::{self, Choice, Member, OwnerFilter, Target},
     socket::{Family, Protocol, SocketInfo},
 };
@@ -181,7 +182,7 @@ impl Step {
                     group_note(*group, w.no_reuseport)
                 )
             }
-            Choice::Wait { reason } => format!("{head}: waiting: {reason}"),
+            Choice::Wait { reason, .. } => format!("{head}: waiting: {reason}"),
         }
     }
 }
@@ -258,7 +259,7 @@ fn plan_one<A: Access>(state: &Dispatcher<A>, w: &Wanted) -> Result<Choice> {
     let pid = match &w.pid_file {
         Some(path) => match servers::read_pid_file(path) {
             Ok(pid) => Some(pid),
-            Err(e) => return Ok(Choice::Wait { reason: format!("{e:#}") }),
+            Err(e) => return Ok(Choice::Wait { reason: e.chain(), listening: false }),
         },
         None => None,
     };
@@ -266,14 +267,12 @@ fn plan_one<A: Access>(state: &Dispatcher<A>, w: &Wanted) -> Result<Choice> {
     let target = w.target();
     // Cheap first: a healthy registration needs no /proc scan.
     let bare = servers::groups(&target, false)?;
-    let Some(first) = bare.first().and_then(|g| g.first()) else {
-        return Ok(servers::choose(&bare, &filter, None));
-    };
-    let current = servers::slot_cookie(state, &w.label, first.family, w.protocol)?;
-    let flags = state.socket_flags(&w.label, first.family, w.protocol)?;
-    let flags_match = (flags & steer_common::socket_flag::NO_REUSEPORT != 0) == w.no_reuseport;
-    if filter.is_empty() && flags_match {
-        let choice = servers::choose(&bare, &filter, current);
+    let current = servers::current(&Slots::open(state)?, &w.label, w.protocol, w.no_reuseport)?;
+    if bare.is_empty() {
+        return Ok(servers::choose(&bare, &filter, &current));
+    }
+    if filter.is_empty() {
+        let choice = servers::choose(&bare, &filter, &current);
         if matches!(choice, Choice::Keep { .. }) {
             return Ok(choice);
         }
@@ -282,13 +281,7 @@ fn plan_one<A: Access>(state: &Dispatcher<A>, w: &Wanted) -> Result<Choice> {
     if let Some(pid) = filter.pid {
         servers::add_pid_owners(&mut groups, pid);
     }
-    // Flags that differ re-register the socket with the new ones.
-    Ok(match servers::choose(&groups, &filter, if flags_match { current } else { None }) {
-        Choice::Register { member, owner, group, .. } => {
-            Choice::Register { replacing: current.filter(|c| *c != member.cookie), member, owner, group }
-        }
-        other => other,
-    })
+    Ok(servers::choose(&groups, &filter, &current))
 }
 
 /// Fails unless `member` can serve `w.label`'s bindings in `bindings`
@@ -343,7 +336,7 @@ pub fn apply(state: &Dispatcher<ReadWrite>, config: &Config) -> Result<Applied> 
         if let Choice::Register { member, owner, group, .. } = &step.choice {
             let w = &step.wanted;
             if let Err(e) = servers::take_and_register(state, &w.label, member, owner, *group, w.no_reuseport) {
-                failed.push((format!("{} {}", w.label, w.target()), format!("{e:#}")));
+                failed.push((format!("{} {}", w.label, w.target()), e.chain()));
             }
         }
     }

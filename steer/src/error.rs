@@ -69,6 +69,15 @@ impl Error {
         }
     }
 
+    /// The error and its causes on one line, "context: cause: root cause",
+    /// as anyhow's `{:#}` prints them.
+    pub fn chain(&self) -> String {
+        std::iter::successors(Some(self as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ")
+    }
+
     /// The OS error number at the root, if the root is an OS error.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self.root() {
@@ -113,9 +122,6 @@ mod tests {
         let err = err.unwrap_err();
         assert_eq!(err.to_string(), "loading");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-        let chain: Vec<String> = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-            .map(ToString::to_string)
-            .collect();
-        assert_eq!(chain[..2], ["loading", "opening x"]);
+        assert!(err.chain().starts_with("loading: opening x: "), "{}", err.chain());
     }
 }

@@ -22,13 +22,12 @@ use std::{
 };
 
 use serde::Serialize;
-use steer_common::{map, socket_slot};
 
 use crate::{
     diag::{self, DiagSocket},
-    dispatcher::{Access, Dispatcher, ReadWrite, spec},
+    dispatcher::{Access, Dispatcher, ReadWrite},
     error::{Context, Error, Result, fail},
-    maps::SocketMap,
+    labelled::Slots,
     socket::{self, Family, Owner, Protocol, SocketInfo},
 };
 
@@ -162,16 +161,23 @@ pub enum Choice {
     /// Register `member`, taken from `owner`.
     Register { member: Member, owner: Owner, group: usize, replacing: Option<u64> },
     /// Nothing (that the filter accepts) listens there yet.
-    Wait { reason: String },
+    Wait {
+        reason: String,
+        /// Something listens there, but no process the filter accepts
+        /// holds it: finding out again costs a scan of /proc.
+        #[serde(skip)]
+        listening: bool,
+    },
 }
 
 /// Picks the member of `groups` (the first group with a member the filter
-/// accepts) to register, or keeps `current` if it is one of them.
-pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: Option<u64>) -> Choice {
+/// accepts) to register, or keeps the one in its family's slot (`current`,
+/// with matching flags) if it is one of them.
+pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: &Current) -> Choice {
     for group in groups {
         let accepted: Vec<&Member> =
             group.iter().filter(|m| filter.is_empty() || m.owners.iter().any(|o| filter.accepts(o))).collect();
-        if let Some(m) = accepted.iter().find(|m| Some(m.cookie) == current) {
+        if let Some(m) = accepted.iter().find(|m| Some(m.cookie) == current.matching[family_index(m.family)]) {
             return Choice::Keep { cookie: m.cookie, family: m.family, group: group.len() };
         }
         // A member someone holds (its fd can be taken), the filter's owner first.
@@ -182,7 +188,7 @@ pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: Option<u64>
                     member: (*m).clone(),
                     owner: owner.clone(),
                     group: group.len(),
-                    replacing: current,
+                    replacing: current.held[family_index(m.family)].filter(|c| *c != m.cookie),
                 };
             }
         }
@@ -194,7 +200,7 @@ pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: Option<u64>
     } else {
         format!("no socket there is held by {filter}")
     };
-    Choice::Wait { reason }
+    Choice::Wait { reason, listening: !groups.is_empty() }
 }
 
 /// The cookie of the socket in `label`'s slot for (`family`, `protocol`).
@@ -204,9 +210,34 @@ pub fn slot_cookie<A: Access>(
     family: Family,
     protocol: Protocol,
 ) -> Result<Option<u64>> {
-    let Some(&id) = state.labels()?.get(label) else { return Ok(None) };
-    let sockets = SocketMap::<u32>::open_spec(&state.layout().map(map::SOCKETS), spec(map::SOCKETS))?;
-    sockets.cookie(&socket_slot(id, u32::from(family == Family::Ipv6), u32::from(protocol == Protocol::Udp)))
+    Slots::open(state)?.cookie(label, family, protocol)
+}
+
+/// What `label`'s two slots of `protocol` hold, by family, for [`choose`].
+/// A slot whose `no_reuseport` flag differs from the one wanted counts as
+/// empty: registering again sets the flag.
+pub fn current(slots: &Slots, label: &str, protocol: Protocol, no_reuseport: bool) -> Result<Current> {
+    let mut out = Current::default();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let flagged = slots.flags(label, family, protocol)? & steer_common::socket_flag::NO_REUSEPORT != 0;
+        let held = slots.cookie(label, family, protocol)?;
+        out.held[family_index(family)] = held;
+        out.matching[family_index(family)] = held.filter(|_| flagged == no_reuseport);
+    }
+    Ok(out)
+}
+
+/// A label's sockets of one protocol, by family (IPv4, IPv6).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Current {
+    /// What each slot holds.
+    pub held: [Option<u64>; 2],
+    /// The same, but only where the slot's flags are the ones wanted.
+    pub matching: [Option<u64>; 2],
+}
+
+fn family_index(family: Family) -> usize {
+    usize::from(family == Family::Ipv6)
 }
 
 /// A socket registered by address.
@@ -263,30 +294,19 @@ pub fn register_by_address(
     if let Some(pid) = filter.pid {
         add_pid_owners(&mut groups, pid);
     }
-    let current = match groups.first().and_then(|g| g.first()) {
-        Some(m) => slot_cookie(state, label, m.family, target.protocol)?,
-        None => None,
-    };
-    let flags_match = |family| -> Result<bool> {
-        let flags = state.socket_flags(label, family, target.protocol)?;
-        Ok((flags & steer_common::socket_flag::NO_REUSEPORT != 0) == no_reuseport)
-    };
-    match choose(&groups, filter, current) {
+    let current = current(&Slots::open(state)?, label, target.protocol, no_reuseport)?;
+    match choose(&groups, filter, &current) {
         Choice::Keep { cookie, group, .. } => {
             let member = groups.iter().flatten().find(|m| m.cookie == cookie).expect("kept from the groups");
             let owner = member.owners.iter().find(|o| filter.accepts(o)).or_else(|| member.owners.first()).cloned();
             let owner = owner.ok_or_else(|| Error::Invalid(format!("{target}: its socket is held by no process")))?;
-            if flags_match(member.family)? {
-                let info = diag_info(target, member)?;
-                return Ok(Registered { label: label.into(), info, owner, group, no_reuseport, kept: true });
-            }
-            // Same socket, other flags: register it again.
-            take_and_register(state, label, member, &owner, group, no_reuseport)
+            let info = diag_info(target, member)?;
+            Ok(Registered { label: label.into(), info, owner, group, no_reuseport, kept: true })
         }
         Choice::Register { member, owner, group, .. } => {
             take_and_register(state, label, &member, &owner, group, no_reuseport)
         }
-        Choice::Wait { reason } => match filter.pid {
+        Choice::Wait { reason, .. } => match filter.pid {
             Some(pid) if filter.process.is_none() => {
                 fail!(Invalid, "process {pid} has no listening/bound {target} socket ({reason})")
             }
@@ -375,19 +395,31 @@ mod tests {
         let group = vec![member(1, &[]), member(2, &[(10, "nginx")]), member(3, &[(11, "other")])];
         let groups = [group];
         let any = OwnerFilter::default();
-        assert!(matches!(choose(&groups, &any, Some(3)), Choice::Keep { cookie: 3, group: 3, .. }));
-        match choose(&groups, &any, Some(99)) {
+        let v4 = |cookie: Option<u64>| Current { held: [cookie, None], matching: [cookie, None] };
+        let none = Current::default();
+        assert!(matches!(choose(&groups, &any, &v4(Some(3))), Choice::Keep { cookie: 3, group: 3, .. }));
+        match choose(&groups, &any, &v4(Some(99))) {
             Choice::Register { member, owner, replacing, .. } => {
                 assert_eq!((member.cookie, owner.pid, replacing), (2, 10, Some(99)));
             }
             other => panic!("{other:?}"),
         }
         let other = OwnerFilter { pid: None, process: Some("other".into()) };
-        assert!(matches!(choose(&groups, &other, None), Choice::Register { member: Member { cookie: 3, .. }, .. }));
+        assert!(matches!(choose(&groups, &other, &none), Choice::Register { member: Member { cookie: 3, .. }, .. }));
         // A member the filter rejects is not kept.
-        assert!(matches!(choose(&groups, &other, Some(2)), Choice::Register { .. }));
-        assert!(matches!(choose(&groups, &OwnerFilter::pid(77), None), Choice::Wait { .. }));
-        assert!(matches!(choose(&[], &any, None), Choice::Wait { .. }));
+        assert!(matches!(choose(&groups, &other, &v4(Some(2))), Choice::Register { .. }));
+        assert!(matches!(choose(&groups, &OwnerFilter::pid(77), &none), Choice::Wait { .. }));
+        assert!(matches!(choose(&[], &any, &none), Choice::Wait { .. }));
+        // The slot of the member's own family decides: an IPv6 slot holding
+        // the IPv4 member's cookie is not "registered".
+        let v6 = Current { held: [None, Some(2)], matching: [None, Some(2)] };
+        assert!(matches!(
+            choose(&groups, &any, &v6),
+            Choice::Register { member: Member { cookie: 2, .. }, replacing: None, .. }
+        ));
+        // Other flags: registered again, replacing itself.
+        let flagged = Current { held: [Some(2), None], matching: [None, None] };
+        assert!(matches!(choose(&groups, &any, &flagged), Choice::Register { member: Member { cookie: 2, .. }, .. }));
     }
 
     #[test]

@@ -26,7 +26,8 @@ use crate::{
     Dispatcher, Layout,
     config::{self, Config},
     error::Result,
-    servers::{self, Choice},
+    labelled::Slots,
+    servers::Choice,
     socket::{Family, Protocol},
 };
 
@@ -56,9 +57,59 @@ fn stamp(path: &Path) -> Option<(i64, i64, u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
 }
 
-/// What each slot should hold after the last pass: (label, family,
-/// protocol, cookie), or None for a registration still waiting.
-type Expected = Vec<Option<(String, Family, Protocol, u64)>>;
+/// What each registration's slot should hold after the last pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slot {
+    Held {
+        label: String,
+        family: Family,
+        protocol: Protocol,
+        cookie: u64,
+    },
+    /// Waiting for a socket; `costly` when something listens but no
+    /// accepted process holds it (looking again scans /proc).
+    Waiting {
+        costly: bool,
+    },
+}
+
+/// What a check of the slots found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Every slot holds what the last pass put there.
+    Held,
+    /// Some registrations wait, and looking again is cheap (one sock_diag
+    /// dump); or costly, when every wait is one with something listening.
+    Waiting { costly: bool },
+    /// A registered socket left its slot (closed, or replaced by hand).
+    Changed,
+}
+
+/// Logs a failure once, not every interval, and when it clears.
+#[derive(Default)]
+struct Failures {
+    last: Option<String>,
+}
+
+impl Failures {
+    fn failed(&mut self, what: &str, e: &crate::Error) {
+        let text = format!("{what}: {}", e.chain());
+        if self.last.as_ref() != Some(&text) {
+            error!("{text}; retrying every second");
+            self.last = Some(text);
+        }
+    }
+
+    fn ok(&mut self) {
+        if self.last.take().is_some() {
+            info!("working again");
+        }
+    }
+
+    fn failing(&self) -> bool {
+        self.last.is_some()
+    }
+}
 
 /// Runs until `poll` returns [`Event::Stop`]. Fails only when the file
 /// cannot be loaded at start; later failures are logged and retried.
@@ -72,9 +123,10 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
         if config.bindings.is_some() { "managed" } else { "left alone" },
         options.interval
     );
-    let mut expected = pass(layout, &config, true, &mut Vec::new());
-    let mut last_full = Instant::now();
+    let mut failures = Failures::default();
     let mut missing_since: Vec<Option<Instant>> = vec![None; config.registrations.len()];
+    let mut expected = pass(layout, &config, true, &mut missing_since, &mut failures);
+    let mut last_full = Instant::now();
     loop {
         let mut reload = false;
         match poll() {
@@ -99,55 +151,77 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
                     info!("reloaded {}", file.display());
                     config = new;
                     missing_since = vec![None; config.registrations.len()];
-                    expected = pass(layout, &config, true, &mut missing_since);
+                    expected = pass(layout, &config, true, &mut missing_since, &mut failures);
                     last_full = Instant::now();
                 }
-                Err(e) => error!("keeping the previous config: {:#}", anyhow_like(&e)),
+                Err(e) => error!("keeping the previous config: {}", e.chain()),
             }
-        } else if last_full.elapsed() >= options.full_every || !healthy(layout, &expected, &mut missing_since) {
-            expected = pass(layout, &config, false, &mut missing_since);
-            if last_full.elapsed() >= options.full_every {
-                last_full = Instant::now();
+        } else {
+            let due = last_full.elapsed() >= options.full_every;
+            // While failing (unloaded, say), retry on the full pass's cadence.
+            let health = if failures.failing() {
+                Health::Held
+            } else {
+                match check(layout, &expected, &mut missing_since) {
+                    Ok(health) => health,
+                    Err(e) => {
+                        failures.failed("reading the socket slots", &e);
+                        Health::Held
+                    }
+                }
+            };
+            if due || matches!(health, Health::Changed | Health::Waiting { costly: false }) {
+                expected = pass(layout, &config, false, &mut missing_since, &mut failures);
+                if due {
+                    last_full = Instant::now();
+                }
             }
         }
         std::thread::sleep(options.interval);
     }
 }
 
-/// The error and its causes on one line.
-fn anyhow_like(e: &crate::Error) -> String {
-    std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source())
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
-}
-
-/// Whether every slot still holds what the last pass put there (reads
-/// only the socket map, under a shared lock). Notes when a slot empties.
-fn healthy(layout: &Layout, expected: &Expected, missing_since: &mut [Option<Instant>]) -> bool {
-    let Ok(state) = Dispatcher::open_read(layout) else { return false };
-    let mut ok = true;
+/// Reads every registration's slot (three maps, opened once, under a
+/// shared lock) against what the last pass put there. Notes when a slot
+/// empties.
+fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant>]) -> Result<Health> {
+    let state = Dispatcher::open_read(layout)?;
+    let slots = Slots::open(&state)?;
+    let mut changed = false;
+    let mut waiting: Option<bool> = None;
     for (i, slot) in expected.iter().enumerate() {
-        let Some((label, family, protocol, cookie)) = slot else {
-            ok = false;
-            continue;
-        };
-        let now = servers::slot_cookie(&state, label, *family, *protocol).ok().flatten();
-        if now != Some(*cookie) {
-            if let Some(since) = missing_since.get_mut(i).filter(|s| s.is_none()) {
-                *since = Some(Instant::now());
-                warn!("{label} {protocol} {family}: registered socket {cookie} is gone; looking for a replacement");
+        match slot {
+            Slot::Waiting { costly } => waiting = Some(waiting.unwrap_or(true) && *costly),
+            Slot::Held { label, family, protocol, cookie } => {
+                if slots.cookie(label, *family, *protocol)? != Some(*cookie) {
+                    if let Some(since) = missing_since.get_mut(i).filter(|s| s.is_none()) {
+                        *since = Some(Instant::now());
+                        warn!(
+                            "{label} {protocol} {family}: registered socket {cookie} is gone; looking for a replacement"
+                        );
+                    }
+                    changed = true;
+                }
             }
-            ok = false;
         }
     }
-    ok
+    Ok(match (changed, waiting) {
+        (true, _) => Health::Changed,
+        (false, Some(costly)) => Health::Waiting { costly },
+        (false, None) => Health::Held,
+    })
 }
 
 /// Plans and, when something changes, applies the config under the write
 /// lock; with `bindings` false the config's bindings are left out (they
 /// are applied on load). Returns what each slot should hold.
-fn pass(layout: &Layout, config: &Config, bindings: bool, missing_since: &mut Vec<Option<Instant>>) -> Expected {
+fn pass(
+    layout: &Layout,
+    config: &Config,
+    bindings: bool,
+    missing_since: &mut Vec<Option<Instant>>,
+    failures: &mut Failures,
+) -> Vec<Slot> {
     missing_since.resize(config.registrations.len(), None);
     let scoped;
     let config = if bindings {
@@ -156,6 +230,7 @@ fn pass(layout: &Layout, config: &Config, bindings: bool, missing_since: &mut Ve
         scoped = Config { bindings: None, registrations: config.registrations.clone() };
         &scoped
     };
+    let unknown = vec![Slot::Waiting { costly: false }; config.registrations.len()];
     let planned = Dispatcher::open_read(layout).and_then(|state| config::plan(&state, config));
     let plan = match planned {
         Ok(plan) if !plan.changes() => plan,
@@ -172,15 +247,16 @@ fn pass(layout: &Layout, config: &Config, bindings: bool, missing_since: &mut Ve
                 applied.plan
             }
             Err(e) => {
-                error!("applying {:#}", anyhow_like(&e));
-                return vec![None; config.registrations.len()];
+                failures.failed("applying", &e);
+                return unknown;
             }
         },
         Err(e) => {
-            error!("planning: {}", anyhow_like(&e));
-            return vec![None; config.registrations.len()];
+            failures.failed("planning", &e);
+            return unknown;
         }
     };
+    failures.ok();
     plan.registrations
         .iter()
         .enumerate()
@@ -199,7 +275,13 @@ fn pass(layout: &Layout, config: &Config, bindings: bool, missing_since: &mut Ve
                     since.elapsed().as_millis()
                 );
             }
-            step.outcome().map(|(family, cookie)| (w.label.clone(), family, w.protocol, cookie))
+            match (step.outcome(), &step.choice) {
+                (Some((family, cookie)), _) => {
+                    Slot::Held { label: w.label.clone(), family, protocol: w.protocol, cookie }
+                }
+                (None, Choice::Wait { listening, .. }) => Slot::Waiting { costly: *listening },
+                (None, _) => Slot::Waiting { costly: false },
+            }
         })
         .collect()
 }
