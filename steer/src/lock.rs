@@ -7,10 +7,7 @@
 
 use std::{
     fs::File,
-    os::{
-        fd::{AsFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::{fd::OwnedFd, unix::fs::MetadataExt},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -107,10 +104,5 @@ impl StateLock {
             .map(|lock| Self { _lock: lock })
             .map_err(|(_, e)| e)
             .context("locking a new state directory")
-    }
-
-    /// The locked directory, for *at() calls.
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self._lock.as_fd()
     }
 }

@@ -202,11 +202,4 @@ impl<K: Pod + std::fmt::Debug> SocketMap<K> {
             other => other.context("removing from the socket map"),
         }
     }
-
-    /// Every key that holds a socket.
-    pub fn keys(&self) -> Result<Vec<K>> {
-        let keys = sys::map_keys(self.fd(), size_of::<K>()).context("listing the socket map")?;
-        // Safety: each key is size_of::<K>() bytes of a Pod type.
-        Ok(keys.iter().map(|k| unsafe { std::ptr::read_unaligned(k.as_ptr().cast::<K>()) }).collect())
-    }
 }

@@ -25,7 +25,6 @@ use std::{
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -89,21 +88,6 @@ pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
-    }
-}
-
-/// Every key of a map, read with BPF_MAP_GET_NEXT_KEY.
-pub fn map_keys(map: BorrowedFd<'_>, key_size: usize) -> io::Result<Vec<Vec<u8>>> {
-    let mut keys: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let mut next = vec![0u8; key_size];
-        // A null key asks for the first one.
-        let previous = keys.last().map_or(std::ptr::null(), |k| k.as_ptr());
-        match map_elem(BPF_MAP_GET_NEXT_KEY, map, previous, next.as_mut_ptr(), 0) {
-            Ok(()) => keys.push(next),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
-            Err(e) => return Err(e),
-        }
     }
 }
 
