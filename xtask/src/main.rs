@@ -147,7 +147,10 @@ fn dist(out: &Path) -> Result<()> {
 
     let out = if out.is_absolute() { out.to_path_buf() } else { workspace_root().join(out) };
     let man = out.join("man");
-    let _ = std::fs::remove_dir_all(&out);
+    // Only what this writes is replaced: `--out` may name a directory holding more.
+    for ours in ["man", "completions"] {
+        let _ = std::fs::remove_dir_all(out.join(ours));
+    }
     std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
     fn man_pages(cmd: clap::Command, dir: &Path) -> Result<()> {
         for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
