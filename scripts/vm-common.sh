@@ -46,11 +46,34 @@ vm_install_deps() {
     for tool in qemu-system-x86_64:qemu-system-x86 cpio:cpio xz:xz-utils timeout:coreutils; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
     done
-    if [ ${#need[@]} -gt 0 ]; then
-        vm_log "installing ${need[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null \
-            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
-    fi
+    [ ${#need[@]} -gt 0 ] || return 0
+    vm_log "installing ${need[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 && return 0
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 && return 0
+    # A qemu-utils from bookworm-backports (some images carry one) breaks
+    # bookworm's own qemu-system: take qemu from backports too, with package
+    # lists of our own (the machine's sources and lists are not changed).
+    case $(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) in
+        *bpo12*) ;;
+        *) return 1 ;;
+    esac
+    vm_log "qemu-utils is from bookworm-backports: installing ${need[*]} from there"
+    local d status=0 key=/usr/share/keyrings/debian-archive-keyring.gpg
+    d=$(mktemp -d)
+    mkdir -p "$d/lists/partial" "$d/cache/archives/partial" "$d/empty"
+    cat >"$d/sources.list" <<EOF
+deb [signed-by=$key] http://deb.debian.org/debian bookworm main
+deb [signed-by=$key] http://deb.debian.org/debian bookworm-updates main
+deb [signed-by=$key] http://deb.debian.org/debian-security bookworm-security main
+deb [signed-by=$key] http://deb.debian.org/debian bookworm-backports main
+EOF
+    local opts=(-o "Dir::Etc::sourcelist=$d/sources.list" -o "Dir::Etc::sourceparts=$d/empty"
+        -o "Dir::State::lists=$d/lists" -o "Dir::Cache=$d/cache" -o Acquire::Languages=none)
+    apt-get "${opts[@]}" update -qq >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" install -y -qq --no-install-recommends \
+            -t bookworm-backports "${need[@]}" >/dev/null 2>&1 || status=1
+    rm -rf "$d"
+    return $status
 }
 
 # apt-get/apt-cache against one suite with a configuration of our own: the

@@ -406,17 +406,16 @@ fn load_and_attach_if_needed_leave_existing_state_alone() {
 }
 
 /// Map writes (`bpf()` updates and deletes) a `steerctl bind` makes, per strace.
+/// `steerctl --pin-dir DIR ARGS` under `strace STRACE_ARGS`, in the namespace.
+fn strace_steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> std::process::Output {
+    let mut cmd = ns.command("strace");
+    cmd.args(strace_args).arg(bin("steerctl")).arg("--pin-dir").arg(ns.pin_dir()).args(args);
+    cmd.output().unwrap()
+}
+
 fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
-    let out = ns
-        .command("strace")
-        .args(["-f", "-qq", "-e", "trace=bpf", "-o", "/dev/stderr"])
-        .arg(bin("steerctl"))
-        .arg("--pin-dir")
-        .arg(ns.pin_dir())
-        .arg("bind")
-        .args(args)
-        .output()
-        .unwrap();
+    let bind: Vec<&str> = ["bind"].into_iter().chain(args.iter().copied()).collect();
+    let out = strace_steerctl(ns, &["-f", "-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], &bind);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     stderr(&out)
         .lines()
@@ -429,15 +428,7 @@ fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
 
 /// The bpf(2) calls of `steerctl ARGS` (its main thread), as strace shows them.
 fn bpf_calls(ns: &TestNs, args: &[&str]) -> Vec<String> {
-    let out = ns
-        .command("strace")
-        .args(["-qq", "-e", "trace=bpf", "-o", "/dev/stderr"])
-        .arg(bin("steerctl"))
-        .arg("--pin-dir")
-        .arg(ns.pin_dir())
-        .args(args)
-        .output()
-        .unwrap();
+    let out = strace_steerctl(ns, &["-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], args);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     stderr(&out).lines().filter(|l| l.starts_with("bpf(")).map(str::to_string).collect()
 }
@@ -464,16 +455,8 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     }
     assert!((3..=60).contains(&kill_at.len()), "{} writes:\n{}", kill_at.len(), calls.join("\n"));
     for n in kill_at {
-        let out = ns
-            .command("strace")
-            .args(["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
-            .arg(format!("inject=bpf:signal=SIGKILL:when={n}"))
-            .arg(bin("steerctl"))
-            .arg("--pin-dir")
-            .arg(ns.pin_dir())
-            .args(bind)
-            .output()
-            .unwrap();
+        let inject = format!("inject=bpf:signal=SIGKILL:when={n}");
+        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &bind);
         assert!(!out.status.success(), "bind killed at bpf call {n} finished: {}", stderr(&out));
         ns.steerctl_ok(&bind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
