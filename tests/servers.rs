@@ -553,7 +553,7 @@ fn explain_agrees_with_real_connections_ipv6() {
 
 #[test]
 fn explain_agrees_with_real_connections() {
-    let ns = loaded();
+    let mut ns = loaded();
     ns.overlapping_bindings(false);
     explain_agrees_on_precedence(
         &ns,
@@ -597,6 +597,14 @@ fn explain_agrees_with_real_connections() {
     let (e, _) = explain_and_connect(&ns, "127.0.0.44:443");
     assert_eq!(e["no_reuseport"], true, "{e}");
     assert!(e["warnings"].as_array().unwrap().is_empty(), "{e}");
+    // A seed port: the seed socket, with its owner.
+    ns.steerctl_ok(&["ports", "add", "7"]);
+    let ncat = ns.start_ncat_echo();
+    ns.steerctl_ok(&["socket", "set", "--pid", &ncat.to_string()]);
+    let e = json(&ns.steerctl_ok(&["--json", "explain", "tcp", "127.0.0.9", "7"]));
+    assert_eq!((e["verdict"].as_str(), e["seed"].as_bool()), (Some("assigned"), Some(true)), "{e}");
+    assert_eq!(e["owners"][0]["pid"], ncat, "{e}");
+    assert_eq!(ns.echo(7, "seed").unwrap(), "seed");
 }
 
 #[test]

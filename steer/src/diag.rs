@@ -108,8 +108,14 @@ pub fn sockets(protocol: Protocol) -> Result<Vec<DiagSocket>> {
 /// sorted by (family, local address, inode), so the sockets sharing one
 /// bind are adjacent: see [`groups`].
 pub fn listening(protocol: Protocol, addr: IpAddr, port: u16) -> Result<Vec<DiagSocket>> {
-    let addr = addr.to_canonical();
-    // Unconnected UDP sockets are in TCP_CLOSE; the kernel filters states.
+    Ok(best_matches(unconnected(protocol)?, addr.to_canonical(), port))
+}
+
+/// Every listening TCP or unconnected UDP socket of this namespace (one
+/// dump per family; the kernel filters by state, so established
+/// connections are not dumped).
+pub fn unconnected(protocol: Protocol) -> Result<Vec<DiagSocket>> {
+    // Unconnected UDP sockets are in TCP_CLOSE.
     let states = match protocol {
         Protocol::Tcp => StateFlags::LISTEN,
         Protocol::Udp => StateFlags::CLOSE,
@@ -119,7 +125,7 @@ pub fn listening(protocol: Protocol, addr: IpAddr, port: u16) -> Result<Vec<Diag
     for family in [Family::Ipv4, Family::Ipv6] {
         diag.dump(protocol, family, states.clone(), &mut all)?;
     }
-    Ok(best_matches(all, addr, port))
+    Ok(all)
 }
 
 /// The sockets of `sockets` (as [`listening`] sorts them) bound to one

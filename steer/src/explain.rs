@@ -144,7 +144,7 @@ pub fn explain(
                     None if domain == Family::Ipv4 => servers::slot_cookie(state, &r.label, Family::Ipv6, protocol)?,
                     None => None,
                 },
-                None => state.status()?.socket.map(|s| s.cookie),
+                None => seed_cookie(state)?,
             };
             let Some(cookie) = cookie else {
                 return Err(e).context("running the program on the lookup (BPF_PROG_TEST_RUN)");
@@ -244,15 +244,14 @@ pub fn explain(
                 );
                 out.label = Some(r.label.clone()).filter(|_| resolved.is_none()).or(out.label);
             } else {
-                let seed = state.status()?.socket.filter(|s| s.cookie == cookie);
-                match seed {
-                    Some(s) => {
+                match seed_cookie(state)?.filter(|c| *c == cookie) {
+                    Some(_) => {
                         out.seed = true;
-                        out.owners = s.owners.clone();
+                        out.owners = crate::socket::find_owners(cookie).0;
                         out.reason = format!(
                             "{matched}: port {} is in the seed port list: the seed socket (cookie {cookie}, {})",
                             local.port(),
-                            owners_text(&s.owners)
+                            owners_text(&out.owners)
                         );
                     }
                     None => {
@@ -321,6 +320,14 @@ pub fn explain(
         }
     }
     Ok(out)
+}
+
+/// The seed socket's cookie (`echo_socket[0]`), if one is set.
+fn seed_cookie(state: &Dispatcher) -> Result<Option<u64>> {
+    if !state.layout().socket().exists() {
+        return Ok(None);
+    }
+    state.seed_socket_map()?.cookie(&0)
 }
 
 fn owners_text(owners: &[Owner]) -> String {

@@ -353,26 +353,28 @@ pub(crate) fn take_and_register(
 
 /// The reuseport group of each registered socket (by cookie): every
 /// steerable socket of its protocol bound to the same address and port,
-/// with owners. A socket that is no longer found has no entry.
+/// with owners. A socket that is no longer found has no entry. One dump
+/// per protocol and family, whatever the number of sockets.
 pub fn groups_of(registered: &[(Protocol, u64)]) -> Result<BTreeMap<u64, Vec<Member>>> {
-    let mut out = BTreeMap::new();
-    let cookies: Vec<u64> = registered.iter().map(|&(_, c)| c).collect();
-    let found = diag::by_cookies(&cookies)?;
-    let mut sockets: Vec<(u64, Vec<DiagSocket>)> = Vec::new();
+    let mut dumps: BTreeMap<Protocol, Vec<DiagSocket>> = BTreeMap::new();
+    let protocols: std::collections::BTreeSet<Protocol> = registered.iter().map(|&(p, _)| p).collect();
+    for protocol in protocols {
+        dumps.insert(protocol, diag::unconnected(protocol)?.into_iter().filter(DiagSocket::steerable).collect());
+    }
+    let mut sockets: Vec<(u64, Vec<&DiagSocket>)> = Vec::new();
     for (protocol, cookie) in registered {
-        let Some(s) = found.get(cookie) else { continue };
-        let group: Vec<DiagSocket> = diag::listening(*protocol, s.local.ip(), s.local.port())?
-            .into_iter()
-            .filter(|m| (m.family, m.local) == (s.family, s.local))
-            .collect();
+        let all = &dumps[protocol];
+        let Some(s) = all.iter().find(|s| s.cookie == *cookie) else { continue };
+        let mut group: Vec<&DiagSocket> = all.iter().filter(|m| (m.family, m.local) == (s.family, s.local)).collect();
+        group.sort_by_key(|m| m.inode);
         sockets.push((*cookie, group));
     }
     let inodes: Vec<u64> = sockets.iter().flat_map(|(_, g)| g.iter().map(|s| s.inode)).collect();
     let owners = diag::owners(&inodes)?;
-    for (cookie, group) in sockets {
-        out.insert(cookie, group.iter().map(|s| Member::new(s, &owners)).collect());
-    }
-    Ok(out)
+    Ok(sockets
+        .into_iter()
+        .map(|(cookie, group)| (cookie, group.iter().map(|s| Member::new(s, &owners)).collect()))
+        .collect())
 }
 
 #[cfg(test)]
