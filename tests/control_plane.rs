@@ -466,6 +466,67 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     }
 }
 
+/// A bind that finds the record full (1,024 entries) moves it to a larger
+/// map. Killed before it fills the new map, half way, or just after the
+/// new map replaced the old, and then run again: every binding is still
+/// recorded and published.
+#[test]
+fn a_bind_killed_while_the_record_grows_loses_no_binding() {
+    use aya::maps::{HashMap, Map, MapData};
+    use steer::{Dispatcher, Layout, bindings::encode_key, common::BindingKey, socket::Protocol};
+
+    let ns = loaded();
+    let bind = ["bind", "fill", "tcp", "192.0.2.0/24", "0"];
+    // The record made by `load` filled to its capacity: one binding by
+    // steerctl (it makes the label), 1,023 written into the map directly.
+    let fill = || {
+        ns.steerctl_ok(&["bind", "fill", "tcp", "10.0.0.0/8", "0"]);
+        let id = Dispatcher::open_read(&Layout::new(ns.pin_dir())).unwrap().labels().unwrap()["fill"];
+        let first = encode_key(Protocol::Tcp, &"10.0.0.0/8".parse().unwrap(), 0);
+        let mut record = ["bindings_0", "bindings_1"]
+            .into_iter()
+            .map(|name| {
+                let data = MapData::from_pin(ns.pin_dir().join(name)).unwrap();
+                HashMap::<_, BindingKey, u32>::try_from(Map::HashMap(data)).unwrap()
+            })
+            .find(|m| m.get(&first, 0).is_ok())
+            .expect("the record in use holds the first binding");
+        for i in 0..1023u32 {
+            let host = format!("10.1.{}.{}/32", i / 256, i % 256);
+            record.insert(encode_key(Protocol::Tcp, &host.parse().unwrap(), 1), id, 0).unwrap();
+        }
+    };
+    let reload = || {
+        ns.steerctl_ok(&["unload"]);
+        ns.steerctl_ok(&["load"]);
+        ns.steerctl_ok(&["attach"]);
+    };
+    fill();
+    let calls = bpf_calls(&ns, &bind);
+    let created = calls
+        .iter()
+        .position(|l| l.contains("BPF_MAP_CREATE") && l.contains("BPF_MAP_TYPE_HASH"))
+        .unwrap_or_else(|| panic!("the bind made no new record:\n{}", calls.join("\n")));
+    let first_write = created + calls[created..].iter().position(|l| l.contains("BPF_MAP_UPDATE_ELEM")).unwrap();
+    let pinned = created + calls[created..].iter().position(|l| l.contains("BPF_OBJ_PIN")).unwrap();
+    // strace counts from 1: `when=N` stops the call at 0-based index N - 1.
+    for (stage, index) in
+        [("before filling", first_write), ("half filled", first_write + 512), ("replaced", pinned + 1)]
+    {
+        reload();
+        fill();
+        let inject = format!("inject=bpf:signal=SIGKILL:when={}", index + 1);
+        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &bind);
+        assert!(!out.status.success(), "{stage}: the bind was not killed");
+        ns.steerctl_ok(&bind);
+        let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
+        assert_eq!(status["bindings"], 1025, "killed {stage}: {status}");
+        assert_eq!(status["plane"]["up_to_date"], true, "killed {stage}: {status}");
+        let e = ns.steerctl_ok(&["explain", "tcp", "10.1.3.254", "1"]);
+        assert!(e.contains("label fill"), "killed {stage}: a directly recorded binding is not published: {e}");
+    }
+}
+
 /// Each change of a map of maps costs a grace period (milliseconds) where
 /// the kernel has no batch updates for them (5.10, 6.1): a bind changes
 /// only the chunks its bindings need, not every slot (about 390 calls).
