@@ -405,7 +405,6 @@ fn load_and_attach_if_needed_leave_existing_state_alone() {
     assert!(stderr(&out).contains("already loaded"), "{}", stderr(&out));
 }
 
-/// Map writes (`bpf()` updates and deletes) a `steerctl bind` makes, per strace.
 /// `steerctl --pin-dir DIR ARGS` under `strace STRACE_ARGS`, in the namespace.
 fn strace_steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> std::process::Output {
     let mut cmd = ns.command("strace");
@@ -413,6 +412,7 @@ fn strace_steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> std::pro
     cmd.output().unwrap()
 }
 
+/// Map writes (`bpf()` updates and deletes) a `steerctl bind` makes, per strace.
 fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
     let bind: Vec<&str> = ["bind"].into_iter().chain(args.iter().copied()).collect();
     let out = strace_steerctl(ns, &["-f", "-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], &bind);
@@ -463,6 +463,21 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
         assert_eq!(status["plane"]["up_to_date"], true, "killed at bpf call {n} ({}): {status}", calls[n - 1]);
         assert_eq!(who(&ns, "192.0.2.9:1234"), "b", "killed at bpf call {n}: {}", calls[n - 1]);
         ns.steerctl_ok(&unbind);
+    }
+    // An unbind killed the same way, then run again (it may find nothing
+    // left to remove): the plane is current and the binding gone.
+    ns.steerctl_ok(&bind);
+    let calls = bpf_calls(&ns, &unbind);
+    ns.steerctl_ok(&bind);
+    for (i, _) in calls.iter().enumerate().filter(|(_, l)| is_write(l)) {
+        let inject = format!("inject=bpf:signal=SIGKILL:when={}", i + 1);
+        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &unbind);
+        assert!(!out.status.success(), "unbind killed at bpf call {} finished", i + 1);
+        let _ = ns.steerctl(&unbind);
+        let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
+        assert_eq!(status["plane"]["up_to_date"], true, "unbind killed at {}: {status}", calls[i]);
+        assert_ne!(who(&ns, "192.0.2.9:1234"), "b", "unbind killed at {}: still steered", calls[i]);
+        ns.steerctl_ok(&bind);
     }
 }
 

@@ -322,6 +322,18 @@ impl Maps {
         Ok(())
     }
 
+    /// Publishes the record when a write died between changing it and
+    /// publishing it, so the same command run again finds the plane current
+    /// whatever it then decides (a repeated bind has nothing to add, a
+    /// repeated unbind nothing to remove).
+    fn finish_interrupted(&mut self) -> Result<()> {
+        if self.meta.plane_version != self.meta.record_version {
+            let entries = self.record_entries()?;
+            self.publish(&entries)?;
+        }
+        Ok(())
+    }
+
     fn bump_record(&mut self) -> Result<()> {
         self.meta.record_version += 1;
         self.plane.set_meta(self.meta)
@@ -620,6 +632,7 @@ impl Dispatcher<ReadWrite> {
     pub fn bind(&self, b: &Binding) -> Result<bool> {
         bindings::label_key(&b.label)?;
         let mut maps = Maps::open(self)?;
+        maps.finish_interrupted()?;
         maps.collect_labels()?;
         let key = b.key();
         if let Some(id) = lookup(&maps.record().map, &key)? {
@@ -632,11 +645,6 @@ impl Dispatcher<ReadWrite> {
                     b.prefix,
                     b.port
                 );
-            }
-            if maps.meta.plane_version != maps.meta.record_version {
-                // Finishes a write that recorded this binding but died before publishing.
-                let entries = maps.record_entries()?;
-                maps.publish(&entries)?;
             }
             return Ok(false);
         }
@@ -652,6 +660,7 @@ impl Dispatcher<ReadWrite> {
 
     pub fn unbind(&self, b: &Binding) -> Result<()> {
         let mut maps = Maps::open(self)?;
+        maps.finish_interrupted()?;
         let key = b.key();
         match (lookup(&maps.record().map, &key)?, maps.label_id(&b.label)?) {
             (Some(bound), Some(id)) if bound == id => {}
