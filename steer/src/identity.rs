@@ -153,7 +153,9 @@ fn stale_from_outside(state: &Dispatcher<ReadWrite>, live: &BTreeSet<u64>) -> Re
         return Ok((info.netns_ino == 0).then(|| format!("its link {} is dead", info.id)));
     }
     let meta = Plane::open(state)?.meta()?;
-    if !live.contains(&meta.netns_inode) {
+    // `live` was listed before this lock was taken: a namespace made since
+    // (its state loaded, not yet attached) is looked for again.
+    if !live.contains(&meta.netns_inode) && live_namespace_path(meta.netns_inode).is_none() {
         return Ok(Some(format!("no network namespace {} exists", meta.netns_inode)));
     }
     if meta.netns_cookie == 0 {
