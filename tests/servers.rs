@@ -848,7 +848,8 @@ fn watch_keeps_a_registration_in_the_second_familys_slot() {
 }
 
 /// With its state unloaded, `watch` says so once, not every 10 ms; it
-/// retries every second and registers again once the state is back.
+/// retries every second, and registers again and applies the file's
+/// bindings once the state is back.
 #[test]
 fn watch_reports_an_unloaded_state_once_and_registers_again_when_it_is_back() {
     let ns = loaded();
@@ -857,7 +858,10 @@ fn watch_reports_an_unloaded_state_once_and_registers_again_when_it_is_back() {
     let config = write_config(
         &ns,
         "back.json",
-        &serde_json::json!({"registrations": [{"label": "back", "protocol": "tcp", "address": "127.0.0.1", "port": 8094}]}),
+        &serde_json::json!({
+            "bindings": [{"label": "back", "protocol": "tcp", "prefix": "127.0.0.0/8", "port": 94}],
+            "registrations": [{"label": "back", "protocol": "tcp", "address": "127.0.0.1", "port": 8094}]
+        }),
     );
     let watch = Watch::start(&ns, &config);
     wait_for_slot(&ns, "back", Some(cookie), None, Duration::from_secs(5));
@@ -870,5 +874,21 @@ fn watch_reports_an_unloaded_state_once_and_registers_again_when_it_is_back() {
     ns.steerctl_ok(&["attach"]);
     wait_for_slot(&ns, "back", Some(cookie), None, Duration::from_secs(5));
     watch.wait_for_log("working again", Duration::from_secs(2));
+    // The new state gets the file's bindings too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ns.steerctl_ok(&["bindings"]).contains("127.0.0.0/8") {
+        assert!(Instant::now() < deadline, "bindings not applied to the new state:\n{}", watch.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And a state unloaded and loaded again between two checks, too.
+    ns.steerctl_ok(&["unload"]);
+    ns.steerctl_ok(&["load"]);
+    ns.steerctl_ok(&["attach"]);
+    wait_for_slot(&ns, "back", Some(cookie), None, Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ns.steerctl_ok(&["bindings"]).contains("127.0.0.0/8") {
+        assert!(Instant::now() < deadline, "bindings not applied to the reloaded state:\n{}", watch.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(watch.stop().success());
 }

@@ -419,9 +419,12 @@ mod tests {
             choose(&groups, &any, &v6),
             Choice::Register { member: Member { cookie: 2, .. }, replacing: None, .. }
         ));
-        // Other flags: registered again, replacing itself.
+        // Other flags: the same socket registered again (it replaces no other).
         let flagged = Current { held: [Some(2), None], matching: [None, None] };
-        assert!(matches!(choose(&groups, &any, &flagged), Choice::Register { member: Member { cookie: 2, .. }, .. }));
+        assert!(matches!(
+            choose(&groups, &any, &flagged),
+            Choice::Register { member: Member { cookie: 2, .. }, replacing: None, .. }
+        ));
     }
 
     #[test]

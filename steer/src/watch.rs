@@ -89,6 +89,8 @@ enum Health {
 #[derive(Default)]
 struct Failures {
     last: Option<String>,
+    /// Registrations that failed in the last pass, with the error.
+    registrations: Vec<(String, String)>,
 }
 
 impl Failures {
@@ -109,6 +111,16 @@ impl Failures {
     fn failing(&self) -> bool {
         self.last.is_some()
     }
+
+    /// Logs the registrations that failed this pass and not the last one.
+    fn registrations(&mut self, failed: &[(String, String)]) {
+        for (what, err) in failed {
+            if !self.registrations.iter().any(|(w, e)| w == what && e == err) {
+                warn!("{what}: {err}; retrying every second");
+            }
+        }
+        self.registrations = failed.to_vec();
+    }
 }
 
 /// Runs until `poll` returns [`Event::Stop`]. Fails only when the file
@@ -125,7 +137,12 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
     );
     let mut failures = Failures::default();
     let mut missing_since: Vec<Option<Instant>> = vec![None; config.registrations.len()];
-    let mut expected = pass(layout, &config, true, &mut missing_since, &mut failures);
+    // The file's bindings are applied when the file is (re)read and when
+    // the state is new (loaded again under this watch): by the first pass
+    // that includes them and succeeds.
+    let mut state = state_inode(layout);
+    let (mut expected, applied) = pass(layout, &config, true, &mut missing_since, &mut failures);
+    let mut bindings_pending = !applied;
     let mut last_full = Instant::now();
     loop {
         let mut reload = false;
@@ -151,13 +168,22 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
                     info!("reloaded {}", file.display());
                     config = new;
                     missing_since = vec![None; config.registrations.len()];
-                    expected = pass(layout, &config, true, &mut missing_since, &mut failures);
+                    let applied;
+                    (expected, applied) = pass(layout, &config, true, &mut missing_since, &mut failures);
+                    bindings_pending = !applied;
                     last_full = Instant::now();
                 }
                 Err(e) => error!("keeping the previous config: {}", e.chain()),
             }
         } else {
-            let due = last_full.elapsed() >= options.full_every;
+            let now_state = state_inode(layout);
+            if now_state != state {
+                state = now_state;
+                bindings_pending = true;
+            }
+            // Bindings waiting for a new state: at once, unless failing.
+            let due = last_full.elapsed() >= options.full_every
+                || (bindings_pending && state.is_some() && !failures.failing());
             // While failing (unloaded, say), retry on the full pass's cadence.
             let health = if failures.failing() {
                 Health::Held
@@ -171,7 +197,9 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
                 }
             };
             if due || matches!(health, Health::Changed | Health::Waiting { costly: false }) {
-                expected = pass(layout, &config, false, &mut missing_since, &mut failures);
+                let applied;
+                (expected, applied) = pass(layout, &config, bindings_pending, &mut missing_since, &mut failures);
+                bindings_pending &= !applied;
                 if due {
                     last_full = Instant::now();
                 }
@@ -179,6 +207,11 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
         }
         std::thread::sleep(options.interval);
     }
+}
+
+/// The state directory's inode: another one is a state loaded anew.
+fn state_inode(layout: &Layout) -> Option<u64> {
+    std::fs::metadata(&layout.dir).ok().map(|m| m.ino())
 }
 
 /// Reads every registration's slot (three maps, opened once, under a
@@ -214,14 +247,15 @@ fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant
 
 /// Plans and, when something changes, applies the config under the write
 /// lock; with `bindings` false the config's bindings are left out (they
-/// are applied on load). Returns what each slot should hold.
+/// are applied once per (re)load). Returns what each slot should hold,
+/// and whether the pass got as far as planning and applying.
 fn pass(
     layout: &Layout,
     config: &Config,
     bindings: bool,
     missing_since: &mut Vec<Option<Instant>>,
     failures: &mut Failures,
-) -> Vec<Slot> {
+) -> (Vec<Slot>, bool) {
     missing_since.resize(config.registrations.len(), None);
     let scoped;
     let config = if bindings {
@@ -232,8 +266,12 @@ fn pass(
     };
     let unknown = vec![Slot::Waiting { costly: false }; config.registrations.len()];
     let planned = Dispatcher::open_read(layout).and_then(|state| config::plan(&state, config));
+    let mut failed: Vec<String> = Vec::new();
     let plan = match planned {
-        Ok(plan) if !plan.changes() => plan,
+        Ok(plan) if !plan.changes() => {
+            failures.registrations(&[]);
+            plan
+        }
         Ok(_) => match Dispatcher::open_write(layout).and_then(|state| config::apply(&state, config)) {
             Ok(applied) => {
                 for line in applied.plan.describe(false) {
@@ -241,23 +279,23 @@ fn pass(
                         info!("{line}");
                     }
                 }
-                for (what, err) in &applied.failed {
-                    warn!("{what}: {err}; retrying");
-                }
+                failures.registrations(&applied.failed);
+                failed = applied.failed.into_iter().map(|(what, _)| what).collect();
                 applied.plan
             }
             Err(e) => {
                 failures.failed("applying", &e);
-                return unknown;
+                return (unknown, false);
             }
         },
         Err(e) => {
             failures.failed("planning", &e);
-            return unknown;
+            return (unknown, false);
         }
     };
     failures.ok();
-    plan.registrations
+    let slots = plan
+        .registrations
         .iter()
         .enumerate()
         .map(|(i, step)| {
@@ -275,6 +313,11 @@ fn pass(
                     since.elapsed().as_millis()
                 );
             }
+            // A registration that failed (its fd could not be taken, say)
+            // is tried again on the full pass, not every interval.
+            if failed.contains(&format!("{} {}", w.label, w.target())) {
+                return Slot::Waiting { costly: true };
+            }
             match (step.outcome(), &step.choice) {
                 (Some((family, cookie)), _) => {
                     Slot::Held { label: w.label.clone(), family, protocol: w.protocol, cookie }
@@ -283,5 +326,6 @@ fn pass(
                 (None, _) => Slot::Waiting { costly: false },
             }
         })
-        .collect()
+        .collect();
+    (slots, true)
 }
