@@ -158,7 +158,7 @@ exec {to_guest}<>"$work/ctl.in" {from_guest}<>"$work/ctl.out"
 start_vm() {
     local kdir initrd
     # (set -e does not apply in here: start_vm runs as a condition.)
-    vm_install_deps || { vm_reason="qemu cannot be installed"; return 1; }
+    vm_install_deps || { vm_reason="qemu cannot be installed (see $vm_install_log)"; return 1; }
     [ -c /dev/net/tun ] || { vm_reason="no /dev/net/tun for the tap interface"; return 1; }
     mkdir -p "$vm_out"
     kdir=$(vm_kernel "$kernel") || { vm_reason="no $kernel kernel (offline and nothing cached?)"; return 1; }

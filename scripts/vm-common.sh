@@ -18,6 +18,7 @@
 
 vm_cache=${STEER_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/steer-vm}
 vm_out=$PWD/target/vm
+vm_install_log=$vm_cache/install.log
 # A command qemu runs under (lab.sh: `ip netns exec NS`).
 vm_wrap=()
 # Kernel modules the guest loads when they are not built in: the lab's wire,
@@ -47,9 +48,14 @@ vm_install_deps() {
         command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
     done
     [ ${#need[@]} -gt 0 ] || return 0
-    vm_log "installing ${need[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 && return 0
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 && return 0
+    vm_log "installing ${need[*]} (apt's output in $vm_install_log)"
+    mkdir -p "${vm_install_log%/*}"
+    : >"$vm_install_log"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >>"$vm_install_log" 2>&1 \
+        && return 0
+    apt-get update -qq >>"$vm_install_log" 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
+            >>"$vm_install_log" 2>&1 && return 0
     # A qemu-utils from bookworm-backports (some images carry one) breaks
     # bookworm's own qemu-system: take qemu from backports too, with package
     # lists of our own (the machine's sources and lists are not changed).
@@ -59,7 +65,7 @@ vm_install_deps() {
     esac
     vm_log "qemu-utils is from bookworm-backports: installing ${need[*]} from there"
     local d status=0 key=/usr/share/keyrings/debian-archive-keyring.gpg
-    d=$(mktemp -d)
+    d=$(mktemp -d) || return 1
     mkdir -p "$d/lists/partial" "$d/cache/archives/partial" "$d/empty"
     cat >"$d/sources.list" <<EOF
 deb [signed-by=$key] http://deb.debian.org/debian bookworm main
@@ -69,9 +75,9 @@ deb [signed-by=$key] http://deb.debian.org/debian bookworm-backports main
 EOF
     local opts=(-o "Dir::Etc::sourcelist=$d/sources.list" -o "Dir::Etc::sourceparts=$d/empty"
         -o "Dir::State::lists=$d/lists" -o "Dir::Cache=$d/cache" -o Acquire::Languages=none)
-    apt-get "${opts[@]}" update -qq >/dev/null 2>&1 \
+    apt-get "${opts[@]}" update -qq >>"$vm_install_log" 2>&1 \
         && DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" install -y -qq --no-install-recommends \
-            -t bookworm-backports "${need[@]}" >/dev/null 2>&1 || status=1
+            -t bookworm-backports "${need[@]}" >>"$vm_install_log" 2>&1 || status=1
     rm -rf "$d"
     return $status
 }

@@ -43,7 +43,7 @@ for arg in "$@"; do
 done
 [ ${#kernels[@]} -gt 0 ] || kernels=(5.10 6.1 6.12)
 
-vm_install_deps
+vm_install_deps || vm_die "cannot install qemu-system-x86 and cpio (see $vm_install_log)"
 mkdir -p "$vm_out"
 
 echo "== building release binaries and test executables"
