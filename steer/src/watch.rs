@@ -10,9 +10,10 @@
 //! dumped) and registers it as soon as one listens. A full pass (owner
 //! filters, pid files) also runs every `full_every`. The file is re-read
 //! when it changes (its mtime, size or inode) or on [`Event::Reload`]
-//! (SIGHUP); the bindings are applied when the file is (re)loaded, the
-//! registrations continuously. The state lock is held only while a pass
-//! plans or applies, never while sleeping.
+//! (SIGHUP); the bindings are applied when the file is (re)loaded and when
+//! the state is loaded anew, the registrations continuously. A failure is
+//! logged once and retried every `full_every`. The state lock is held only
+//! while a pass plans or applies, never while sleeping.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -300,6 +301,11 @@ fn pass(
         .enumerate()
         .map(|(i, step)| {
             let w = &step.wanted;
+            // A registration that failed (its fd could not be taken, say)
+            // is tried again on the full pass, not every interval.
+            if failed.contains(&format!("{} {}", w.label, w.target())) {
+                return Slot::Waiting { costly: true };
+            }
             let since = match &step.choice {
                 Choice::Register { member, .. } => missing_since[i].take().map(|since| (member, since)),
                 _ => None,
@@ -312,11 +318,6 @@ fn pass(
                     member.cookie,
                     since.elapsed().as_millis()
                 );
-            }
-            // A registration that failed (its fd could not be taken, say)
-            // is tried again on the full pass, not every interval.
-            if failed.contains(&format!("{} {}", w.label, w.target())) {
-                return Slot::Waiting { costly: true };
             }
             match (step.outcome(), &step.choice) {
                 (Some((family, cookie)), _) => {
