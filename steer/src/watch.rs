@@ -267,7 +267,9 @@ fn pass(
     };
     let unknown = vec![Slot::Waiting { costly: false }; config.registrations.len()];
     let planned = Dispatcher::open_read(layout).and_then(|state| config::plan(&state, config));
-    let mut failed: Vec<String> = Vec::new();
+    // Registrations that failed to apply, and whether they failed alike in
+    // the pass before (then they wait for the full pass).
+    let mut failed: Vec<(String, bool)> = Vec::new();
     let plan = match planned {
         Ok(plan) if !plan.changes() => {
             failures.registrations(&[]);
@@ -276,12 +278,21 @@ fn pass(
         Ok(_) => match Dispatcher::open_write(layout).and_then(|state| config::apply(&state, config)) {
             Ok(applied) => {
                 for line in applied.plan.describe(false) {
-                    if !line.contains(": unchanged (") && !line.contains(": waiting: ") {
+                    let quiet = line.contains(": unchanged (") || line.contains(": waiting: ");
+                    // A step's line starts with its "label target"; a failed one did not happen.
+                    let failed = applied.failed.iter().any(|(what, _)| line.starts_with(&format!("{what}: ")));
+                    if !quiet && !failed {
                         info!("{line}");
                     }
                 }
+                failed = applied
+                    .failed
+                    .iter()
+                    .map(|(what, err)| {
+                        (what.clone(), failures.registrations.iter().any(|f| f.0 == *what && f.1 == *err))
+                    })
+                    .collect();
                 failures.registrations(&applied.failed);
-                failed = applied.failed.into_iter().map(|(what, _)| what).collect();
                 applied.plan
             }
             Err(e) => {
@@ -301,10 +312,12 @@ fn pass(
         .enumerate()
         .map(|(i, step)| {
             let w = &step.wanted;
-            // A registration that failed (its fd could not be taken, say)
-            // is tried again on the full pass, not every interval.
-            if failed.contains(&format!("{} {}", w.label, w.target())) {
-                return Slot::Waiting { costly: true };
+            // A registration that failed (the socket closed meanwhile, its
+            // fd could not be taken) is tried again at once; failing alike
+            // twice, on the full pass.
+            let what = format!("{} {}", w.label, w.target());
+            if let Some((_, again)) = failed.iter().find(|(w, _)| *w == what) {
+                return Slot::Waiting { costly: *again };
             }
             let since = match &step.choice {
                 Choice::Register { member, .. } => missing_since[i].take().map(|since| (member, since)),
