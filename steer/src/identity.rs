@@ -155,7 +155,7 @@ fn stale_from_outside(state: &Dispatcher<ReadWrite>, live: &BTreeSet<u64>) -> Re
     let meta = Plane::open(state)?.meta()?;
     // `live` was listed before this lock was taken: a namespace made since
     // (its state loaded, not yet attached) is looked for again.
-    if !live.contains(&meta.netns_inode) && live_namespace_path(meta.netns_inode).is_none() {
+    if !live.contains(&meta.netns_inode) && !live_namespaces().contains(&meta.netns_inode) {
         return Ok(Some(format!("no network namespace {} exists", meta.netns_inode)));
     }
     if meta.netns_cookie == 0 {
