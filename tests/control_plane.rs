@@ -469,7 +469,11 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     ns.steerctl_ok(&bind);
     let calls = bpf_calls(&ns, &unbind);
     ns.steerctl_ok(&bind);
-    for (i, _) in calls.iter().enumerate().filter(|(_, l)| is_write(l)) {
+    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
+    if let Some(after_last) = kill_at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
+        kill_at.push(after_last);
+    }
+    for i in kill_at {
         let inject = format!("inject=bpf:signal=SIGKILL:when={}", i + 1);
         let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &unbind);
         assert!(!out.status.success(), "unbind killed at bpf call {} finished", i + 1);
