@@ -485,6 +485,72 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     }
 }
 
+/// A load-bindings killed before any of its map writes (and after the
+/// last) never leaves a recorded binding whose label is gone: the labels
+/// that leave are forgotten only after the switch.
+#[test]
+fn a_load_bindings_killed_at_any_map_write_leaves_no_binding_without_its_label() {
+    let ns = loaded();
+    let file = |labels: [&str; 2], name: &str| {
+        let bindings: Vec<serde_json::Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, label)| serde_json::json!({"label": label, "protocol": "tcp", "prefix": format!("10.{i}.0.0/16"), "port": 0}))
+            .collect();
+        let path = ns.bpffs.parent().unwrap().join(name);
+        std::fs::write(&path, serde_json::json!({ "bindings": bindings }).to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (old, new) = (file(["old-a", "old-b"], "old.json"), file(["new-a", "new-b"], "new.json"));
+    ns.steerctl_ok(&["load-bindings", &old]);
+    let calls = bpf_calls(&ns, &["load-bindings", &new]);
+    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
+    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
+    if let Some(after_last) = kill_at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
+        kill_at.push(after_last);
+    }
+    for i in kill_at {
+        ns.steerctl_ok(&["load-bindings", &old]);
+        let inject = format!("inject=bpf:signal=SIGKILL:when={}", i + 1);
+        let out = strace_steerctl(
+            &ns,
+            &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject],
+            &["load-bindings", &new],
+        );
+        assert!(!out.status.success(), "load-bindings killed at bpf call {} finished", i + 1);
+        let listed: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "bindings"])).unwrap();
+        let labels: Vec<&str> =
+            listed["bindings"].as_array().unwrap().iter().map(|b| b["label"].as_str().unwrap()).collect();
+        assert!(
+            labels == ["old-a", "old-b"] || labels == ["new-a", "new-b"],
+            "killed at {}: bindings of {labels:?}",
+            calls[i]
+        );
+    }
+}
+
+/// A set of 4,096 labels (all there are) replaces another of 4,096 others.
+#[test]
+fn a_full_set_of_labels_replaces_another() {
+    let ns = loaded();
+    let file = |prefix: &str| {
+        let bindings: Vec<serde_json::Value> = (0..4096u32)
+            .map(|i| {
+                serde_json::json!({"label": format!("{prefix}{i}"), "protocol": "tcp",
+                                   "prefix": format!("10.{}.{}.0/24", i / 256, i % 256), "port": 0})
+            })
+            .collect();
+        let path = ns.bpffs.parent().unwrap().join(format!("{prefix}.json"));
+        std::fs::write(&path, serde_json::json!({ "bindings": bindings }).to_string()).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    ns.steerctl_ok(&["load-bindings", &file("a")]);
+    ns.steerctl_ok(&["load-bindings", &file("b")]);
+    let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
+    assert_eq!((status["labels"].as_u64(), status["bindings"].as_u64()), (Some(4096), Some(4096)), "{status}");
+    assert!(ns.steerctl_ok(&["bindings"]).contains("b4095"));
+}
+
 /// A bind that finds the record full (1,024 entries) moves it to a larger
 /// map. Killed before it fills the new map, half way, or just after the
 /// new map replaced the old, and then run again: every binding is still

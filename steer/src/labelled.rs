@@ -691,12 +691,18 @@ impl Dispatcher<ReadWrite> {
             fail!(Full, "bindings map full ({} entries): the file has {}", separated(MAX_BINDINGS), seen.len());
         }
         let mut maps = Maps::open(self)?;
-        // Labels leaving without a socket give their ids up first, so a set
-        // can replace another of as many labels. Their traffic is dropped
-        // until the switch either way: their socket slots are empty, and no
-        // socket can be registered while this write holds the lock.
         let staying: BTreeSet<&str> = seen.values().copied().collect();
-        maps.forget_labels(|label, _| staying.contains(label))?;
+        let existing = maps.labels()?;
+        let arriving = staying.iter().filter(|label| !existing.contains_key(**label)).count();
+        if existing.len() + arriving > MAX_LABELS as usize {
+            // Only when the ids are needed (a set replacing another of about
+            // as many labels): labels leaving without a socket give theirs up
+            // before the switch. Otherwise they are collected after it, so a
+            // write killed in between leaves no published binding whose
+            // label is gone (and whose id a later label could take).
+            maps.bump_record()?;
+            maps.forget_labels(|label, _| staying.contains(label))?;
+        }
         let ids = maps.ensure_labels(seen.values().copied())?;
         let entries: Vec<(BindingKey, u32)> = seen.iter().map(|(key, label)| (*key, ids[*label])).collect();
         let idle = (1 - (maps.meta.active_record & 1)) as usize;
