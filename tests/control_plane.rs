@@ -433,6 +433,37 @@ fn bpf_calls(ns: &TestNs, args: &[&str]) -> Vec<String> {
     stderr(&out).lines().filter(|l| l.starts_with("bpf(")).map(str::to_string).collect()
 }
 
+/// Where to kill a command whose bpf calls are `calls`: before each map
+/// write, and after the last (0-based indices into `calls`).
+fn kill_points(calls: &[String]) -> Vec<usize> {
+    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
+    let mut at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
+    if let Some(after_last) = at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
+        at.push(after_last);
+    }
+    at
+}
+
+/// Runs `steerctl ARGS`, killed (strace delivers SIGKILL on entry) just
+/// before its bpf call at 0-based `index`; fails if it was not killed.
+fn killed_at(ns: &TestNs, index: usize, args: &[&str]) {
+    // strace counts from 1.
+    let inject = format!("inject=bpf:signal=SIGKILL:when={}", index + 1);
+    let out = strace_steerctl(ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], args);
+    assert!(!out.status.success(), "{args:?} killed at bpf call {index} finished: {}", stderr(&out));
+}
+
+/// A bindings file of (label, prefix) pairs, port 0, in the test's scratch directory.
+fn bindings_file<'a>(ns: &TestNs, name: &str, entries: impl IntoIterator<Item = (&'a str, String)>) -> String {
+    let bindings: Vec<serde_json::Value> = entries
+        .into_iter()
+        .map(|(label, prefix)| serde_json::json!({"label": label, "protocol": "tcp", "prefix": prefix, "port": 0}))
+        .collect();
+    let path = ns.bpffs.parent().unwrap().join(name);
+    std::fs::write(&path, serde_json::json!({ "bindings": bindings }).to_string()).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 /// A bind killed just before any one of its map writes (strace delivers
 /// SIGKILL on entry to that bpf call), and after the last, then run
 /// again: it always ends recorded, published and serving.
@@ -447,21 +478,14 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     let unbind = ["unbind", "b", "tcp", "192.0.2.0/24", "0"];
     let calls = bpf_calls(&ns, &bind);
     ns.steerctl_ok(&unbind);
-    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
-    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i + 1).collect();
-    let after_last = kill_at.last().copied().unwrap_or(0) + 1;
-    if after_last <= calls.len() {
-        kill_at.push(after_last);
-    }
+    let kill_at = kill_points(&calls);
     assert!((3..=60).contains(&kill_at.len()), "{} writes:\n{}", kill_at.len(), calls.join("\n"));
-    for n in kill_at {
-        let inject = format!("inject=bpf:signal=SIGKILL:when={n}");
-        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &bind);
-        assert!(!out.status.success(), "bind killed at bpf call {n} finished: {}", stderr(&out));
+    for i in kill_at {
+        killed_at(&ns, i, &bind);
         ns.steerctl_ok(&bind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
-        assert_eq!(status["plane"]["up_to_date"], true, "killed at bpf call {n} ({}): {status}", calls[n - 1]);
-        assert_eq!(who(&ns, "192.0.2.9:1234"), "b", "killed at bpf call {n}: {}", calls[n - 1]);
+        assert_eq!(status["plane"]["up_to_date"], true, "killed at bpf call {i} ({}): {status}", calls[i]);
+        assert_eq!(who(&ns, "192.0.2.9:1234"), "b", "killed at bpf call {i}: {}", calls[i]);
         ns.steerctl_ok(&unbind);
     }
     // An unbind killed the same way, then run again (it may find nothing
@@ -469,14 +493,8 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     ns.steerctl_ok(&bind);
     let calls = bpf_calls(&ns, &unbind);
     ns.steerctl_ok(&bind);
-    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
-    if let Some(after_last) = kill_at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
-        kill_at.push(after_last);
-    }
-    for i in kill_at {
-        let inject = format!("inject=bpf:signal=SIGKILL:when={}", i + 1);
-        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &unbind);
-        assert!(!out.status.success(), "unbind killed at bpf call {} finished", i + 1);
+    for i in kill_points(&calls) {
+        killed_at(&ns, i, &unbind);
         let _ = ns.steerctl(&unbind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
         assert_eq!(status["plane"]["up_to_date"], true, "unbind killed at {}: {status}", calls[i]);
@@ -491,33 +509,15 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
 #[test]
 fn a_load_bindings_killed_at_any_map_write_leaves_no_binding_without_its_label() {
     let ns = loaded();
-    let file = |labels: [&str; 2], name: &str| {
-        let bindings: Vec<serde_json::Value> = labels
-            .iter()
-            .enumerate()
-            .map(|(i, label)| serde_json::json!({"label": label, "protocol": "tcp", "prefix": format!("10.{i}.0.0/16"), "port": 0}))
-            .collect();
-        let path = ns.bpffs.parent().unwrap().join(name);
-        std::fs::write(&path, serde_json::json!({ "bindings": bindings }).to_string()).unwrap();
-        path.to_str().unwrap().to_string()
+    let file = |labels: [&'static str; 2], name: &str| {
+        bindings_file(&ns, name, labels.into_iter().enumerate().map(|(i, label)| (label, format!("10.{i}.0.0/16"))))
     };
     let (old, new) = (file(["old-a", "old-b"], "old.json"), file(["new-a", "new-b"], "new.json"));
     ns.steerctl_ok(&["load-bindings", &old]);
     let calls = bpf_calls(&ns, &["load-bindings", &new]);
-    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
-    let mut kill_at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
-    if let Some(after_last) = kill_at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
-        kill_at.push(after_last);
-    }
-    for i in kill_at {
+    for i in kill_points(&calls) {
         ns.steerctl_ok(&["load-bindings", &old]);
-        let inject = format!("inject=bpf:signal=SIGKILL:when={}", i + 1);
-        let out = strace_steerctl(
-            &ns,
-            &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject],
-            &["load-bindings", &new],
-        );
-        assert!(!out.status.success(), "load-bindings killed at bpf call {} finished", i + 1);
+        killed_at(&ns, i, &["load-bindings", &new]);
         let listed: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "bindings"])).unwrap();
         let labels: Vec<&str> =
             listed["bindings"].as_array().unwrap().iter().map(|b| b["label"].as_str().unwrap()).collect();
@@ -534,15 +534,10 @@ fn a_load_bindings_killed_at_any_map_write_leaves_no_binding_without_its_label()
 fn a_full_set_of_labels_replaces_another() {
     let ns = loaded();
     let file = |prefix: &str| {
-        let bindings: Vec<serde_json::Value> = (0..4096u32)
-            .map(|i| {
-                serde_json::json!({"label": format!("{prefix}{i}"), "protocol": "tcp",
-                                   "prefix": format!("10.{}.{}.0/24", i / 256, i % 256), "port": 0})
-            })
-            .collect();
-        let path = ns.bpffs.parent().unwrap().join(format!("{prefix}.json"));
-        std::fs::write(&path, serde_json::json!({ "bindings": bindings }).to_string()).unwrap();
-        path.to_str().unwrap().to_string()
+        let labels: Vec<String> = (0..4096u32).map(|i| format!("{prefix}{i}")).collect();
+        let entries =
+            labels.iter().enumerate().map(|(i, label)| (label.as_str(), format!("10.{}.{}.0/24", i / 256, i % 256)));
+        bindings_file(&ns, &format!("{prefix}.json"), entries)
     };
     ns.steerctl_ok(&["load-bindings", &file("a")]);
     ns.steerctl_ok(&["load-bindings", &file("b")]);
@@ -594,15 +589,12 @@ fn a_bind_killed_while_the_record_grows_loses_no_binding() {
         .unwrap_or_else(|| panic!("the bind made no new record:\n{}", calls.join("\n")));
     let first_write = created + calls[created..].iter().position(|l| l.contains("BPF_MAP_UPDATE_ELEM")).unwrap();
     let pinned = created + calls[created..].iter().position(|l| l.contains("BPF_OBJ_PIN")).unwrap();
-    // strace counts from 1: `when=N` stops the call at 0-based index N - 1.
     for (stage, index) in
         [("before filling", first_write), ("half filled", first_write + 512), ("replaced", pinned + 1)]
     {
         reload();
         fill();
-        let inject = format!("inject=bpf:signal=SIGKILL:when={}", index + 1);
-        let out = strace_steerctl(&ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], &bind);
-        assert!(!out.status.success(), "{stage}: the bind was not killed");
+        killed_at(&ns, index, &bind);
         ns.steerctl_ok(&bind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
         assert_eq!(status["bindings"], 1025, "killed {stage}: {status}");

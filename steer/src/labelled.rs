@@ -59,7 +59,8 @@ fn protocol_index(p: Protocol) -> u32 {
     u32::from(p == Protocol::Udp)
 }
 
-fn family_index(f: Family) -> u32 {
+/// A family's index in socket slots and counter sets: IPv4 0, IPv6 1.
+pub(crate) fn family_index(f: Family) -> u32 {
     u32::from(f == Family::Ipv6)
 }
 

@@ -27,7 +27,7 @@ use crate::{
     diag::{self, DiagSocket},
     dispatcher::{Access, Dispatcher, ReadWrite},
     error::{Context, Error, Result, fail},
-    labelled::Slots,
+    labelled::{Slots, family_index},
     socket::{self, Family, Owner, Protocol, SocketInfo},
 };
 
@@ -177,7 +177,7 @@ pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: &Current) -
     for group in groups {
         let accepted: Vec<&Member> =
             group.iter().filter(|m| filter.is_empty() || m.owners.iter().any(|o| filter.accepts(o))).collect();
-        if let Some(m) = accepted.iter().find(|m| Some(m.cookie) == current.matching[family_index(m.family)]) {
+        if let Some(m) = accepted.iter().find(|m| Some(m.cookie) == current.matching[family_index(m.family) as usize]) {
             return Choice::Keep { cookie: m.cookie, family: m.family, group: group.len() };
         }
         // A member someone holds (its fd can be taken), the filter's owner first.
@@ -188,7 +188,7 @@ pub fn choose(groups: &[Vec<Member>], filter: &OwnerFilter, current: &Current) -
                     member: (*m).clone(),
                     owner: owner.clone(),
                     group: group.len(),
-                    replacing: current.held[family_index(m.family)].filter(|c| *c != m.cookie),
+                    replacing: current.held[family_index(m.family) as usize].filter(|c| *c != m.cookie),
                 };
             }
         }
@@ -221,8 +221,8 @@ pub fn current(slots: &Slots, label: &str, protocol: Protocol, no_reuseport: boo
     for family in [Family::Ipv4, Family::Ipv6] {
         let flagged = slots.flags(label, family, protocol)? & steer_common::socket_flag::NO_REUSEPORT != 0;
         let held = slots.cookie(label, family, protocol)?;
-        out.held[family_index(family)] = held;
-        out.matching[family_index(family)] = held.filter(|_| flagged == no_reuseport);
+        out.held[family_index(family) as usize] = held;
+        out.matching[family_index(family) as usize] = held.filter(|_| flagged == no_reuseport);
     }
     Ok(out)
 }
@@ -234,10 +234,6 @@ pub struct Current {
     pub held: [Option<u64>; 2],
     /// The same, but only where the slot's flags are the ones wanted.
     pub matching: [Option<u64>; 2],
-}
-
-fn family_index(family: Family) -> usize {
-    usize::from(family == Family::Ipv6)
 }
 
 /// A socket registered by address.
