@@ -400,7 +400,7 @@ fn watch_re_registers_a_restarted_server_quickly() {
         ms(listened, killed),
         first_second.map_or(f64::NAN, |t| ms(t, listened)),
     );
-    let first_second = first_second.expect("the restarted server answered");
+    let first_second = first_second.unwrap_or_else(|| panic!("the restarted server never answered:\n{}", watch.log()));
     assert!(first_second.saturating_duration_since(listened) < Duration::from_secs(1));
     assert!(failed.iter().all(|t| **t <= first_second), "connections failed after the restarted server was registered");
     assert!(watch.log().contains("replacement cookie"), "{}", watch.log());
@@ -801,21 +801,14 @@ fn a_server_started_by_systemd_socket_activate_is_registered_by_address() {
     assert_eq!(ns.enter(|| line("127.0.0.98:98".parse().unwrap())).unwrap(), "inetd");
 }
 
-/// A registration whose chosen socket is IPv6 (the filter's process holds
-/// only that one) while an IPv4 wildcard listens there too: `watch` checks
-/// the IPv6 slot, so it registers once and keeps it, not again every
-/// second.
-#[test]
-fn watch_keeps_a_registration_in_the_second_familys_slot() {
+/// Hands `listener` to a new `sleep 30` in the namespace (as its fd 100)
+/// and closes this process's copy, so only that `sleep` holds it; returns
+/// its pid.
+fn hand_to_sleep(ns: &mut TestNs, listener: TcpListener) -> i32 {
     use std::os::unix::process::CommandExt;
-    let mut ns = loaded();
-    let _v4 = reuseport_listener(&ns, "0.0.0.0:8093".parse().unwrap());
-    let v6 = reuseport_listener(&ns, "[::]:8093".parse().unwrap());
-    let v6_cookie = cookie_of(&v6);
-    // Only a `sleep` holds the IPv6 socket, as its fd 100.
     let mut cmd = ns.command("sleep");
     cmd.arg("30");
-    let raw = v6.as_raw_fd();
+    let raw = listener.as_raw_fd();
     // Safety: dup2 and fcntl are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
@@ -823,8 +816,22 @@ fn watch_keeps_a_registration_in_the_second_familys_slot() {
             if ok < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
         });
     }
-    ns.spawn(cmd);
-    drop(v6);
+    let pid = ns.spawn(cmd) as i32;
+    drop(listener);
+    pid
+}
+
+/// A registration whose chosen socket is IPv6 (the filter's process holds
+/// only that one) while an IPv4 wildcard listens there too: `watch` checks
+/// the IPv6 slot, so it registers once and keeps it, not again every
+/// second.
+#[test]
+fn watch_keeps_a_registration_in_the_second_familys_slot() {
+    let mut ns = loaded();
+    let _v4 = reuseport_listener(&ns, "0.0.0.0:8093".parse().unwrap());
+    let v6 = reuseport_listener(&ns, "[::]:8093".parse().unwrap());
+    let v6_cookie = cookie_of(&v6);
+    hand_to_sleep(&mut ns, v6);
     let config = write_config(
         &ns,
         "dual.json",
@@ -889,6 +896,58 @@ fn watch_reports_an_unloaded_state_once_and_registers_again_when_it_is_back() {
     while !ns.steerctl_ok(&["bindings"]).contains("127.0.0.0/8") {
         assert!(Instant::now() < deadline, "bindings not applied to the reloaded state:\n{}", watch.log());
         std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(watch.stop().success());
+}
+
+/// A registration blocked by a listener its filter rejects (here: held by
+/// the test, not by `ncat`) is looked at again as soon as the listeners
+/// there change, not only on the full pass a second later: a restart whose
+/// old socket outlives the server for a moment is registered at once.
+#[test]
+fn watch_looks_again_when_the_listeners_change() {
+    let mut ns = loaded();
+    let addr: SocketAddr = "127.0.0.1:8095".parse().unwrap();
+    let config = write_config(
+        &ns,
+        "blocked.json",
+        &serde_json::json!({"registrations": [
+            {"label": "blocked", "protocol": "tcp", "address": "127.0.0.1", "port": 8095, "process": "ncat"}
+        ]}),
+    );
+    let watch = Watch::start(&ns, &config);
+    // Four rounds: a full pass's phase cannot make all of them fast.
+    for round in 0..4 {
+        // Held by this process: the filter rejects it, the registration waits.
+        let blocker = reuseport_listener(&ns, addr);
+        std::thread::sleep(Duration::from_millis(100));
+        drop(blocker);
+        let mut cmd = ns.command("ncat");
+        cmd.args(["-4", "-lk", "127.0.0.1", "8095"]);
+        // Killed below, or with the namespace if this fails first.
+        let server = nix::unistd::Pid::from_raw(ns.spawn(cmd) as i32);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (cookie, listening) = loop {
+            let found = ns.enter(|| steer::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap());
+            if let Some(s) = found.first() {
+                break (s.cookie, Instant::now());
+            }
+            assert!(Instant::now() < deadline, "round {round}: ncat never listened");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        while slot_cookie(&ns, "blocked", Family::Ipv4, Protocol::Tcp) != Some(cookie) {
+            assert!(Instant::now() < deadline, "round {round}: never registered:\n{}", watch.log());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let took = listening.elapsed();
+        // Reaped with the namespace's children; a zombie holds no socket.
+        nix::sys::signal::kill(server, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ns.enter(|| steer::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap()).is_empty() {
+            assert!(Instant::now() < deadline, "round {round}: the killed ncat still listens");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(took < Duration::from_millis(500), "round {round}: registered {took:?} after listen:\n{}", watch.log());
     }
     assert!(watch.stop().success());
 }

@@ -26,9 +26,10 @@ use log::{error, info, warn};
 use crate::{
     Dispatcher, Layout,
     config::{self, Config},
+    diag,
     error::Result,
     labelled::Slots,
-    servers::Choice,
+    servers::{Choice, Target},
     socket::{Family, Protocol},
 };
 
@@ -67,11 +68,30 @@ enum Slot {
         protocol: Protocol,
         cookie: u64,
     },
-    /// Waiting for a socket; `costly` when something listens but no
-    /// accepted process holds it (looking again scans /proc).
-    Waiting {
-        costly: bool,
+    /// Waiting for a socket: looked for again every interval (one
+    /// sock_diag dump when nothing listens).
+    Waiting,
+    /// Waiting while the sockets `listeners` (cookies) listen at `target`
+    /// but none can be taken: no accepted process holds one, or taking it
+    /// failed alike twice. Looking again scans /proc, so that waits for the
+    /// full pass, or for the listeners to change (a restart's old socket
+    /// going, say).
+    Blocked {
+        target: Target,
+        listeners: Vec<u64>,
     },
+}
+
+/// The cookies of the sockets listening at `target` (one sock_diag dump).
+fn listeners(target: &Target) -> Result<Vec<u64>> {
+    Ok(diag::listening(target.protocol, target.address, target.port)?.iter().map(|s| s.cookie).collect())
+}
+
+/// A blocked wait for what listens at `target` now.
+fn blocked(target: Target) -> Slot {
+    // Unknown listeners never match: the next check looks again.
+    let listeners = listeners(&target).unwrap_or_default();
+    Slot::Blocked { target, listeners }
 }
 
 /// What a check of the slots found.
@@ -79,8 +99,8 @@ enum Slot {
 enum Health {
     /// Every slot holds what the last pass put there.
     Held,
-    /// Some registrations wait, and looking again is cheap (one sock_diag
-    /// dump); or costly, when every wait is one with something listening.
+    /// Some registrations wait; `costly` when every one is blocked with the
+    /// same listeners as at the last pass (looking again would scan /proc).
     Waiting { costly: bool },
     /// A registered socket left its slot (closed, or replaced by hand).
     Changed,
@@ -225,7 +245,11 @@ fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant
     let mut waiting: Option<bool> = None;
     for (i, slot) in expected.iter().enumerate() {
         match slot {
-            Slot::Waiting { costly } => waiting = Some(waiting.unwrap_or(true) && *costly),
+            Slot::Waiting => waiting = Some(false),
+            Slot::Blocked { target, listeners: then } => {
+                let unchanged = listeners(target).is_ok_and(|now| now == *then);
+                waiting = Some(waiting.unwrap_or(true) && unchanged);
+            }
             Slot::Held { label, family, protocol, cookie } => {
                 if slots.cookie(label, *family, *protocol)? != Some(*cookie) {
                     if let Some(since) = missing_since.get_mut(i).filter(|s| s.is_none()) {
@@ -265,10 +289,10 @@ fn pass(
         scoped = Config { bindings: None, registrations: config.registrations.clone() };
         &scoped
     };
-    let unknown = vec![Slot::Waiting { costly: false }; config.registrations.len()];
+    let unknown = vec![Slot::Waiting; config.registrations.len()];
     let planned = Dispatcher::open_read(layout).and_then(|state| config::plan(&state, config));
     // Registrations that failed to apply, and whether they failed alike in
-    // the pass before (then they wait for the full pass).
+    // the pass before (then they wait, as blocked registrations do).
     let mut failed: Vec<(String, bool)> = Vec::new();
     let plan = match planned {
         Ok(plan) if !plan.changes() => {
@@ -314,10 +338,10 @@ fn pass(
             let w = &step.wanted;
             // A registration that failed (the socket closed meanwhile, its
             // fd could not be taken) is tried again at once; failing alike
-            // twice, on the full pass.
+            // twice, blocked.
             let what = format!("{} {}", w.label, w.target());
             if let Some((_, again)) = failed.iter().find(|(w, _)| *w == what) {
-                return Slot::Waiting { costly: *again };
+                return if *again { blocked(w.target()) } else { Slot::Waiting };
             }
             let since = match &step.choice {
                 Choice::Register { member, .. } => missing_since[i].take().map(|since| (member, since)),
@@ -336,8 +360,8 @@ fn pass(
                 (Some((family, cookie)), _) => {
                     Slot::Held { label: w.label.clone(), family, protocol: w.protocol, cookie }
                 }
-                (None, Choice::Wait { listening, .. }) => Slot::Waiting { costly: *listening },
-                (None, _) => Slot::Waiting { costly: false },
+                (None, Choice::Wait { listening: true, .. }) => blocked(w.target()),
+                (None, _) => Slot::Waiting,
             }
         })
         .collect();
