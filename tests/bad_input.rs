@@ -5,7 +5,7 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
 };
 
-use steer_tests::{TestNs, stderr};
+use steer_tests::{TestNs, me, stderr};
 
 /// A loaded, attached dispatcher whose socket map holds ncat's socket, and
 /// that socket's cookie: every bad `socket set` must leave it in place.
@@ -32,10 +32,6 @@ fn assert_rejected(ns: &TestNs, cookie: u64, pid: &str, fd: &str, message: &str)
     assert_eq!(status["socket"]["cookie"].as_u64(), Some(cookie), "socket map changed");
     assert_eq!(status["ports"], serde_json::json!([7]));
     assert_eq!(ns.echo(7, "still served").unwrap(), "still served");
-}
-
-fn me() -> String {
-    std::process::id().to_string()
 }
 
 #[test]

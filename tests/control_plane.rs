@@ -13,11 +13,7 @@ use std::{
     time::Duration,
 };
 
-use steer_tests::{TestNs, bin, stderr, udp_echo};
-
-fn me() -> String {
-    std::process::id().to_string()
-}
+use steer_tests::{TestNs, bin, me, stderr, strace, udp_echo};
 
 fn loaded() -> TestNs {
     let ns = TestNs::new(std::thread::current().name().unwrap_or("cp"));
@@ -405,17 +401,10 @@ fn load_and_attach_if_needed_leave_existing_state_alone() {
     assert!(stderr(&out).contains("already loaded"), "{}", stderr(&out));
 }
 
-/// `steerctl --pin-dir DIR ARGS` under `strace STRACE_ARGS`, in the namespace.
-fn strace_steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> std::process::Output {
-    let mut cmd = ns.command("strace");
-    cmd.args(strace_args).arg(bin("steerctl")).arg("--pin-dir").arg(ns.pin_dir()).args(args);
-    cmd.output().unwrap()
-}
-
 /// Map writes (`bpf()` updates and deletes) a `steerctl bind` makes, per strace.
 fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
     let bind: Vec<&str> = ["bind"].into_iter().chain(args.iter().copied()).collect();
-    let out = strace_steerctl(ns, &["-f", "-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], &bind);
+    let out = strace::steerctl(ns, &["-f", "-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], &bind);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     stderr(&out)
         .lines()
@@ -424,33 +413,6 @@ fn map_writes_of_bind(ns: &TestNs, args: &[&str]) -> Vec<String> {
         })
         .map(str::to_string)
         .collect()
-}
-
-/// The bpf(2) calls of `steerctl ARGS` (its main thread), as strace shows them.
-fn bpf_calls(ns: &TestNs, args: &[&str]) -> Vec<String> {
-    let out = strace_steerctl(ns, &["-qq", "-e", "trace=bpf", "-o", "/dev/stderr"], args);
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-    stderr(&out).lines().filter(|l| l.starts_with("bpf(")).map(str::to_string).collect()
-}
-
-/// Where to kill a command whose bpf calls are `calls`: before each map
-/// write, and after the last (0-based indices into `calls`).
-fn kill_points(calls: &[String]) -> Vec<usize> {
-    let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
-    let mut at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
-    if let Some(after_last) = at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
-        at.push(after_last);
-    }
-    at
-}
-
-/// Runs `steerctl ARGS`, killed (strace delivers SIGKILL on entry) just
-/// before its bpf call at 0-based `index`; fails if it was not killed.
-fn killed_at(ns: &TestNs, index: usize, args: &[&str]) {
-    // strace counts from 1.
-    let inject = format!("inject=bpf:signal=SIGKILL:when={}", index + 1);
-    let out = strace_steerctl(ns, &["-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e", &inject], args);
-    assert!(!out.status.success(), "{args:?} killed at bpf call {index} finished: {}", stderr(&out));
 }
 
 /// A bindings file of (label, prefix) pairs, port 0, in the test's scratch directory.
@@ -476,12 +438,12 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     ns.add_local_route("192.0.2.0/24");
     let bind = ["bind", "b", "tcp", "192.0.2.0/24", "0"];
     let unbind = ["unbind", "b", "tcp", "192.0.2.0/24", "0"];
-    let calls = bpf_calls(&ns, &bind);
+    let calls = strace::calls(&ns, "bpf", &bind);
     ns.steerctl_ok(&unbind);
-    let kill_at = kill_points(&calls);
+    let kill_at = strace::kill_points(&calls);
     assert!((3..=60).contains(&kill_at.len()), "{} writes:\n{}", kill_at.len(), calls.join("\n"));
     for i in kill_at {
-        killed_at(&ns, i, &bind);
+        strace::killed_at(&ns, "bpf", i, &bind);
         ns.steerctl_ok(&bind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
         assert_eq!(status["plane"]["up_to_date"], true, "killed at bpf call {i} ({}): {status}", calls[i]);
@@ -491,10 +453,10 @@ fn a_bind_killed_before_any_map_write_is_finished_by_running_it_again() {
     // An unbind killed the same way, then run again (it may find nothing
     // left to remove): the plane is current and the binding gone.
     ns.steerctl_ok(&bind);
-    let calls = bpf_calls(&ns, &unbind);
+    let calls = strace::calls(&ns, "bpf", &unbind);
     ns.steerctl_ok(&bind);
-    for i in kill_points(&calls) {
-        killed_at(&ns, i, &unbind);
+    for i in strace::kill_points(&calls) {
+        strace::killed_at(&ns, "bpf", i, &unbind);
         let _ = ns.steerctl(&unbind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
         assert_eq!(status["plane"]["up_to_date"], true, "unbind killed at {}: {status}", calls[i]);
@@ -514,10 +476,10 @@ fn a_load_bindings_killed_at_any_map_write_leaves_no_binding_without_its_label()
     };
     let (old, new) = (file(["old-a", "old-b"], "old.json"), file(["new-a", "new-b"], "new.json"));
     ns.steerctl_ok(&["load-bindings", &old]);
-    let calls = bpf_calls(&ns, &["load-bindings", &new]);
-    for i in kill_points(&calls) {
+    let calls = strace::calls(&ns, "bpf", &["load-bindings", &new]);
+    for i in strace::kill_points(&calls) {
         ns.steerctl_ok(&["load-bindings", &old]);
-        killed_at(&ns, i, &["load-bindings", &new]);
+        strace::killed_at(&ns, "bpf", i, &["load-bindings", &new]);
         let listed: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "bindings"])).unwrap();
         let labels: Vec<&str> =
             listed["bindings"].as_array().unwrap().iter().map(|b| b["label"].as_str().unwrap()).collect();
@@ -553,7 +515,11 @@ fn a_full_set_of_labels_replaces_another() {
 #[test]
 fn a_bind_killed_while_the_record_grows_loses_no_binding() {
     use aya::maps::{HashMap, Map, MapData};
-    use steer::{Dispatcher, Layout, bindings::encode_key, common::BindingKey, socket::Protocol};
+    use steer::{
+        Dispatcher, Layout,
+        common::BindingKey,
+        model::{Protocol, binding::encode_key},
+    };
 
     let ns = loaded();
     let bind = ["bind", "fill", "tcp", "192.0.2.0/24", "0"];
@@ -582,7 +548,7 @@ fn a_bind_killed_while_the_record_grows_loses_no_binding() {
         ns.steerctl_ok(&["attach"]);
     };
     fill();
-    let calls = bpf_calls(&ns, &bind);
+    let calls = strace::calls(&ns, "bpf", &bind);
     let created = calls
         .iter()
         .position(|l| l.contains("BPF_MAP_CREATE") && l.contains("BPF_MAP_TYPE_HASH"))
@@ -594,7 +560,7 @@ fn a_bind_killed_while_the_record_grows_loses_no_binding() {
     {
         reload();
         fill();
-        killed_at(&ns, index, &bind);
+        strace::killed_at(&ns, "bpf", index, &bind);
         ns.steerctl_ok(&bind);
         let status: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "status"])).unwrap();
         assert_eq!(status["bindings"], 1025, "killed {stage}: {status}");

@@ -13,8 +13,12 @@ use nix::sys::socket::{
     socket, sockopt,
 };
 use steer::{
-    diag::{self, DiagSocket, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN},
-    socket::{Family, Protocol, find_owners, inspect},
+    discovery::{
+        diag::{self, DiagSocket, TCP_CLOSE, TCP_ESTABLISHED, TCP_LISTEN},
+        owners::{owners, sockets_and_owners},
+    },
+    kernel::socket::inspect,
+    model::{Family, Protocol},
 };
 use steer_tests::TestNs;
 
@@ -148,7 +152,7 @@ fn a_reuseport_group_is_reported_whole_with_its_owners() {
         let addr = format!("127.0.0.1:{}", port_of(&first));
         let sockets = [first, listener(&addr, false), listener(&addr, false)];
         let found = diag::listening(Protocol::Tcp, ip("127.0.0.1"), port_of(&sockets[0])).unwrap();
-        let owners = diag::owners(&found.iter().map(|s| s.inode).collect::<Vec<_>>()).unwrap();
+        let owners = owners(&found.iter().map(|s| s.inode).collect::<Vec<_>>()).unwrap();
         (sockets, found, owners)
     });
     let groups: Vec<&[DiagSocket]> = diag::groups(&found).collect();
@@ -176,25 +180,26 @@ fn a_child_process_socket_is_found_with_pid_fd_and_command() {
     cmd.args(["-4kle", "/bin/cat", "127.0.0.1", "7777"]);
     let ncat = ns.spawn(cmd) as i32;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let (found, owners, by_cookie, (find_owners, info)) = loop {
+    let (found, held, by_cookie, (info, find_owners)) = loop {
         let found = ns.enter(|| diag::listening(Protocol::Tcp, ip("127.0.0.1"), 7777).unwrap());
         if let Some(first) = found.first() {
             break ns.enter(|| {
-                let owners = diag::owners(&[first.inode]).unwrap();
-                (found.clone(), owners, diag::by_cookie(first.cookie).unwrap(), find_owners(first.cookie))
+                let held = owners(&[first.inode]).unwrap();
+                let both = sockets_and_owners(&[first.cookie]).unwrap().remove(&first.cookie).unzip();
+                (found.clone(), held, diag::by_cookie(first.cookie).unwrap(), both)
             });
         }
         assert!(Instant::now() < deadline, "ncat did not start listening on 127.0.0.1:7777");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(found.len(), 1, "{found:#?}");
-    let held = &owners[&found[0].inode];
+    let held = &held[&found[0].inode];
     assert_eq!(held.len(), 1, "{held:?}");
     assert_eq!((held[0].pid, held[0].fd, held[0].command.as_str()), (ncat, 3, "ncat"));
     assert_eq!(held[0].to_string(), format!("ncat (pid {ncat}, fd 3)"));
     assert_eq!(by_cookie.as_ref(), Some(&found[0]));
     // The existing entry point, now without pidfd_getfd.
-    assert_eq!(find_owners.iter().map(|o| (o.pid, o.fd)).collect::<Vec<_>>(), [(ncat, 3)]);
+    assert_eq!(find_owners.unwrap_or_default().iter().map(|o| (o.pid, o.fd)).collect::<Vec<_>>(), [(ncat, 3)]);
     let info = info.expect("socket info");
     assert_eq!((info.local, info.listening, info.connected), (Some("127.0.0.1:7777".parse().unwrap()), true, false));
     assert_eq!((info.cookie, info.netns_inode), (found[0].cookie, ns.inode()));
@@ -242,7 +247,7 @@ fn timings() {
         let dumped = start.elapsed();
         let inodes: Vec<u64> = all.iter().map(|s| s.inode).collect();
         let start = Instant::now();
-        let owners = diag::owners(&inodes).unwrap();
+        let owners = owners(&inodes).unwrap();
         (all.len(), dumped, owners.len(), start.elapsed())
     };
     let processes = std::fs::read_dir("/proc")

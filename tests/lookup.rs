@@ -12,8 +12,12 @@ use std::{
 
 use steer::{
     Dispatcher, Layout,
-    bindings::{Binding, BindingsFile, Prefix},
-    socket::Protocol,
+    discovery::OwnerFilter,
+    model::{Binding, BindingsFile, Prefix, Protocol},
+    ops::{
+        bindings::load_bindings,
+        register::{Options, Source, register},
+    },
 };
 use steer_tests::{TestNs, stderr};
 
@@ -161,13 +165,16 @@ fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
             .iter()
             .zip(&sockets)
             .map(|(label, s)| {
-                let info = steer::socket::inspect(s.as_fd()).unwrap();
-                state.register(label, &[(&info, s.as_fd())]).unwrap();
+                let info = steer::kernel::socket::inspect(s.as_fd()).unwrap();
+                let local = info.local.unwrap();
+                let target = steer::model::Target { protocol: Protocol::Tcp, address: local.ip(), port: local.port() };
+                let source = Source::Address { target, filter: OwnerFilter::pid(std::process::id() as i32) };
+                register(&state, label, &source, &Options::default()).unwrap();
                 (label.as_str(), info.cookie)
             })
             .collect()
     });
-    let program = steer::sys::obj_get(&layout.program()).unwrap();
+    let program = steer::kernel::links::open_program(&layout.program()).unwrap();
     // Seeded, so a failing round reproduces.
     let mut rng = fastrand::Rng::with_seed(0x5eed_4b1d_0000_0001);
     let mut lookups = 0;
@@ -187,13 +194,17 @@ fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
             }
         }
         let file = BindingsFile { bindings: rules.iter().map(|r| r.binding(Protocol::Tcp)).collect() };
-        ns.enter(|| Dispatcher::open_write(&layout).unwrap().load_bindings(&file).unwrap());
+        ns.enter(|| load_bindings(&Dispatcher::open_write(&layout).unwrap(), &file).unwrap());
         for _ in 0..250 {
             let addr = random_addr(&mut rng);
             let port = [80, 443, 1, 2][rng.usize(..4)];
             let remote = if addr.is_ipv4() { "127.0.0.1:40000" } else { "[::1]:40000" };
-            let ctx = steer::test_run::lookup_ctx(Protocol::Tcp, SocketAddr::new(addr, port), remote.parse().unwrap());
-            let run = steer::test_run::run(program.as_fd(), &ctx, 1).unwrap();
+            let ctx = steer::kernel::test_run::lookup_ctx(
+                Protocol::Tcp,
+                SocketAddr::new(addr, port),
+                remote.parse().unwrap(),
+            );
+            let run = steer::kernel::test_run::run(program.as_fd(), &ctx, 1).unwrap();
             let want = model(&rules, addr, port).map(|label| cookies[label]).unwrap_or(0);
             assert_eq!(
                 run.cookie, want,

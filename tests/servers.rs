@@ -25,7 +25,7 @@ use nix::sys::socket::{
 };
 use steer::{
     Dispatcher, Layout,
-    socket::{Family, Protocol},
+    model::{Family, Protocol},
 };
 use steer_tests::{TestNs, bin, stderr};
 
@@ -48,7 +48,7 @@ fn json(text: &str) -> serde_json::Value {
 /// The cookie in `label`'s slot, read from the maps as the program does.
 fn slot_cookie(ns: &TestNs, label: &str, family: Family, protocol: Protocol) -> Option<u64> {
     let state = Dispatcher::open_read(&Layout::new(ns.pin_dir())).unwrap();
-    steer::servers::slot_cookie(&state, label, family, protocol).unwrap()
+    state.slot_cookie(label, family, protocol).unwrap()
 }
 
 /// A listening TCP socket with SO_REUSEPORT (and SO_REUSEADDR, so a
@@ -88,7 +88,7 @@ fn close(listener: Arc<TcpListener>) {
 }
 
 fn cookie_of(fd: impl AsFd) -> u64 {
-    steer::socket::inspect(fd.as_fd()).unwrap().cookie
+    steer::kernel::socket::inspect(fd.as_fd()).unwrap().cookie
 }
 
 /// Connects to `addr` (from inside the namespace) and reads one line.
@@ -353,7 +353,9 @@ fn watch_re_registers_a_restarted_server_quickly() {
     let listening = |ns: &TestNs| -> Option<Instant> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let found = ns.enter(|| steer::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8082).unwrap());
+            let found = ns.enter(|| {
+                steer::discovery::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8082).unwrap()
+            });
             if !found.is_empty() {
                 return Some(Instant::now());
             }
@@ -729,7 +731,8 @@ fn nginx_reuseport_workers_all_serve_through_one_registration() {
     ns.spawn(cmd);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let found = ns.enter(|| steer::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8088).unwrap());
+        let found =
+            ns.enter(|| steer::discovery::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8088).unwrap());
         if found.len() == 2 {
             break;
         }
@@ -791,7 +794,10 @@ fn a_server_started_by_systemd_socket_activate_is_registered_by_address() {
     cmd.args(["-l", "127.0.0.1:8098", "--accept", "--inetd", "--", "/bin/echo", "inetd"]);
     ns.spawn(cmd);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ns.enter(|| steer::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8098).unwrap()).is_empty() {
+    while ns
+        .enter(|| steer::discovery::diag::listening(Protocol::Tcp, "127.0.0.1".parse().unwrap(), 8098).unwrap())
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "systemd-socket-activate --accept never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -848,7 +854,7 @@ fn watch_keeps_a_registration_in_the_second_familys_slot() {
     // Three full passes (one a second).
     std::thread::sleep(Duration::from_millis(3200));
     let log = watch.log();
-    let registered = log.lines().filter(|l| l.contains("steer::servers") && l.ends_with(" as dual")).count();
+    let registered = log.lines().filter(|l| l.contains("steer::ops::register") && l.ends_with(" as dual")).count();
     assert_eq!(registered, 1, "registered {registered} times:\n{log}");
     assert_eq!(slot_cookie(&ns, "dual", Family::Ipv4, Protocol::Tcp), None);
     assert!(watch.stop().success());
@@ -928,7 +934,7 @@ fn watch_looks_again_when_the_listeners_change() {
         let server = nix::unistd::Pid::from_raw(ns.spawn(cmd) as i32);
         let deadline = Instant::now() + Duration::from_secs(5);
         let (cookie, listening) = loop {
-            let found = ns.enter(|| steer::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap());
+            let found = ns.enter(|| steer::discovery::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap());
             if let Some(s) = found.first() {
                 break (s.cookie, Instant::now());
             }
@@ -943,7 +949,8 @@ fn watch_looks_again_when_the_listeners_change() {
         // Reaped with the namespace's children; a zombie holds no socket.
         nix::sys::signal::kill(server, nix::sys::signal::Signal::SIGKILL).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !ns.enter(|| steer::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap()).is_empty() {
+        while !ns.enter(|| steer::discovery::diag::listening(Protocol::Tcp, addr.ip(), addr.port()).unwrap()).is_empty()
+        {
             assert!(Instant::now() < deadline, "round {round}: the killed ncat still listens");
             std::thread::sleep(Duration::from_millis(1));
         }

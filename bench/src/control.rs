@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use steer::{
     Dispatcher, Layout,
-    bindings::{Binding, BindingsFile, Prefix},
-    socket::Protocol,
+    model::Protocol,
+    model::{Binding, BindingsFile, Prefix},
 };
 
 use crate::sets::BindingSet;
@@ -29,7 +29,7 @@ fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 }
 
 fn reset(layout: &Layout) -> Result<()> {
-    Dispatcher::open_write(layout)?.load_bindings(&BindingsFile::default())?;
+    steer::ops::bindings::load_bindings(&Dispatcher::open_write(layout)?, &BindingsFile::default())?;
     Ok(())
 }
 
@@ -46,7 +46,7 @@ pub fn measure(
     let mut rows = Vec::new();
     reset(layout)?;
     let load = |file: &BindingsFile| -> Result<()> {
-        Dispatcher::open_write(layout)?.load_bindings(file)?;
+        steer::ops::bindings::load_bindings(&Dispatcher::open_write(layout)?, file)?;
         Ok(())
     };
     let seconds = timed(|| load(&bulk.file))?;
@@ -62,7 +62,7 @@ pub fn measure(
         .collect();
     let seconds = timed(|| {
         for b in &extra {
-            Dispatcher::open_write(layout)?.bind(b)?;
+            steer::ops::bindings::bind(&Dispatcher::open_write(layout)?, b)?;
         }
         Ok(())
     })?;

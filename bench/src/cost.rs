@@ -113,8 +113,8 @@ fn check(p: &Program, hit: &SkLookupCtx, miss: &SkLookupCtx) -> Result<()> {
 /// steer's programs' maps, or the reference's, set up like the live ones:
 /// `port` listed and `socket` at key 0.
 fn fill_maps(maps: &Path, port: u16, socket: BorrowedFd<'_>) -> Result<()> {
-    steer::maps::PortMap::open(&maps.join(map::ECHO_PORTS))?.add(port)?;
-    Ok(steer::maps::SocketMap::<u32>::open(&maps.join(map::ECHO_SOCKET))?.insert(&0, socket)?)
+    steer::kernel::maps::PortMap::open(&maps.join(map::ECHO_PORTS))?.add(port)?;
+    Ok(steer::kernel::maps::SocketMap::open(&maps.join(map::ECHO_SOCKET))?.insert(0, socket)?)
 }
 
 /// Loads every program of `object` with bpftool, maps pinned under

@@ -17,9 +17,9 @@ use clap::Parser;
 use serde::Serialize;
 use steer::{
     Dispatcher,
-    bindings::{Binding, BindingsFile, Prefix},
     common::names::{PASS_PROGRAM, STEER_PROGRAM},
-    socket::Protocol,
+    model::Protocol,
+    model::{Binding, BindingsFile, Prefix},
 };
 use tabled::{Table, Tabled, settings::Style};
 
@@ -160,15 +160,15 @@ fn empty_program() -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
 
 fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<Report> {
     let layout = steer::Layout::new(sandbox.bpffs.join("steer"));
-    let (state, _) = Dispatcher::load(&layout).context("loading steer's dispatcher")?;
+    let (state, _) = steer::ops::lifecycle::load(&layout).context("loading steer's dispatcher")?;
     let mut tcp = TcpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
     let mut udp = UdpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
     let (_empty_object, empty) = empty_program()?;
 
     // The seed path: a listed port and the seed socket, timed against the
     // Rust seed program alone and the seed's C program.
-    state.add_ports(&[SEED_PORT])?;
-    steer::maps::SocketMap::<u32>::open(&layout.socket())?.insert(&0, tcp.listener().as_fd())?;
+    steer::ops::seed::add_ports(&state, &[SEED_PORT])?;
+    steer::kernel::maps::SocketMap::open(&layout.socket())?.insert(0, tcp.listener().as_fd())?;
     let mut programs =
         vec![cost::Program { name: format!("{STEER_PROGRAM} (steerctl's)"), fd: bpf::obj_get(&layout.program())? }];
     let mut skipped = Vec::new();
@@ -186,8 +186,8 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     let program_cost = cost::measure(&programs, &hit, &miss, counts.test_repeat, counts.test_samples)?;
     drop(programs);
     // The rest runs with the seed list off, as a labels-only host would.
-    state.remove_ports(&[SEED_PORT])?;
-    state.clear_seed_socket()?;
+    steer::ops::seed::remove_ports(&state, &[SEED_PORT])?;
+    steer::ops::seed::clear_socket(&state)?;
     drop(state);
 
     let sets = sets::standard(quick);
@@ -208,21 +208,24 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     }
     {
         let state = Dispatcher::open_write(&layout)?;
-        state.load_bindings(&wide)?;
+        steer::ops::bindings::load_bindings(&state, &wide)?;
         for work in [&tcp as &dyn Workload, &udp] {
             let (_, socket) = work.target();
-            let info = steer::socket::inspect(socket)?;
-            state.register("steered", &[(&info, socket)])?;
+            steer::ops::register::register(
+                &state,
+                "steered",
+                &steer::ops::register::Source::Socket(socket),
+                &Default::default(),
+            )?;
         }
     }
     let mut attached = false;
     let mut set_attached = |on: bool| -> Result<()> {
         if on != attached {
-            let state = Dispatcher::open_write(&layout)?;
             if on {
-                state.attach()?;
+                steer::ops::lifecycle::attach(&Dispatcher::open_write(&layout)?)?;
             } else {
-                state.detach()?;
+                steer::ops::lifecycle::detach(&steer::Dispatcher::open_repair(&layout)?)?;
             }
             attached = on;
         }
@@ -238,13 +241,13 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     // The control plane gets every label id: drop the sockets holding two.
     {
         let state = Dispatcher::open_write(&layout)?;
-        state.unregister("steered", None, None)?;
-        state.unregister(sets::HIT_LABEL, None, None)?;
+        steer::ops::register::unregister(&state, "steered", None, None)?;
+        steer::ops::register::unregister(&state, sets::HIT_LABEL, None, None)?;
     }
     let bulk = sets.last().context("no sets")?;
     let control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;
-    Dispatcher::open_write(&layout)?.load_bindings(&BindingsFile::default())?;
-    Dispatcher::open_write(&layout)?.unload()?;
+    steer::ops::bindings::load_bindings(&Dispatcher::open_write(&layout)?, &BindingsFile::default())?;
+    steer::ops::lifecycle::unload(steer::Dispatcher::open_repair(&layout)?)?;
 
     Ok(Report {
         quick,

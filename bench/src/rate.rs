@@ -37,7 +37,7 @@ pub trait Workload {
     /// Runs `n` requests against `variant`'s address.
     fn run(&mut self, variant: Variant, n: usize) -> Result<()>;
     /// This workload's protocol and the socket steered connections go to.
-    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>);
+    fn target(&self) -> (steer::model::Protocol, std::os::fd::BorrowedFd<'_>);
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,9 +156,9 @@ impl Workload for TcpWorkload {
         Ok(())
     }
 
-    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>) {
+    fn target(&self) -> (steer::model::Protocol, std::os::fd::BorrowedFd<'_>) {
         use std::os::fd::AsFd;
-        (steer::socket::Protocol::Tcp, self.target.as_fd())
+        (steer::model::Protocol::Tcp, self.target.as_fd())
     }
 }
 
@@ -213,8 +213,8 @@ impl Workload for UdpWorkload {
         Ok(())
     }
 
-    fn target(&self) -> (steer::socket::Protocol, std::os::fd::BorrowedFd<'_>) {
+    fn target(&self) -> (steer::model::Protocol, std::os::fd::BorrowedFd<'_>) {
         use std::os::fd::AsFd;
-        (steer::socket::Protocol::Udp, self.target.as_fd())
+        (steer::model::Protocol::Udp, self.target.as_fd())
     }
 }

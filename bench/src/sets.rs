@@ -12,10 +12,10 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use steer::{
     Dispatcher, Layout, ReadWrite,
-    bindings::{Binding, BindingsFile, Prefix},
     common::{SkLookupCtx, kernel::SK_PASS},
-    socket::Protocol,
-    test_run,
+    kernel::test_run,
+    model::{Binding, BindingsFile, Prefix, Protocol},
+    ops::register::{Options, Source, register},
 };
 
 use crate::rate::median;
@@ -59,7 +59,7 @@ fn spread(count: usize) -> Vec<u8> {
 }
 
 fn mapped(addr: IpAddr) -> u128 {
-    u128::from_be_bytes(steer::bindings::mapped_addr(addr))
+    u128::from_be_bytes(steer::model::prefix::mapped_addr(addr))
 }
 
 /// A prefix of `len` mapped bits around `addr` (IPv4 ones as IPv4).
@@ -175,17 +175,17 @@ pub fn measure(
     let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
     let hit = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(HIT_ADDR), HIT_PORT), remote);
     let unrelated = test_run::lookup_ctx(Protocol::Tcp, UNRELATED, remote);
-    let info = steer::socket::inspect(socket.as_fd())?;
+    let info = steer::kernel::socket::inspect(socket.as_fd())?;
     let program = crate::bpf::obj_get(&layout.program())?;
     let mut rows = Vec::new();
     for set in sets {
         let miss = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(MISS_ADDR), set.miss_port), remote);
         let state: Dispatcher<ReadWrite> = Dispatcher::open_write(layout)?;
         let start = std::time::Instant::now();
-        let plane = state.load_bindings(&set.file)?;
+        let plane = steer::ops::bindings::load_bindings(&state, &set.file)?;
         let load_seconds = start.elapsed().as_secs_f64();
-        state.register(HIT_LABEL, &[(&info, socket.as_fd())])?;
-        let memory: u64 = steer::plane::memory(&state)?.values().sum();
+        register(&state, HIT_LABEL, &Source::Socket(socket.as_fd()), &Options::default())?;
+        let memory: u64 = steer::state::plane::memory(state.layout())?.values().sum();
         drop(state);
         let h = run(program.as_fd(), &hit, 1)?;
         if h.retval != SK_PASS || h.cookie != info.cookie {
@@ -236,7 +236,7 @@ mod tests {
             let set = generate("t", 3000, &spread(l), false);
             assert_eq!(set.lengths, want, "{l}");
             let model = |addr: Ipv4Addr, port| {
-                steer::bindings::resolve(&set.file.bindings, Protocol::Tcp, IpAddr::V4(addr), port)
+                steer::model::binding::resolve(&set.file.bindings, Protocol::Tcp, IpAddr::V4(addr), port)
                     .map(|b| b.label.clone())
             };
             assert_eq!(model(HIT_ADDR, HIT_PORT).as_deref(), Some(HIT_LABEL));

@@ -8,7 +8,7 @@ use sk_lookup_attach::Args;
 fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
-    match steer::dispatcher::attach(&args.prog_pin, &args.link_pin) {
+    match steer::ops::seed::attach_pinned(&args.prog_pin, &args.link_pin) {
         Ok(id) => {
             println!("link {id} pinned at {}", args.link_pin.display());
             ExitCode::SUCCESS

@@ -8,7 +8,7 @@ use sockmap_update::Args;
 fn main() -> ExitCode {
     env_logger::init();
     let args = Args::parse();
-    match steer::dispatcher::update_sockmap(&args.map, args.key, args.pid, args.fd) {
+    match steer::ops::seed::update_sockmap(&args.map, args.key, args.pid, args.fd) {
         Ok(taken) => {
             println!(
                 "socket {} (cookie {}) of pid {} fd {} stored at key {} of {}",

@@ -111,6 +111,7 @@ pub fn range_slot(half: u32, index: u32) -> u32 {
 /// type in BTF by this name. Addresses are in network order, `local_port`
 /// in host order, `remote_port` in network order.
 #[allow(non_camel_case_types)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct bpf_sk_lookup {
@@ -135,6 +136,7 @@ pub type SkLookupCtx = bpf_sk_lookup;
 /// What a lookup resolves to: the label whose socket takes the connection,
 /// the counter set it is counted in, and the prefix length (in the v4-mapped
 /// space) of the binding that matched.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Answer {
@@ -167,6 +169,7 @@ impl Default for Answer {
 
 /// One range of a segment: from `start` (big-endian halves of the v4-mapped
 /// address) up to the next range's start.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Range {
@@ -176,6 +179,7 @@ pub struct Range {
 
 /// A directory entry: the segment `start..start + count` of the ranges,
 /// and for buckets the answer where no range of the segment decides.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DirEntry {
@@ -186,6 +190,7 @@ pub struct DirEntry {
 
 /// `steer_config`'s single value, read by every lookup. Each field is one
 /// byte, so a write that changes one of them is seen whole or not at all.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DataplaneConfig {
@@ -236,6 +241,7 @@ impl ErrorReason {
 
 /// Counters of one destination (label, traffic family, protocol), one copy
 /// per CPU.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DestMetrics {
@@ -248,6 +254,7 @@ pub struct DestMetrics {
 }
 
 /// Counters of the seed's port list.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SeedMetrics {
@@ -261,6 +268,7 @@ pub struct SeedMetrics {
 
 /// Binding key, as the record of bindings stores it: (protocol, prefix
 /// length, port, masked address), IPv4 as v4-mapped IPv6 (its /N is /96+N).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BindingKey {
@@ -291,6 +299,7 @@ pub const fn prefix_mask(len: u8) -> u128 {
 }
 
 /// A label's destination: its traffic of one family and protocol.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DestKey {
@@ -303,6 +312,7 @@ pub struct DestKey {
 }
 
 /// A label name as the `labels` map stores it: NUL padded.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LabelName(pub [u8; LabelName::SIZE]);
@@ -319,6 +329,7 @@ impl LabelName {
 
 /// The state directory's identity and bookkeeping, in `steer_meta` (only
 /// userspace reads it).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateMeta {

@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use steer::{
     Dispatcher, Layout,
-    bindings::{Binding, BindingsFile, Prefix},
-    socket::Protocol,
+    model::{Binding, BindingsFile, Prefix, Protocol},
+    ops::bindings,
 };
 
 use crate::output::{self, View};
@@ -29,7 +29,7 @@ impl From<BindingArgs> for Binding {
 
 pub fn bind(layout: &Layout, args: BindingArgs) -> Result<()> {
     let binding = Binding::from(args);
-    if Dispatcher::open_write(layout)?.bind(&binding)? {
+    if bindings::bind(&Dispatcher::open_write(layout)?, &binding)? {
         println!("bound {binding}");
     } else {
         println!("already bound: {binding}");
@@ -39,19 +39,23 @@ pub fn bind(layout: &Layout, args: BindingArgs) -> Result<()> {
 
 pub fn unbind(layout: &Layout, args: BindingArgs) -> Result<()> {
     let binding = Binding::from(args);
-    Dispatcher::open_write(layout)?.unbind(&binding)?;
+    bindings::unbind(&Dispatcher::open_write(layout)?, &binding)?;
     println!("unbound {binding}");
     Ok(())
 }
 
 pub fn list(layout: &Layout, json: bool) -> Result<()> {
-    output::show(&BindingsFile { bindings: Dispatcher::open_read(layout)?.bindings()? }, json)
+    let state = Dispatcher::open_read(layout)?;
+    if let Some(stale) = state.staleness()? {
+        eprintln!("steerctl: warning: {stale}; these bindings steer nothing here (remove it with `steerctl gc`)");
+    }
+    output::show(&BindingsFile { bindings: state.bindings()? }, json)
 }
 
 pub fn load(layout: &Layout, file: &Path) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let parsed = BindingsFile::parse(&text, &file.display().to_string())?;
-    Dispatcher::open_write(layout)?.load_bindings(&parsed)?;
+    bindings::load_bindings(&Dispatcher::open_write(layout)?, &parsed)?;
     println!("loaded {} bindings from {}", parsed.bindings.len(), file.display());
     Ok(())
 }

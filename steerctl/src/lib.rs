@@ -8,6 +8,7 @@ mod lifecycle;
 mod metrics;
 mod output;
 mod seed;
+mod serve;
 mod servers;
 mod sockets;
 
@@ -15,7 +16,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
-use steer::{Layout, layout::DEFAULT_BPFFS};
+use steer::{Layout, state::layout::DEFAULT_BPFFS};
+use steer::{discovery::OwnerFilter, ops::register::Source};
 
 /// steerctl's command line.
 #[derive(Parser)]
@@ -84,7 +86,9 @@ enum Command {
     Bindings,
     /// Replace all bindings with a JSON file's, atomically.
     LoadBindings { file: PathBuf },
-    /// Register a socket of process PID under LABEL.
+    /// Register a socket of process PID under LABEL: the one at tcp|udp
+    /// ADDR PORT, or without them each of its sockets (one per family and
+    /// protocol).
     RegisterPid {
         label: String,
         #[arg(allow_negative_numbers = true)]
@@ -93,9 +97,8 @@ enum Command {
         /// (one member of a reuseport group).
         #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
         socket: Option<Vec<String>>,
-        /// Steer to exactly this socket, not its SO_REUSEPORT group.
-        #[arg(long)]
-        no_reuseport: bool,
+        #[command(flatten)]
+        options: sockets::RegisterArgs,
     },
     /// Register the socket listening at tcp|udp ADDR PORT (found with
     /// sock_diag, taken from its owner) under LABEL; without them, the
@@ -104,11 +107,11 @@ enum Command {
         label: String,
         #[arg(num_args = 3, value_names = ["PROTOCOL", "ADDR", "PORT"])]
         socket: Option<Vec<String>>,
-        /// Steer to exactly this socket, not its SO_REUSEPORT group.
-        #[arg(long)]
-        no_reuseport: bool,
-        /// Take the socket only from processes of this name.
-        #[arg(long, value_name = "NAME")]
+        #[command(flatten)]
+        options: sockets::RegisterArgs,
+        /// Take the socket only from processes of this name (with tcp|udp
+        /// ADDR PORT; systemd's sockets are this process's own).
+        #[arg(long, value_name = "NAME", requires = "socket")]
         process: Option<String>,
     },
     /// Remove LABEL's sockets, or only those of a protocol and/or family.
@@ -135,7 +138,7 @@ enum Command {
     },
     /// What steer does with one connection: runs the pinned program on it.
     Explain {
-        protocol: steer::socket::Protocol,
+        protocol: steer::model::Protocol,
         addr: std::net::IpAddr,
         port: u16,
         /// The client's address and port (default 127.0.0.1 / ::1, port 40000).
@@ -167,17 +170,22 @@ enum Command {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    // Sockets systemd passed are taken before anything else is opened.
+    let mut passed = match &cli.command {
+        Command::Register { socket: None, .. } => Some(steer::kernel::socket::passed_fds()?),
+        _ => None,
+    };
     if let Some(netns) = &cli.netns {
         // Still single-threaded here, so the whole process moves.
-        steer::netns::enter(netns)?;
+        steer::kernel::netns::enter(netns)?;
     }
     if !(cli.wait >= 0.0 && cli.wait.is_finite()) {
         anyhow::bail!("--wait takes a number of seconds, not {}", cli.wait);
     }
-    steer::lock::set_wait(std::time::Duration::from_secs_f64(cli.wait));
+    steer::kernel::lock::set_wait(std::time::Duration::from_secs_f64(cli.wait));
     let layout = match &cli.pin_dir {
         Some(dir) => Layout::new(dir),
-        None => Layout::for_netns(&cli.bpffs, steer::netns::current_inode()?),
+        None => Layout::for_netns(&cli.bpffs, steer::kernel::netns::current_inode()?),
     };
     let (layout, json) = (&layout, cli.json);
     match cli.command {
@@ -194,22 +202,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Unbind(args) => bindings::unbind(layout, args),
         Command::Bindings => bindings::list(layout, json),
         Command::LoadBindings { file } => bindings::load(layout, &file),
-        Command::RegisterPid { label, pid, socket: Some(socket), no_reuseport } => servers::register(
-            layout,
-            &label,
-            &servers::target(&socket)?,
-            &steer::servers::OwnerFilter::pid(pid),
-            no_reuseport,
-        ),
-        Command::RegisterPid { label, pid, socket: None, .. } => sockets::register_pid(layout, &label, pid, None),
-        Command::Register { label, socket: Some(socket), no_reuseport, process } => servers::register(
-            layout,
-            &label,
-            &servers::target(&socket)?,
-            &steer::servers::OwnerFilter { pid: None, process },
-            no_reuseport,
-        ),
-        Command::Register { label, .. } => sockets::register_activated(layout, &label),
+        Command::RegisterPid { label, pid, socket, options } => {
+            let source = match socket {
+                Some(socket) => Source::Address { target: sockets::target(&socket)?, filter: OwnerFilter::pid(pid) },
+                None => Source::Process { pid },
+            };
+            sockets::register(layout, &label, &source, &options.into())
+        }
+        Command::Register { label, socket, options, process } => {
+            let source = match socket {
+                Some(socket) => {
+                    Source::Address { target: sockets::target(&socket)?, filter: OwnerFilter { pid: None, process } }
+                }
+                None => Source::Passed(passed.take().unwrap_or_default()),
+            };
+            sockets::register(layout, &label, &source, &options.into())
+        }
         Command::Unregister { label, which } => sockets::unregister(layout, &label, &which),
         Command::Apply { file, dry_run } => servers::apply(layout, &file, dry_run, json),
         Command::Watch { file, interval_ms } => {

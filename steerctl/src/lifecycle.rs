@@ -1,12 +1,21 @@
 //! load, unload, attach, detach, upgrade and status.
 
 use anyhow::{Result, bail};
-use steer::{Dispatcher, Layout, common::names, status::Status};
+use steer::{
+    Dispatcher, Layout,
+    common::names,
+    kernel::links::SkLookupLink,
+    ops::{
+        explain::other_links,
+        lifecycle::{self, GcEntry},
+        status::{self, Status},
+    },
+};
 
 use crate::output::{self, View};
 
 pub fn load(layout: &Layout, if_needed: bool) -> Result<()> {
-    match Dispatcher::load(layout) {
+    match lifecycle::load(layout) {
         Ok((_, id)) => {
             println!("loaded {} (program id {id}), pinned under {}", names::STEER_PROGRAM, layout.dir.display());
             Ok(())
@@ -21,7 +30,7 @@ pub fn load(layout: &Layout, if_needed: bool) -> Result<()> {
 }
 
 pub fn unload(layout: &Layout) -> Result<()> {
-    for path in Dispatcher::open_repair(layout)?.unload()? {
+    for path in lifecycle::unload(Dispatcher::open_repair(layout)?)? {
         println!("removed {}", path.display());
     }
     Ok(())
@@ -33,13 +42,13 @@ pub fn attach(layout: &Layout, if_needed: bool) -> Result<()> {
         println!("already attached: a link is pinned at {}", layout.link().display());
         return Ok(());
     }
-    let id = state.attach()?;
+    let id = lifecycle::attach(&state)?;
     println!("attached: link {id} pinned at {}", layout.link().display());
     Ok(())
 }
 
 pub fn detach(layout: &Layout) -> Result<()> {
-    if !Dispatcher::open_repair(layout)?.detach()? {
+    if !lifecycle::detach(&Dispatcher::open_repair(layout)?)? {
         bail!("not attached: no link pinned at {}", layout.link().display());
     }
     println!("detached: removed {}", layout.link().display());
@@ -47,14 +56,14 @@ pub fn detach(layout: &Layout) -> Result<()> {
 }
 
 pub fn upgrade(layout: &Layout) -> Result<()> {
-    let (old, new) = Dispatcher::open_repair(layout)?.upgrade()?;
+    let (old, new) = lifecycle::upgrade(&Dispatcher::open_repair(layout)?)?;
     println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
     Ok(())
 }
 
 pub fn status(layout: &Layout, json: bool) -> Result<()> {
-    let status = Dispatcher::open_read(layout)?.status()?;
-    let other_sk_lookup = steer::explain::other_links(&layout.link())?;
+    let status = status::status(&Dispatcher::open_read(layout)?)?;
+    let other_sk_lookup = other_links(&layout.link())?;
     output::show(&StatusView { status, other_sk_lookup }, json)
 }
 
@@ -63,7 +72,7 @@ struct StatusView {
     #[serde(flatten)]
     status: Status,
     /// sk_lookup links of this namespace other than steer's.
-    other_sk_lookup: Vec<steer::sys::SkLookupLink>,
+    other_sk_lookup: Vec<SkLookupLink>,
 }
 
 impl View for StatusView {
@@ -100,6 +109,9 @@ impl View for StatusView {
             let note = "a write was interrupted: lookups use the previous bindings until the next bind, unbind or load-bindings";
             rows.push(("warning", note.into()));
         }
+        for warning in &s.warnings {
+            rows.push(("warning", warning.clone()));
+        }
         if !self.other_sk_lookup.is_empty() {
             let links = self
                 .other_sk_lookup
@@ -118,20 +130,26 @@ impl View for StatusView {
 }
 
 pub fn gc(bpffs: &std::path::Path, dry_run: bool, json: bool) -> Result<()> {
-    output::show(&Collected(steer::identity::gc(bpffs, dry_run)?), json)
+    let collected = Collected(lifecycle::gc(bpffs, dry_run)?);
+    output::show(&collected, json)?;
+    if collected.0.iter().any(|e| e.error.is_some()) {
+        bail!("some state directories could not be looked at or removed (see above)");
+    }
+    Ok(())
 }
 
 #[derive(serde::Serialize)]
 #[serde(transparent)]
-struct Collected(Vec<steer::identity::GcEntry>);
+struct Collected(Vec<GcEntry>);
 
 impl View for Collected {
     fn table(&self) -> String {
         let rows = self.0.iter().map(|e| {
-            let verdict = match (&e.stale, e.removed) {
-                (None, _) => "kept: its namespace lives".to_string(),
-                (Some(why), true) => format!("removed: {why}"),
-                (Some(why), false) => format!("would remove: {why}"),
+            let verdict = match (&e.stale, e.removed, &e.error) {
+                (_, _, Some(error)) => format!("kept: {error}"),
+                (None, _, None) => "kept: its namespace lives".to_string(),
+                (Some(why), true, None) => format!("removed: {why}"),
+                (Some(why), false, None) => format!("would remove: {why}"),
             };
             [e.dir.display().to_string(), verdict]
         });

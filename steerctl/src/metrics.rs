@@ -6,8 +6,10 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::{Context, Result, bail};
 use steer::{
     Dispatcher, Layout,
-    metrics::{MetricsReport, Server},
+    ops::metrics::{self, MetricsReport},
 };
+
+use crate::serve::{PATH, Server};
 
 use crate::output::{self, View};
 
@@ -15,7 +17,7 @@ pub fn run(layout: &Layout, serve: Option<SocketAddr>, timeout: f64, json: bool)
     if let Some(addr) = serve {
         return self::serve(layout, addr, timeout);
     }
-    output::show(&Report(steer::metrics::report(&Dispatcher::open_read(layout)?)?), json)
+    output::show(&Report(metrics::report(&Dispatcher::open_read(layout)?)?), json)
 }
 
 fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
@@ -27,14 +29,14 @@ fn serve(layout: &Layout, addr: SocketAddr, timeout: f64) -> Result<()> {
     // else (no capabilities, say) is worth failing for now.
     match Dispatcher::open_read(layout) {
         Ok(_) => {}
-        Err(e) if steer::metrics::is_unavailable(&e) => {
+        Err(e) if metrics::is_unavailable(&e) => {
             eprintln!("steerctl: warning: {:#}; answering 503 until it exists", anyhow::Error::from(e));
         }
         Err(e) => return Err(e).context("reading the metrics"),
     }
     let server = Server::bind(layout, addr, Duration::from_secs_f64(timeout))?;
-    eprintln!("serving metrics on http://{}{}", server.local_addr()?, steer::metrics::PATH);
-    Ok(server.run()?)
+    eprintln!("serving metrics on http://{}{PATH}", server.local_addr()?);
+    server.run()
 }
 
 #[derive(serde::Serialize)]

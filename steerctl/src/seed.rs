@@ -2,7 +2,7 @@
 
 use anyhow::{Result, bail};
 use clap::Subcommand;
-use steer::{Dispatcher, Layout};
+use steer::{Dispatcher, Layout, ops::seed};
 
 use crate::output::{self, View};
 
@@ -40,11 +40,11 @@ pub enum SocketCommand {
 pub fn ports(layout: &Layout, command: PortsCommand, json: bool) -> Result<()> {
     match command {
         PortsCommand::Add { ports } => {
-            Dispatcher::open_write(layout)?.add_ports(&ports)?;
+            seed::add_ports(&Dispatcher::open_write(layout)?, &ports)?;
             ports.iter().for_each(|port| println!("port {port} steered"));
         }
         PortsCommand::Del { ports } => {
-            Dispatcher::open_write(layout)?.remove_ports(&ports)?;
+            seed::remove_ports(&Dispatcher::open_write(layout)?, &ports)?;
             ports.iter().for_each(|port| println!("port {port} no longer steered"));
         }
         PortsCommand::List => output::show(&PortList(Dispatcher::open_read(layout)?.ports()?), json)?,
@@ -55,14 +55,14 @@ pub fn ports(layout: &Layout, command: PortsCommand, json: bool) -> Result<()> {
 pub fn socket(layout: &Layout, command: SocketCommand) -> Result<()> {
     match command {
         SocketCommand::Set { pid, fd } => {
-            let taken = Dispatcher::open_write(layout)?.set_seed_socket(pid, fd)?;
+            let taken = seed::set_socket(&Dispatcher::open_write(layout)?, pid, fd)?;
             println!(
                 "socket set: {} (cookie {}) from pid {} fd {}",
                 taken.info, taken.info.cookie, taken.pid, taken.fd
             );
         }
         SocketCommand::Clear => {
-            if !Dispatcher::open_write(layout)?.clear_seed_socket()? {
+            if !seed::clear_socket(&Dispatcher::open_write(layout)?)? {
                 bail!("no socket is set");
             }
             println!("socket cleared");

@@ -1,47 +1,37 @@
-//! Real servers: register by listening address, apply, watch and explain.
+//! Real servers: apply, watch and explain.
 
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::atomic::{AtomicU8, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use steer::{
     Dispatcher, Layout,
-    config::{self, Config},
-    explain::{Explanation, Verdict},
-    servers::{self, OwnerFilter, Target},
-    socket::Protocol,
-    watch,
+    discovery::Member,
+    model::{Protocol, config::Config},
+    ops::{
+        apply,
+        explain::{self, Explanation, Verdict},
+        watch,
+    },
 };
 
 use crate::output::{self, View};
-
-/// `register LABEL tcp|udp ADDR PORT` and `register-pid LABEL PID tcp|udp ADDR PORT`.
-pub fn register(layout: &Layout, label: &str, target: &Target, filter: &OwnerFilter, no_reuseport: bool) -> Result<()> {
-    let state = Dispatcher::open_write(layout)?;
-    let registered = servers::register_by_address(&state, label, target, filter, no_reuseport)?;
-    println!("{}", registered.describe());
-    Ok(())
-}
-
-/// Parses `tcp|udp ADDR PORT`.
-pub fn target(args: &[String]) -> Result<Target> {
-    let [protocol, address, port] = args else { bail!("expected tcp|udp ADDR PORT") };
-    let f = steer::socket::SocketFilter::parse(protocol, address, port)?;
-    Ok(Target { protocol: f.protocol, address: f.address, port: f.port })
-}
 
 pub fn apply(layout: &Layout, file: &Path, dry_run: bool, json: bool) -> Result<()> {
     // A bad file fails here, before the state is even opened.
     let config = Config::load(file)?;
     if dry_run {
-        let plan = config::plan(&Dispatcher::open_read(layout)?, &config)?;
+        let plan = apply::plan(&Dispatcher::open_read(layout)?, &config)?;
         return output::show(&PlanView { plan, dry_run, failed: Vec::new() }, json);
     }
-    let applied = config::apply(&Dispatcher::open_write(layout)?, &config)?;
+    let applied = apply::apply(&Dispatcher::open_write(layout)?, &config)?;
     let failed = applied.failed.clone();
     output::show(&PlanView { plan: applied.plan, dry_run, failed: applied.failed }, json)?;
     if !failed.is_empty() {
@@ -53,7 +43,7 @@ pub fn apply(layout: &Layout, file: &Path, dry_run: bool, json: bool) -> Result<
 #[derive(serde::Serialize)]
 struct PlanView {
     #[serde(flatten)]
-    plan: config::Plan,
+    plan: apply::Plan,
     dry_run: bool,
     failed: Vec<(String, String)>,
 }
@@ -66,30 +56,25 @@ impl View for PlanView {
     }
 }
 
-static SIGNAL: AtomicU8 = AtomicU8::new(0);
-const RELOAD: u8 = 1;
-const STOP: u8 = 2;
-
-extern "C" fn on_signal(signal: libc::c_int) {
-    let what = if signal == libc::SIGHUP { RELOAD } else { STOP };
-    // Stop wins over a pending reload.
-    SIGNAL.fetch_max(what, Ordering::SeqCst);
-}
-
 /// `watch FILE`: in the foreground until SIGTERM or SIGINT (exit 0);
 /// SIGHUP reloads.
 pub fn watch(layout: &Layout, file: &Path, interval: Duration) -> Result<()> {
-    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        // Safety: the handler only touches an atomic.
-        unsafe { sigaction(signal, &action) }.context("installing signal handlers")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone()).context("installing signal handlers")?;
     let options = watch::Options { interval, ..Default::default() };
-    watch::run(layout, file, &options, || match SIGNAL.swap(0, Ordering::SeqCst) {
-        STOP => Some(watch::Event::Stop),
-        RELOAD => Some(watch::Event::Reload),
-        _ => None,
+    watch::run(layout, file, &options, || {
+        // Stop wins over a pending reload.
+        if stop.load(Ordering::SeqCst) {
+            Some(watch::Event::Stop)
+        } else if reload.swap(false, Ordering::SeqCst) {
+            Some(watch::Event::Reload)
+        } else {
+            None
+        }
     })?;
     Ok(())
 }
@@ -110,7 +95,7 @@ pub fn explain(
         _ => None,
     };
     let state = Dispatcher::open_read(layout)?;
-    let explanation = steer::explain::explain(&state, protocol, SocketAddr::new(addr, port), remote)?;
+    let explanation = explain::explain(&state, protocol, SocketAddr::new(addr, port), remote)?;
     output::show(&ExplainView(explanation), json)
 }
 
@@ -157,7 +142,7 @@ impl View for ExplainView {
 }
 
 /// "cookie 5 127.0.0.1:80 nginx (pid 7, fd 6); cookie 6 ..."
-pub fn members(group: &[servers::Member]) -> String {
+pub fn members(group: &[Member]) -> String {
     let each = group.iter().map(|m| {
         format!(
             "cookie {} {} {}",

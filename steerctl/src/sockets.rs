@@ -1,41 +1,39 @@
-//! register-pid, register, unregister and list.
-
-use std::os::fd::{AsFd, AsRawFd};
+//! register, register-pid, unregister and list.
 
 use anyhow::{Result, bail};
 use steer::{
     Dispatcher, Layout,
-    labelled::Registration,
-    preflight,
-    socket::{self, Family, Protocol, SocketFilter},
+    model::{Family, Protocol, Target},
+    ops::register::{self, Listed, Options, Source},
 };
 
 use crate::output::{self, View};
 
-/// `register-pid LABEL PID [tcp|udp ADDR PORT]`.
-pub fn register_pid(layout: &Layout, label: &str, pid: i32, socket: Option<&[String]>) -> Result<()> {
-    let filter = match socket {
-        Some([protocol, address, port]) => Some(SocketFilter::parse(protocol, address, port)?),
-        _ => None,
-    };
-    preflight::require_fd_taking_caps()?;
-    let state = Dispatcher::open_write(layout)?;
-    let taken = socket::sockets_of(pid, filter.as_ref())?;
-    let sockets: Vec<_> = taken.iter().map(|t| (&t.info, t.socket.as_fd())).collect();
-    state.register(label, &sockets)?;
-    for t in &taken {
-        println!("registered {} (pid {pid} fd {}, cookie {}) as {label}", t.info, t.fd, t.info.cookie);
-    }
-    Ok(())
+/// The options every registration takes.
+#[derive(clap::Args)]
+pub struct RegisterArgs {
+    /// Steer to exactly this socket, not its SO_REUSEPORT group.
+    #[arg(long)]
+    no_reuseport: bool,
 }
 
-/// `register LABEL`: the sockets systemd passed (LISTEN_FDS).
-pub fn register_activated(layout: &Layout, label: &str) -> Result<()> {
-    let activated = socket::activated_sockets()?;
-    let sockets: Vec<_> = activated.iter().map(|(fd, info)| (info, *fd)).collect();
-    Dispatcher::open_write(layout)?.register(label, &sockets)?;
-    for (fd, info) in &activated {
-        println!("registered {info} (fd {}, cookie {}) as {label}", fd.as_raw_fd(), info.cookie);
+impl From<RegisterArgs> for Options {
+    fn from(a: RegisterArgs) -> Self {
+        Options { no_reuseport: a.no_reuseport }
+    }
+}
+
+/// Parses `tcp|udp ADDR PORT`.
+pub fn target(args: &[String]) -> Result<Target> {
+    let [protocol, address, port] = args else { bail!("expected tcp|udp ADDR PORT") };
+    Ok(Target::parse(protocol, address, port)?)
+}
+
+/// `register` and `register-pid`, in all their forms.
+pub fn register(layout: &Layout, label: &str, source: &Source, options: &Options) -> Result<()> {
+    let state = Dispatcher::open_write(layout)?;
+    for registration in register::register(&state, label, source, options)? {
+        println!("{}", registration.describe());
     }
     Ok(())
 }
@@ -46,42 +44,22 @@ pub fn unregister(layout: &Layout, label: &str, which: &[String]) -> Result<()> 
     for word in which {
         match word.as_str() {
             "tcp" | "udp" if protocol.is_none() => protocol = Some(word.parse::<Protocol>()?),
-            "ipv4" if family.is_none() => family = Some(Family::Ipv4),
-            "ipv6" if family.is_none() => family = Some(Family::Ipv6),
+            "ipv4" | "ipv6" if family.is_none() => family = Some(word.parse::<Family>()?),
             other => bail!("expected tcp|udp and/or ipv4|ipv6, got {other:?}"),
         }
     }
-    let removed = Dispatcher::open_write(layout)?.unregister(label, protocol, family)?;
+    let removed = register::unregister(&Dispatcher::open_write(layout)?, label, protocol, family)?;
     let which = if which.is_empty() { String::new() } else { format!(" {}", which.join(" ")) };
     println!("unregistered {removed} socket(s) of {label}{which}");
     Ok(())
 }
 
 pub fn list(layout: &Layout, json: bool) -> Result<()> {
-    let state = Dispatcher::open_read(layout)?;
-    let registrations = state.registrations()?;
-    let keys: Vec<(Protocol, u64)> = registrations.iter().map(|r| (r.protocol, r.cookie)).collect();
-    let mut groups = steer::servers::groups_of(&keys)?;
-    let mut out = Vec::new();
-    for registration in registrations {
-        let flags = state.socket_flags(&registration.label, registration.family, registration.protocol)?;
-        out.push(Listed {
-            group: groups.remove(&registration.cookie).unwrap_or_default(),
-            no_reuseport: flags & steer::common::socket_flag::NO_REUSEPORT != 0,
-            registration,
-        });
+    let listing = register::list(&Dispatcher::open_read(layout)?)?;
+    for warning in &listing.warnings {
+        eprintln!("steerctl: warning: {warning}");
     }
-    output::show(&Registrations(out), json)
-}
-
-/// A registered socket with its SO_REUSEPORT group (every socket bound to
-/// the same address and port, itself included).
-#[derive(serde::Serialize)]
-struct Listed {
-    #[serde(flatten)]
-    registration: Registration,
-    no_reuseport: bool,
-    group: Vec<steer::servers::Member>,
+    output::show(&Registrations(listing.sockets), json)
 }
 
 #[derive(serde::Serialize)]
@@ -91,7 +69,6 @@ struct Registrations(Vec<Listed>);
 impl View for Registrations {
     fn table(&self) -> String {
         let rows = self.0.iter().map(|l| {
-            let r = &l.registration;
             let group = match (l.group.len(), l.no_reuseport) {
                 (0 | 1, _) => "-".to_string(),
                 (n, pinned) => format!(
@@ -101,12 +78,12 @@ impl View for Registrations {
                 ),
             };
             [
-                r.label.clone(),
-                r.protocol.to_string(),
-                r.family.to_string(),
-                r.address.clone().unwrap_or_else(|| "?".into()),
-                r.cookie.to_string(),
-                output::joined(r.owners.iter().map(ToString::to_string), ", ", "-"),
+                l.label.clone(),
+                l.protocol.to_string(),
+                l.family.to_string(),
+                l.address.clone().unwrap_or_else(|| "?".into()),
+                l.cookie.to_string(),
+                output::joined(l.owners.iter().map(ToString::to_string), ", ", "-"),
                 group,
             ]
         });

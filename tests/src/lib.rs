@@ -437,3 +437,60 @@ pub mod probe {
         rc == 0
     }
 }
+
+/// This test process's pid, as an argument.
+pub fn me() -> String {
+    std::process::id().to_string()
+}
+
+/// steerctl under strace: the system calls it makes, and faults placed at
+/// one of them (SIGKILL or an error on entry), deterministically.
+pub mod strace {
+    use std::process::Output;
+
+    use super::{TestNs, bin, stderr};
+
+    /// `steerctl --pin-dir DIR ARGS` under `strace STRACE_ARGS`, in the namespace.
+    pub fn steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> Output {
+        let mut cmd = ns.command("strace");
+        cmd.args(strace_args).arg(bin("steerctl")).arg("--pin-dir").arg(ns.pin_dir()).args(args);
+        cmd.output().unwrap()
+    }
+
+    /// The `syscall` calls of `steerctl ARGS` (its main thread), as strace shows them.
+    pub fn calls(ns: &TestNs, syscall: &str, args: &[&str]) -> Vec<String> {
+        let trace = format!("trace={syscall}");
+        let out = steerctl(ns, &["-qq", "-e", &trace, "-o", "/dev/stderr"], args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stderr(&out).lines().filter(|l| l.starts_with(&format!("{syscall}("))).map(str::to_string).collect()
+    }
+
+    /// Where to kill a command whose bpf calls are `calls`: before each map
+    /// write, and after the last (0-based indices into `calls`).
+    pub fn kill_points(calls: &[String]) -> Vec<usize> {
+        let is_write = |l: &String| ["BPF_MAP_UPDATE", "BPF_MAP_DELETE"].iter().any(|c| l.contains(c));
+        let mut at: Vec<usize> = calls.iter().enumerate().filter(|(_, l)| is_write(l)).map(|(i, _)| i).collect();
+        if let Some(after_last) = at.last().map(|i| i + 1).filter(|i| *i < calls.len()) {
+            at.push(after_last);
+        }
+        at
+    }
+
+    /// Runs `steerctl ARGS`, killed (strace delivers SIGKILL on entry) just
+    /// before its `syscall` call at 0-based `index`; fails if it was not killed.
+    pub fn killed_at(ns: &TestNs, syscall: &str, index: usize, args: &[&str]) {
+        // strace counts from 1.
+        let inject = format!("inject={syscall}:signal=SIGKILL:when={}", index + 1);
+        let trace = format!("trace={syscall}");
+        let out = steerctl(ns, &["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args);
+        assert!(!out.status.success(), "{args:?} killed at {syscall} call {index} finished: {}", stderr(&out));
+    }
+
+    /// Runs `steerctl ARGS` with its `syscall` call at 0-based `index`
+    /// failing with `errno` (strace injects it on entry; the call is not made).
+    pub fn failed_at(ns: &TestNs, syscall: &str, index: usize, errno: &str, args: &[&str]) -> Output {
+        let inject = format!("inject={syscall}:error={errno}:when={}", index + 1);
+        let trace = format!("trace={syscall}");
+        steerctl(ns, &["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args)
+    }
+}

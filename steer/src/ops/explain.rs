@@ -18,15 +18,19 @@ use serde::Serialize;
 use steer_common::kernel::{SK_DROP, SK_PASS};
 
 use crate::{
-    Dispatcher,
-    bindings::Binding,
+    discovery::{
+        Member,
+        groups::{groups, groups_of},
+        owners,
+    },
     error::{Context, Result, fail},
-    labelled::DestStats,
-    netns,
-    servers::{self, Member, Target},
-    socket::{Family, Owner, Protocol},
-    sys::{self, SkLookupLink},
-    test_run,
+    kernel::{
+        bpffs,
+        links::{self, SkLookupLink},
+        netns, program, test_run,
+    },
+    model::{Binding, Family, Owner, Protocol, Target},
+    state::{DestStats, Dispatcher},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -80,11 +84,8 @@ pub fn default_remote(local: &SocketAddr) -> SocketAddr {
 
 /// sk_lookup links of this namespace other than the one pinned at `own`.
 pub fn other_links(own: &std::path::Path) -> Result<Vec<SkLookupLink>> {
-    let own_id = match own.exists() {
-        true => Some(sys::netns_link_info(sys::obj_get(own)?.as_fd())?.id),
-        false => None,
-    };
-    let all = sys::sk_lookup_links(netns::current_inode()?).context("listing the namespace's sk_lookup links")?;
+    let own_id = program::link_info(own)?.map(|info| info.id);
+    let all = links::sk_lookup_links(netns::current_inode()?)?;
     Ok(all.into_iter().filter(|l| Some(l.link_id) != own_id).collect())
 }
 
@@ -119,8 +120,8 @@ pub fn explain(
         fail!(Invalid, "--from {remote} and {local} are of different families");
     }
     let layout = state.layout();
-    crate::bpffs::require_pin(&layout.program(), "steer program")?;
-    let program = sys::obj_get(&layout.program()).context("opening the pinned program")?;
+    bpffs::require_pin(&layout.program(), "steer program")?;
+    let program = links::open_program(&layout.program())?;
     let mut warnings = Vec::new();
     if !layout.link().exists() {
         warnings.push("steer's program is not attached (`steerctl attach`): real connections do not run it".into());
@@ -139,12 +140,12 @@ pub fn explain(
         // report one. The socket is the matched label's, from its slot.
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
             let cookie = match &resolved {
-                Some(r) => match servers::slot_cookie(state, &r.label, domain, protocol)? {
+                Some(r) => match state.slot_cookie(&r.label, domain, protocol)? {
                     Some(c) => Some(c),
-                    None if domain == Family::Ipv4 => servers::slot_cookie(state, &r.label, Family::Ipv6, protocol)?,
+                    None if domain == Family::Ipv4 => state.slot_cookie(&r.label, Family::Ipv6, protocol)?,
                     None => None,
                 },
-                None => seed_cookie(state)?,
+                None => state.seed_cookie()?,
             };
             let Some(cookie) = cookie else {
                 return Err(e).context("running the program on the lookup (BPF_PROG_TEST_RUN)");
@@ -189,7 +190,7 @@ pub fn explain(
         (SK_PASS, 0) => {
             out.verdict = Verdict::NormalLookup;
             let target = Target { protocol, address: local.ip(), port: local.port() };
-            out.normal_lookup = servers::groups(&target, true)?.into_iter().flatten().collect();
+            out.normal_lookup = groups(&target, true, None)?.into_iter().flatten().collect();
             out.reason = match out.normal_lookup.first() {
                 Some(m) => format!(
                     "{matched}: normal lookup; the kernel's own lookup finds {} {} ({})",
@@ -212,14 +213,14 @@ pub fn explain(
         }
         (SK_PASS, cookie) => {
             out.verdict = Verdict::Assigned;
-            let registrations = state.registrations()?;
-            if let Some(r) = registrations.iter().find(|r| r.cookie == cookie) {
+            let registered = state.registered()?;
+            if let Some(r) = registered.iter().find(|r| r.cookie == cookie) {
+                let (info, holders) = owners::sockets_and_owners(&[cookie])?.remove(&cookie).unzip();
                 out.slot = Some(format!("{} {}", r.family, r.protocol));
-                out.socket = r.address.clone();
-                out.owners = r.owners.clone();
-                let flags = state.socket_flags(&r.label, r.family, r.protocol)?;
-                out.no_reuseport = flags & steer_common::socket_flag::NO_REUSEPORT != 0;
-                out.group = servers::groups_of(&[(protocol, cookie)])?.remove(&cookie).unwrap_or_default();
+                out.socket = info.and_then(|i| i.local).map(|a| a.to_string());
+                out.owners = holders.unwrap_or_default();
+                out.no_reuseport = r.no_reuseport;
+                out.group = groups_of(&[(protocol, cookie)])?.remove(&cookie).unwrap_or_default();
                 match &resolved {
                     Some(res) if res.label != r.label => out.warnings.push(format!(
                         "MISMATCH: binding {} names label {} but the program assigned label {}'s socket",
@@ -239,15 +240,16 @@ pub fn explain(
                     "{matched}: label {}'s {} socket {} (cookie {cookie}, {}){how}",
                     r.label,
                     out.slot.as_deref().unwrap_or("?"),
-                    r.address.as_deref().unwrap_or("?"),
-                    owners_text(&r.owners)
+                    out.socket.as_deref().unwrap_or("?"),
+                    owners_text(&out.owners)
                 );
                 out.label = Some(r.label.clone()).filter(|_| resolved.is_none()).or(out.label);
             } else {
-                match seed_cookie(state)?.filter(|c| *c == cookie) {
+                match state.seed_cookie()?.filter(|c| *c == cookie) {
                     Some(_) => {
                         out.seed = true;
-                        out.owners = crate::socket::find_owners(cookie).0;
+                        out.owners =
+                            owners::sockets_and_owners(&[cookie])?.remove(&cookie).map(|(_, o)| o).unwrap_or_default();
                         out.reason = format!(
                             "{matched}: port {} is in the seed port list: the seed socket (cookie {cookie}, {})",
                             local.port(),
@@ -276,8 +278,8 @@ pub fn explain(
                     };
                     let b = counters(&before, &r.label, domain, protocol).unwrap_or_else(|| zero.clone());
                     let a = counters(&after, &r.label, domain, protocol).unwrap_or(zero);
-                    let own = servers::slot_cookie(state, &r.label, domain, protocol)?;
-                    let v6 = servers::slot_cookie(state, &r.label, Family::Ipv6, protocol)?;
+                    let own = state.slot_cookie(&r.label, domain, protocol)?;
+                    let v6 = state.slot_cookie(&r.label, Family::Ipv6, protocol)?;
                     out.reason = if a.misses > b.misses {
                         let why = match (domain, own, v6) {
                             (Family::Ipv4, None, Some(_)) => "its only socket for it is IPv6-only".to_string(),
@@ -320,14 +322,6 @@ pub fn explain(
         }
     }
     Ok(out)
-}
-
-/// The seed socket's cookie (`echo_socket[0]`), if one is set.
-fn seed_cookie(state: &Dispatcher) -> Result<Option<u64>> {
-    if !state.layout().socket().exists() {
-        return Ok(None);
-    }
-    state.seed_socket_map()?.cookie(&0)
 }
 
 fn owners_text(owners: &[Owner]) -> String {

@@ -1,150 +1,21 @@
-//! Bindings: (protocol, address prefix, port) -> label. Pure: parsing,
-//! normalising, the map key encoding, label rules and the precedence rule
-//! lookups follow.
+//! Bindings: (protocol, address prefix, port) -> label. Parsing, the map
+//! key encoding, and the precedence rule lookups follow.
 
 use std::{
+    collections::BTreeSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    str::FromStr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use serde::{Deserialize, Serialize};
-use steer_common::{BindingKey, LabelName, MAX_LABEL_LEN};
+use steer_common::BindingKey;
 
-use crate::{
-    error::{Error, Result, fail},
-    socket::Protocol,
+use super::{
+    net::{Family, Protocol, SocketInfo},
+    prefix::Prefix,
+    text::clip,
 };
-
-/// An address prefix with its host bits cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl Prefix {
-    pub fn new(addr: IpAddr, len: u8) -> Result<Self> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if len > max {
-            fail!(Invalid, "prefix length {len} is longer than {max} bits");
-        }
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)))
-            }
-            IpAddr::V6(a) => {
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)))
-            }
-        };
-        Ok(Self { addr, len })
-    }
-
-    /// The prefix in the v4-mapped IPv6 space lookups use: IPv4 a.b.c.d/N
-    /// is ::ffff:a.b.c.d/(96+N).
-    pub fn mapped(&self) -> ([u8; 16], u8) {
-        match self.addr {
-            IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + self.len),
-            IpAddr::V6(a) => (a.octets(), self.len),
-        }
-    }
-
-    /// Whether `addr`, in the v4-mapped space, falls inside this prefix:
-    /// what a lookup matches (so `::/0` covers IPv4 addresses too).
-    pub fn covers(&self, addr: IpAddr) -> bool {
-        let (base, len) = self.mapped();
-        let target = mapped_addr(addr);
-        let bits = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-        u128::from_be_bytes(base) & bits == u128::from_be_bytes(target) & bits
-    }
-
-    /// Whether `addr` of the same family falls inside this prefix.
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        self.addr.is_ipv4() == addr.is_ipv4() && self.covers(addr)
-    }
-}
-
-/// An address as lookups see it: IPv4 v4-mapped.
-pub fn mapped_addr(addr: IpAddr) -> [u8; 16] {
-    match addr {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
-impl FromStr for Prefix {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let shown = bounded(s);
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| Error::Invalid(format!("{shown} is not an IPv4 or IPv6 address or CIDR prefix")))?;
-        let len = match len {
-            Some(l) => l.parse().map_err(|_| Error::Invalid(format!("{shown} has a bad prefix length")))?,
-            None if addr.is_ipv4() => 32,
-            None => 128,
-        };
-        Prefix::new(addr, len)
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl Serialize for Prefix {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Prefix {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(|e: Error| serde::de::Error::custom(e))
-    }
-}
-
-/// Quotes user input for a message, cut short so a huge input cannot flood it.
-pub fn bounded(input: &str) -> String {
-    const MAX: usize = 64;
-    match input.char_indices().nth(MAX) {
-        None => format!("{input:?}"),
-        Some((cut, _)) => format!("{:?}... ({} bytes)", &input[..cut], input.len()),
-    }
-}
-
-/// A message cut short, so that input echoed in it cannot flood the terminal.
-pub fn clip(message: &str) -> String {
-    const MAX: usize = 300;
-    match message.char_indices().nth(MAX) {
-        None => message.to_string(),
-        Some((cut, _)) => format!("{}... ({} bytes in all)", &message[..cut], message.len()),
-    }
-}
-
-/// Checks a label against the rules and encodes it as the `labels` key.
-pub fn label_key(label: &str) -> Result<LabelName> {
-    let ok = !label.is_empty()
-        && label.len() <= MAX_LABEL_LEN
-        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if !ok {
-        fail!(Invalid, "bad label {}: use 1 to {MAX_LABEL_LEN} letters, digits, '-', '_', '.' or ':'", bounded(label));
-    }
-    let mut key = LabelName([0; LabelName::SIZE]);
-    key.0[..label.len()].copy_from_slice(label.as_bytes());
-    Ok(key)
-}
-
-/// The label a `labels` key names.
-pub fn label_from_key(key: &LabelName) -> String {
-    String::from_utf8_lossy(key.as_bytes()).into_owned()
-}
+use crate::error::{Error, Result, fail};
 
 /// One binding; `port` 0 means every port.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -178,6 +49,60 @@ impl Binding {
     pub fn matches(&self, protocol: Protocol, addr: IpAddr, port: u16) -> bool {
         self.protocol == protocol && (self.port == 0 || self.port == port) && self.prefix.covers(addr)
     }
+
+    /// The family of its prefix ("domain" in the metrics).
+    pub fn family(&self) -> Family {
+        if self.prefix.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+    }
+
+    /// Whether `info`'s socket can take connections this binding matches.
+    pub fn served_by(&self, info: &SocketInfo) -> bool {
+        info.protocol == self.protocol
+            && match (info.family, self.family()) {
+                (Family::Ipv4, Family::Ipv4) | (Family::Ipv6, Family::Ipv6) => true,
+                (Family::Ipv6, Family::Ipv4) => !info.v6only,
+                // Such as ::/0: IPv4 lookups match it as v4-mapped addresses.
+                (Family::Ipv4, Family::Ipv6) => {
+                    self.prefix.prefix_len() <= 96 && self.prefix.covers(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+                }
+            }
+    }
+}
+
+/// When `served` (a label's bindings) is not empty and none of them can use
+/// `info`'s socket, the kinds they are ("tcp ipv4, udp ipv6"), for an error.
+pub fn unserved<B: std::borrow::Borrow<Binding>>(info: &SocketInfo, served: &[B]) -> Option<String> {
+    if served.is_empty() || served.iter().any(|b| b.borrow().served_by(info)) {
+        return None;
+    }
+    let kinds: BTreeSet<String> =
+        served.iter().map(|b| format!("{} {}", b.borrow().protocol, b.borrow().family())).collect();
+    Some(kinds.into_iter().collect::<Vec<_>>().join(", "))
+}
+
+/// The bindings of a whole set by key, each label checked; fails when one
+/// key is bound to two labels (10.0.0.0/8 and ::ffff:10.0.0.0/104 are one key).
+pub fn by_key<'a>(
+    bindings: impl IntoIterator<Item = &'a Binding>,
+) -> Result<std::collections::BTreeMap<BindingKey, &'a Binding>> {
+    let mut seen: std::collections::BTreeMap<BindingKey, &Binding> = std::collections::BTreeMap::new();
+    for b in bindings {
+        super::label::label_key(&b.label)?;
+        if let Some(other) = seen.insert(b.key(), b) {
+            if other.label != b.label {
+                fail!(
+                    Invalid,
+                    "{} {} {} is bound to both {} and {}",
+                    b.protocol,
+                    b.prefix,
+                    b.port,
+                    other.label,
+                    b.label
+                );
+            }
+        }
+    }
+    Ok(seen)
 }
 
 /// The binding a lookup resolves to: what the BPF program must answer.
@@ -211,12 +136,7 @@ pub fn decode_key(key: &BindingKey) -> Result<(Protocol, Prefix, u16)> {
     let Some(protocol) = Protocol::from_number(key.protocol) else {
         fail!(Invalid, "binding with unknown protocol {}", key.protocol)
     };
-    let addr = Ipv6Addr::from(key.addr);
-    let prefix = match addr.to_ipv4_mapped() {
-        Some(v4) if key.prefixlen >= 96 => Prefix::new(IpAddr::V4(v4), key.prefixlen - 96)?,
-        _ => Prefix::new(IpAddr::V6(addr), key.prefixlen)?,
-    };
-    Ok((protocol, prefix, key.port()))
+    Ok((protocol, Prefix::from_mapped(key.addr, key.prefixlen)?, key.port()))
 }
 
 #[cfg(test)]
@@ -228,28 +148,11 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn prefixes_parse_and_clear_host_bits() {
-        assert_eq!("10.1.2.3/8".parse::<Prefix>().unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!("127.0.0.1".parse::<Prefix>().unwrap().to_string(), "127.0.0.1/32");
-        assert_eq!("2001:db8::1/32".parse::<Prefix>().unwrap().to_string(), "2001:db8::/32");
-        assert_eq!("::/0".parse::<Prefix>().unwrap().to_string(), "::/0");
-        assert_eq!("0.0.0.0/0".parse::<Prefix>().unwrap().to_string(), "0.0.0.0/0");
-        assert!("10.0.0.0/33".parse::<Prefix>().unwrap_err().to_string().contains("longer than 32 bits"));
-        assert!("::/129".parse::<Prefix>().is_err());
-        assert!("10.0.0.0/x".parse::<Prefix>().unwrap_err().to_string().contains("bad prefix length"));
-        assert!("example.com".parse::<Prefix>().unwrap_err().to_string().contains("not an IPv4 or IPv6"));
-    }
-
-    #[test]
     fn huge_input_is_quoted_short() {
         let huge = "x".repeat(30 << 20);
         let file = format!(r#"{{"bindings":[{{"label":"a","protocol":"{huge}","prefix":"::1","port":1}}]}}"#);
         let msg = BindingsFile::parse(&file, "f.json").unwrap_err().to_string();
         assert!(msg.len() < 400 && msg.contains("unknown variant"), "{} bytes: {}", msg.len(), &msg[..100]);
-        let msg = huge.parse::<Prefix>().unwrap_err().to_string();
-        assert!(msg.len() < 200, "{} bytes", msg.len());
-        assert!(msg.contains(&format!("({} bytes)", huge.len())), "{msg}");
-        assert!(label_key(&huge).unwrap_err().to_string().len() < 250);
     }
 
     #[test]
@@ -315,12 +218,39 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn labels_follow_the_rules() {
-        assert_eq!(label_from_key(&label_key("web-1.a_b:c").unwrap()), "web-1.a_b:c");
-        assert!(label_key(&"x".repeat(MAX_LABEL_LEN)).is_ok());
-        for bad in ["", "has space", "tab\t", "ü", &"x".repeat(MAX_LABEL_LEN + 1)] {
-            assert!(label_key(bad).unwrap_err().to_string().starts_with("bad label"), "{bad:?}");
-        }
+    fn sockets_serve_the_bindings_their_family_can_take() {
+        let info = |family, v6only, protocol| SocketInfo {
+            family,
+            v6only,
+            protocol,
+            local: None,
+            listening: true,
+            connected: false,
+            cookie: 1,
+            inode: 1,
+            netns_inode: 1,
+        };
+        let bind = |prefix: &str| b("x", Protocol::Tcp, prefix, 0);
+        let v4 = info(Family::Ipv4, false, Protocol::Tcp);
+        let dual = info(Family::Ipv6, false, Protocol::Tcp);
+        let v6only = info(Family::Ipv6, true, Protocol::Tcp);
+        assert!(bind("10.0.0.0/8").served_by(&v4));
+        assert!(bind("10.0.0.0/8").served_by(&dual));
+        assert!(!bind("10.0.0.0/8").served_by(&v6only));
+        assert!(bind("::/0").served_by(&v4), "::/0 matches IPv4 as v4-mapped");
+        assert!(!bind("2001:db8::/32").served_by(&v4));
+        assert!(!bind("10.0.0.0/8").served_by(&info(Family::Ipv4, false, Protocol::Udp)));
+        assert_eq!(unserved(&v6only, &[bind("10.0.0.0/8")]).as_deref(), Some("tcp ipv4"));
+        assert_eq!(unserved::<Binding>(&v6only, &[]), None);
+    }
+
+    #[test]
+    fn one_key_two_labels_is_refused() {
+        let set = [b("a", Protocol::Tcp, "10.0.0.0/8", 80), b("b", Protocol::Tcp, "::ffff:10.0.0.0/104", 80)];
+        assert!(by_key(&set).unwrap_err().to_string().contains("bound to both a and b"));
+        let same = [b("a", Protocol::Tcp, "10.0.0.0/8", 80), b("a", Protocol::Tcp, "10.1.0.0/8", 80)];
+        assert_eq!(by_key(&same).unwrap().len(), 1);
+        assert!(by_key(&[b("bad label", Protocol::Tcp, "::/0", 1)]).is_err());
     }
 
     #[test]

@@ -23,14 +23,12 @@ use std::{
 
 use log::{error, info, warn};
 
+use super::{apply, register::Choice};
 use crate::{
-    Dispatcher, Layout,
-    config::{self, Config},
-    diag,
+    discovery::diag,
     error::Result,
-    labelled::Slots,
-    servers::{Choice, Target},
-    socket::{Family, Protocol},
+    model::{Family, Protocol, Target, config::Config},
+    state::{Dispatcher, Layout},
 };
 
 /// What the caller's signal handling asks of the loop.
@@ -240,7 +238,6 @@ fn state_inode(layout: &Layout) -> Option<u64> {
 /// empties.
 fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant>]) -> Result<Health> {
     let state = Dispatcher::open_read(layout)?;
-    let slots = Slots::open(&state)?;
     let mut changed = false;
     let mut waiting: Option<bool> = None;
     for (i, slot) in expected.iter().enumerate() {
@@ -251,7 +248,7 @@ fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant
                 waiting = Some(waiting.unwrap_or(true) && unchanged);
             }
             Slot::Held { label, family, protocol, cookie } => {
-                if slots.cookie(label, *family, *protocol)? != Some(*cookie) {
+                if state.slot_cookie(label, *family, *protocol)? != Some(*cookie) {
                     if let Some(since) = missing_since.get_mut(i).filter(|s| s.is_none()) {
                         *since = Some(Instant::now());
                         warn!(
@@ -290,7 +287,7 @@ fn pass(
         &scoped
     };
     let unknown = vec![Slot::Waiting; config.registrations.len()];
-    let planned = Dispatcher::open_read(layout).and_then(|state| config::plan(&state, config));
+    let planned = Dispatcher::open_read(layout).and_then(|state| apply::plan(&state, config));
     // Registrations that failed to apply, and whether they failed alike in
     // the pass before (then they wait, as blocked registrations do).
     let mut failed: Vec<(String, bool)> = Vec::new();
@@ -299,7 +296,7 @@ fn pass(
             failures.registrations(&[]);
             plan
         }
-        Ok(_) => match Dispatcher::open_write(layout).and_then(|state| config::apply(&state, config)) {
+        Ok(_) => match Dispatcher::open_write(layout).and_then(|state| apply::apply(&state, config)) {
             Ok(applied) => {
                 for line in applied.plan.describe(false) {
                     let quiet = line.contains(": unchanged (") || line.contains(": waiting: ");

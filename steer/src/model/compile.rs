@@ -37,6 +37,17 @@ pub struct Input {
 }
 
 impl Input {
+    /// The binding a record key names, routed to `label`.
+    pub fn from_key(key: &steer_common::BindingKey, label: u32) -> Self {
+        Input {
+            protocol_index: u32::from(key.protocol == steer_common::kernel::IPPROTO_UDP as u8),
+            port: key.port(),
+            addr: u128::from_be_bytes(key.addr),
+            len: key.prefixlen,
+            label,
+        }
+    }
+
     fn end(&self) -> u128 {
         self.addr | !prefix_mask(self.len)
     }
@@ -259,10 +270,7 @@ mod tests {
     use steer_common::lookup::Address;
 
     use super::*;
-    use crate::{
-        bindings::{Binding, Prefix, mapped_addr, resolve},
-        socket::Protocol,
-    };
+    use crate::model::{Binding, Prefix, Protocol, binding::resolve, prefix::mapped_addr};
 
     /// Counter sets numbered by (label, family, protocol) in order of asking.
     #[derive(Default)]
@@ -276,14 +284,7 @@ mod tests {
     }
 
     fn input(b: &Binding, labels: &[String]) -> Input {
-        let (addr, len) = b.prefix.mapped();
-        Input {
-            protocol_index: u32::from(b.protocol == Protocol::Udp),
-            port: b.port,
-            addr: u128::from_be_bytes(addr),
-            len,
-            label: labels.iter().position(|l| *l == b.label).unwrap() as u32,
-        }
+        Input::from_key(&b.key(), labels.iter().position(|l| *l == b.label).unwrap() as u32)
     }
 
     fn address(addr: IpAddr) -> Address {
@@ -338,7 +339,7 @@ mod tests {
     #[test]
     fn the_precedence_examples_compile_right() {
         use Protocol::{Tcp, Udp};
-        let mut set = crate::bindings::tests::precedence_examples();
+        let mut set = crate::model::binding::tests::precedence_examples();
         set.extend([b("all", Udp, "::/0", 0), b("v4all", Udp, "0.0.0.0/0", 53), b("w", Udp, "2001:db8::/32", 0)]);
         let mut queries = Vec::new();
         for addr in ["127.1.0.1", "127.0.0.9", "127.0.0.5", "10.0.0.1", "2001:db8::1", "::1", "255.255.255.255", "::"] {

@@ -13,7 +13,8 @@ use steer_common::{
     kernel::{AF_INET, AF_INET6},
 };
 
-use crate::{socket::Protocol, sys};
+use super::sys;
+use crate::model::Protocol;
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 

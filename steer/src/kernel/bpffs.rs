@@ -14,10 +14,13 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use nix::sys::statfs::{BPF_FS_MAGIC, fstatfs, statfs};
-use rustix::{
-    fs::{Mode, OFlags, openat},
-    io::Errno,
+use nix::{
+    errno::Errno,
+    fcntl::{OFlag, open, openat},
+    sys::{
+        stat::{Mode, fstat, mkdirat},
+        statfs::{BPF_FS_MAGIC, fstatfs, statfs},
+    },
 };
 
 use crate::error::{Error, Result, fail};
@@ -71,7 +74,7 @@ pub fn require_dir(dir: &Path) -> Result<()> {
     match statfs(dir) {
         Ok(s) if s.filesystem_type() == BPF_FS_MAGIC => Ok(()),
         Ok(_) => Err(not_bpffs(dir, dir)),
-        Err(nix::errno::Errno::ENOENT) => Err(Error::NotLoaded { dir: dir.to_path_buf() }),
+        Err(Errno::ENOENT) => Err(Error::NotLoaded { dir: dir.to_path_buf() }),
         Err(e) => Err(std::io::Error::from(e).into()),
     }
 }
@@ -129,22 +132,22 @@ pub fn open_checked(path: &Path, ours: usize) -> Result<OwnedFd> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| Error::Invalid(format!("{} must not contain `.` or `..`", path.display())))?;
     let me = euid();
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut dir: OwnedFd = rustix::fs::open("/", flags, Mode::empty()).map_err(std::io::Error::from)?;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut dir: OwnedFd = open("/", flags, Mode::empty()).map_err(std::io::Error::from)?;
     let mut at = PathBuf::from("/");
     let mut parent_shared = false;
     for (i, name) in names.iter().enumerate() {
         at.push(name);
         let last = i + 1 == names.len();
-        let flags = if last { (flags - OFlags::PATH) | OFlags::RDONLY } else { flags };
+        let flags = if last { (flags - OFlag::O_PATH) | OFlag::O_RDONLY } else { flags };
         let next = match openat(dir.as_fd(), *name, flags, Mode::empty()) {
             Ok(fd) => fd,
-            Err(Errno::NOENT) => return Err(Error::NotLoaded { dir: path.to_path_buf() }),
-            Err(Errno::NOTDIR | Errno::LOOP) => return Err(not_a_real_dir(&at)),
-            Err(Errno::ACCESS) => return Err(not_reachable(&at)),
+            Err(Errno::ENOENT) => return Err(Error::NotLoaded { dir: path.to_path_buf() }),
+            Err(Errno::ENOTDIR | Errno::ELOOP) => return Err(not_a_real_dir(&at)),
+            Err(Errno::EACCES) => return Err(not_reachable(&at)),
             Err(e) => return Err(std::io::Error::from(e).into()),
         };
-        let stat = rustix::fs::fstat(&next).map_err(std::io::Error::from)?;
+        let stat = fstat(&next).map_err(std::io::Error::from)?;
         let (uid, mode) = (stat.st_uid, stat.st_mode);
         let trusted_owner = uid == 0 || uid == me;
         if parent_shared && !trusted_owner {
@@ -193,9 +196,9 @@ pub fn split(dir: &Path) -> Result<(&Path, &OsStr)> {
 /// Makes `name` (mode 0700) in the checked directory `parent` unless it
 /// exists; true when made.
 pub fn make_private_dir(parent: &OwnedFd, name: &OsStr) -> Result<bool> {
-    match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
+    match mkdirat(parent, name, Mode::S_IRWXU) {
         Ok(()) => Ok(true),
-        Err(Errno::EXIST) => Ok(false),
+        Err(Errno::EEXIST) => Ok(false),
         Err(e) => Err(std::io::Error::from(e).into()),
     }
 }

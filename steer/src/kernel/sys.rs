@@ -1,4 +1,5 @@
-//! The kernel calls aya 0.14 does not offer, and nothing else:
+//! The raw kernel calls aya 0.14 does not offer, private to the kernel
+//! layer: each is wrapped by a safe, checked API in a sibling module.
 //!
 //! * element calls on SOCKMAP/SOCKHASH maps with 8-byte values: aya's
 //!   `SockMap`/`SockHash` insist on 4-byte values, but only an 8-byte value
@@ -34,7 +35,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 /// `enum bpf_attach_type`'s BPF_SK_LOOKUP.
-pub const BPF_SK_LOOKUP: u32 = 36;
+pub(super) const BPF_SK_LOOKUP: u32 = 36;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_NETNS: u32 = 5;
 /// `ioctl` returning a netns fd for a socket (linux/sockios.h).
@@ -45,7 +46,7 @@ const SIOCGSKNS: libc::c_ulong = 0x894C;
 /// # Safety
 /// `attr` must have the layout `cmd` expects, and every buffer it points to
 /// must be live and as large as the kernel will write.
-pub unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // Safety: upheld by the caller.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
@@ -60,31 +61,49 @@ struct MapElemAttr {
     flags: u64,
 }
 
-fn map_elem(cmd: libc::c_long, map: BorrowedFd<'_>, key: *const u8, value: *mut u8, flags: u64) -> io::Result<()> {
+/// # Safety
+/// `key` and `value` (unless null) must point to buffers of the map's key
+/// and value sizes.
+unsafe fn map_elem(
+    cmd: libc::c_long,
+    map: BorrowedFd<'_>,
+    key: *const u8,
+    value: *mut u8,
+    flags: u64,
+) -> io::Result<()> {
     let mut attr = MapElemAttr { map_fd: map.as_raw_fd() as u32, _pad: 0, key: key as u64, value: value as u64, flags };
-    // Safety: the callers below size key and value from the map's checked info.
+    // Safety: upheld by the caller.
     unsafe { bpf(cmd, &mut attr) }.map(drop)
 }
 
-// The element calls below trust `key` and `value` to be the map's key and
-// value sizes: callers size them from map info they have checked.
-
 /// Looks `key` up into `value`; false when absent.
-pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-    match map_elem(BPF_MAP_LOOKUP_ELEM, map, key.as_ptr(), value.as_mut_ptr(), 0) {
+///
+/// # Safety
+/// `key` and `value` must be exactly the map's key and value sizes: the
+/// kernel writes the map's value size into `value`.
+pub(super) unsafe fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    // Safety: upheld by the caller.
+    match unsafe { map_elem(BPF_MAP_LOOKUP_ELEM, map, key.as_ptr(), value.as_mut_ptr(), 0) } {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
     }
 }
 
-pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-    map_elem(BPF_MAP_UPDATE_ELEM, map, key.as_ptr(), value.as_ptr().cast_mut(), 0)
+/// # Safety
+/// As [`map_lookup`]: the kernel reads the map's key and value sizes.
+pub(super) unsafe fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    // Safety: upheld by the caller.
+    unsafe { map_elem(BPF_MAP_UPDATE_ELEM, map, key.as_ptr(), value.as_ptr().cast_mut(), flags) }
 }
 
 /// Deletes `key`; false when it was absent.
-pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
-    match map_elem(BPF_MAP_DELETE_ELEM, map, key.as_ptr(), std::ptr::null_mut(), 0) {
+///
+/// # Safety
+/// `key` must be exactly the map's key size.
+pub(super) unsafe fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    // Safety: upheld by the caller.
+    match unsafe { map_elem(BPF_MAP_DELETE_ELEM, map, key.as_ptr(), std::ptr::null_mut(), 0) } {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
         Err(e) => Err(e),
@@ -105,7 +124,11 @@ struct BatchAttr {
 
 /// Every (key, value) of a hash map, read a few thousand at a time
 /// (BPF_MAP_LOOKUP_BATCH) rather than two calls per element.
-pub fn map_entries_batch(
+///
+/// # Safety
+/// `key_size` and `value_size` must be the map's: the kernel writes that
+/// many bytes per element.
+pub(super) unsafe fn map_entries_batch(
     map: BorrowedFd<'_>,
     key_size: usize,
     value_size: usize,
@@ -151,7 +174,11 @@ pub fn map_entries_batch(
 /// Writes `count` elements, keys and values packed back to back, in one
 /// call. Errors with EINVAL or ENOTSUPP where the kernel lacks batch
 /// updates for this map type.
-pub fn map_update_batch(map: BorrowedFd<'_>, keys: &[u8], values: &[u8], count: u32) -> io::Result<()> {
+///
+/// # Safety
+/// `keys` and `values` must hold `count` elements of the map's key and
+/// value sizes.
+pub(super) unsafe fn map_update_batch(map: BorrowedFd<'_>, keys: &[u8], values: &[u8], count: u32) -> io::Result<()> {
     let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
@@ -167,7 +194,7 @@ pub fn map_update_batch(map: BorrowedFd<'_>, keys: &[u8], values: &[u8], count: 
 }
 
 /// Opens a pinned BPF object of any kind.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
     #[repr(C)]
@@ -184,21 +211,21 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// The anon-inode kind of a BPF fd ("bpf-map", "bpf-prog", "bpf_link").
-pub fn bpf_fd_kind(fd: BorrowedFd<'_>) -> Option<String> {
+pub(super) fn bpf_fd_kind(fd: BorrowedFd<'_>) -> Option<String> {
     let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
     target.to_str()?.strip_prefix("anon_inode:").map(str::to_string)
 }
 
 /// The parts of `struct bpf_link_info` a netns link fills in.
 #[derive(Debug, Clone, Copy)]
-pub struct NetnsLinkInfo {
+pub(super) struct NetnsLinkInfo {
     pub id: u32,
     pub prog_id: u32,
     /// 0 once the link is detached or its namespace is gone.
     pub netns_ino: u32,
 }
 
-pub fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
+pub(super) fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
     let info = link_info_words(link)?;
     if info[0] != BPF_LINK_TYPE_NETNS {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace link"));
@@ -207,7 +234,7 @@ pub fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
 }
 
 /// Detaches a link even if other holders keep it open.
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = [link.as_raw_fd() as u32, 0u32];
     // Safety: BPF_LINK_DETACH takes the link fd only.
     unsafe { bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
@@ -215,7 +242,7 @@ pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Swaps the program behind a link in one step (BPF_LINK_UPDATE): lookups
 /// run either the old program or the new one, never neither.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
     #[repr(C)]
     struct LinkUpdateAttr {
         link_fd: u32,
@@ -234,7 +261,7 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
 }
 
 /// The network namespace a socket belongs to, as an fd.
-pub fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub(super) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // Safety: SIOCGSKNS takes no argument and returns a new fd.
     let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
     if ns < 0 {
@@ -258,7 +285,7 @@ pub struct SkLookupLink {
 /// `netns_ino`: BPF_LINK_GET_NEXT_ID over all links, each opened by id
 /// and read with BPF_OBJ_GET_INFO_BY_FD. Links that vanish meanwhile are
 /// skipped.
-pub fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<SkLookupLink>> {
+pub(super) fn sk_lookup_links(netns_ino: u64) -> io::Result<Vec<SkLookupLink>> {
     let mut out = Vec::new();
     let mut id = 0u32;
     // Bounded by the number of links (ids only grow, at most u32::MAX).
@@ -315,7 +342,7 @@ fn link_info_words(link: BorrowedFd<'_>) -> io::Result<[u32; 32]> {
 
 /// The name of the loaded program with `id` (BPF_PROG_GET_FD_BY_ID, then
 /// `bpf_prog_info.name`, 16 bytes at offset 64).
-pub fn program_name(id: u32) -> io::Result<String> {
+pub(super) fn program_name(id: u32) -> io::Result<String> {
     let mut attr = [id, 0u32, 0u32];
     // Safety: BPF_PROG_GET_FD_BY_ID takes the id and returns a new fd.
     let fd = unsafe { bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) }?;

@@ -1,19 +1,11 @@
-//! Finding sockets without taking anyone's file descriptors, as `ss` does.
-//!
-//! A sock_diag netlink dump (inet_diag, TCP and UDP, IPv4 and IPv6) lists
-//! the sockets of the calling thread's network namespace with their cookie,
-//! inode, state and addresses; `/proc/PID/fd` links (`socket:[INODE]`) name
-//! the processes holding each inode. Nothing here calls pidfd_getfd: only
-//! registering a socket takes its fd ([`socket::take_fd`](crate::socket::take_fd)).
-//!
-//! Every function acts on the network namespace of the calling *thread*
-//! (setns first to look at another one).
+//! sock_diag, as `ss` uses it: a netlink dump (inet_diag, TCP and UDP,
+//! IPv4 and IPv6) of the sockets of the calling thread's network namespace
+//! with their cookie, inode, state and addresses (setns first to look at
+//! another namespace).
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fs,
     net::{IpAddr, SocketAddr},
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
     time::Duration,
 };
 
@@ -27,8 +19,7 @@ use serde::Serialize;
 
 use crate::{
     error::{Context, Error, Result, fail},
-    netns,
-    socket::{Family, Owner, Protocol, SocketInfo},
+    model::{Family, Protocol, SocketInfo},
 };
 
 /// `sk_state` of a TCP socket in the LISTEN state.
@@ -67,7 +58,7 @@ impl DiagSocket {
         }
     }
 
-    /// The same facts as [`socket::inspect`](crate::socket::inspect) gives
+    /// The same facts as [`crate::kernel::socket::inspect`] gives
     /// for an fd; `netns_inode` is the namespace the dump ran in.
     pub fn info(&self, netns_inode: u64) -> SocketInfo {
         SocketInfo {
@@ -157,89 +148,6 @@ pub fn by_cookies(cookies: &[u64]) -> Result<BTreeMap<u64, DiagSocket>> {
     Ok(out)
 }
 
-/// The processes holding each of `inodes` (sockets' inodes): every
-/// (pid, fd, command) whose `/proc/PID/fd/FD` is `socket:[INODE]`, sorted
-/// by pid and fd. Inodes nobody holds are absent.
-///
-/// Processes of the calling thread's network namespace (by
-/// `/proc/PID/ns/net`) are read first; the others only when some inode is
-/// still ownerless after that, since a socket's namespace is fixed when it
-/// is made and its holder may since live elsewhere (a thread that entered
-/// the namespace to make it, or an fd passed over a unix socket). An owner
-/// outside the namespace is thus not reported for an inode that also has
-/// one inside it. Processes that cannot be read (permissions, exited) are
-/// skipped.
-pub fn owners(inodes: &[u64]) -> Result<BTreeMap<u64, Vec<Owner>>> {
-    let wanted: HashSet<u64> = inodes.iter().copied().filter(|&i| i != 0).collect();
-    let mut found: BTreeMap<u64, Vec<Owner>> = BTreeMap::new();
-    if wanted.is_empty() {
-        return Ok(found);
-    }
-    let netns = netns::current_inode()?;
-    let mut elsewhere = Vec::new();
-    let mut skipped = 0usize;
-    // Bounded by the number of processes (pid_max).
-    for entry in fs::read_dir("/proc").context("listing /proc")?.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        match fs::metadata(format!("/proc/{pid}/ns/net")) {
-            Ok(ns) if ns.ino() == netns => {
-                if !scan_fds(pid, &wanted, &mut found) {
-                    skipped += 1;
-                }
-            }
-            Ok(_) => elsewhere.push(pid),
-            Err(_) => skipped += 1,
-        }
-    }
-    let inside = found.len();
-    if found.len() < wanted.len() {
-        for &pid in &elsewhere {
-            if !scan_fds(pid, &wanted, &mut found) {
-                skipped += 1;
-            }
-        }
-    }
-    log::debug!(
-        "owners: {inside} of {} sockets held in netns {netns}, {} outside it; {} processes elsewhere, {skipped} unreadable",
-        wanted.len(),
-        found.len() - inside,
-        elsewhere.len()
-    );
-    for owners in found.values_mut() {
-        owners.sort_by_key(|o| (o.pid, o.fd));
-    }
-    Ok(found)
-}
-
-/// Adds `pid`'s fds that hold a `wanted` inode to `found`; false if its fd
-/// directory cannot be read.
-fn scan_fds(pid: i32, wanted: &HashSet<u64>, found: &mut BTreeMap<u64, Vec<Owner>>) -> bool {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
-    let mut command: Option<String> = None;
-    // Bounded by the process's open files.
-    for entry in dir.flatten() {
-        let Ok(target) = fs::read_link(entry.path()) else { continue };
-        let Some(inode) = socket_inode(target.as_os_str().as_bytes()) else { continue };
-        if !wanted.contains(&inode) {
-            continue;
-        }
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else { continue };
-        let command = command
-            .get_or_insert_with(|| {
-                fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string()).unwrap_or_default()
-            })
-            .clone();
-        found.entry(inode).or_default().push(Owner { pid, fd, command });
-    }
-    true
-}
-
-/// The inode of an fd link's target `socket:[INODE]`.
-fn socket_inode(target: &[u8]) -> Option<u64> {
-    let digits = target.strip_prefix(b"socket:[")?.strip_suffix(b"]")?;
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 /// How a socket's bind covers an address: ranked as the kernel ranks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Cover {
@@ -283,7 +191,7 @@ fn cookie(raw: [u8; 8]) -> u64 {
     half(&raw[4..]) << 32 | half(&raw[..4])
 }
 
-fn decode(response: &InetResponse, protocol: Protocol) -> Option<DiagSocket> {
+pub fn decode(response: &InetResponse, protocol: Protocol) -> Option<DiagSocket> {
     let header = &response.header;
     let id = &header.socket_id;
     let remote = SocketAddr::new(id.destination_address, id.destination_port);
@@ -479,14 +387,6 @@ mod tests {
         assert_eq!(exact, vec![tcp("127.0.0.1:80")]);
         let udp = vec![connected, sock(Protocol::Udp, "127.0.0.1:53", None)];
         assert_eq!(best_matches(udp, addr, 53), vec![sock(Protocol::Udp, "127.0.0.1:53", None)]);
-    }
-
-    #[test]
-    fn socket_inode_reads_fd_links() {
-        assert_eq!(socket_inode(b"socket:[12345]"), Some(12345));
-        assert_eq!(socket_inode(b"socket:[]"), None);
-        assert_eq!(socket_inode(b"pipe:[12345]"), None);
-        assert_eq!(socket_inode(b"/dev/null"), None);
     }
 
     /// An inet_diag_msg as the kernel writes it, with one INET_DIAG_SKV6ONLY.

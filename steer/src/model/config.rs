@@ -1,0 +1,176 @@
+//! `steerctl apply FILE` / `watch FILE`: a declarative config of bindings
+//! and registrations by listening address, planned in full before anything
+//! changes.
+//!
+//! ```json
+//! {"bindings": [{"label": "web", "protocol": "tcp", "prefix": "192.0.2.0/24", "port": 80}],
+//!  "registrations": [{"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080,
+//!                     "no_reuseport": false, "pid_file": "/run/nginx.pid", "process": "nginx"}]}
+//! ```
+//!
+//! * `bindings`, when present, is the whole set: it replaces the recorded
+//!   bindings atomically (`load_bindings`), and only when it differs from
+//!   them. Absent, the bindings are left alone.
+//! * Each registration names where its server listens. Its label's slot
+//!   for the found socket's family and protocol gets one member of the
+//!   socket's group, from the process in `pid_file` / processes named
+//!   `process` when given; a slot already holding a member stays as it is.
+//!   Registrations the file does not list are left alone (remove them with
+//!   `steerctl unregister`): apply never unregisters.
+//! * A bad file (syntax, unknown field, bad label, clashing bindings, two
+//!   registrations for one slot, a socket the label's bindings cannot use)
+//!   fails before anything changes. A server that is not listening (yet) is
+//!   not an error: its registration waits, and `watch` makes it when it
+//!   listens.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    binding::{self, Binding},
+    label::label_key,
+    net::{Family, Protocol, Target},
+};
+use crate::error::{Context, Result, fail};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Every binding; absent: the recorded bindings are not managed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bindings: Option<Vec<Binding>>,
+    #[serde(default)]
+    pub registrations: Vec<Wanted>,
+}
+
+/// A registration by listening address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wanted {
+    pub label: String,
+    pub protocol: Protocol,
+    /// The address the server binds (0.0.0.0 / :: for a wildcard bind,
+    /// or an address a wildcard bind covers).
+    pub address: IpAddr,
+    pub port: u16,
+    /// Pin exactly the registered socket rather than its reuseport group.
+    #[serde(default)]
+    pub no_reuseport: bool,
+    /// Take the socket only from the process whose pid this file holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_file: Option<PathBuf>,
+    /// Take the socket only from processes of this name (/proc/PID/comm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+impl Wanted {
+    pub fn target(&self) -> Target {
+        Target { protocol: self.protocol, address: self.address, port: self.port }
+    }
+
+    /// The registration options it asks for.
+    pub fn options(&self) -> RegisterOptions {
+        RegisterOptions { no_reuseport: self.no_reuseport }
+    }
+}
+
+/// What every registration path honours, however the socket is named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegisterOptions {
+    /// Steer to exactly the registered socket, not its SO_REUSEPORT group.
+    pub no_reuseport: bool,
+}
+
+impl RegisterOptions {
+    /// The `socket_flag` bits the slot gets.
+    pub fn flags(&self) -> u32 {
+        if self.no_reuseport { steer_common::socket_flag::NO_REUSEPORT } else { 0 }
+    }
+}
+
+impl Config {
+    /// Parses and checks a config; `name` is for messages.
+    pub fn parse(text: &str, name: &str) -> Result<Self> {
+        let config: Config =
+            serde_json::from_str(text).with_context(|| format!("{name} is not a valid steer config"))?;
+        config.validate().with_context(|| format!("{name} is not a valid steer config"))?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Everything that can be checked without the kernel.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(list) = &self.bindings {
+            binding::by_key(list)?;
+        }
+        let mut slots = BTreeSet::new();
+        for w in &self.registrations {
+            label_key(&w.label)?;
+            if w.port == 0 {
+                fail!(Invalid, "registration {} {}: port 0 is no listening port", w.label, w.target());
+            }
+            if w.process.as_deref().is_some_and(str::is_empty) {
+                fail!(Invalid, "registration {} {}: process is empty", w.label, w.target());
+            }
+            let family = if w.address.to_canonical().is_ipv4() { Family::Ipv4 } else { Family::Ipv6 };
+            if !slots.insert((w.label.as_str(), w.protocol, family)) {
+                fail!(
+                    Invalid,
+                    "two registrations for label {} {} {family}: a label holds one socket per protocol and family",
+                    w.label,
+                    w.protocol
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_and_bad_ones_say_why() {
+        let good = r#"{"bindings": [{"label": "web", "protocol": "tcp", "prefix": "127.0.0.0/8", "port": 80}],
+            "registrations": [{"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080,
+                               "process": "nginx"}]}"#;
+        let c = Config::parse(good, "good").unwrap();
+        assert_eq!(c.registrations[0].process.as_deref(), Some("nginx"));
+        assert!(!c.registrations[0].no_reuseport);
+        assert_eq!(Config::parse("{}", "empty").unwrap(), Config { bindings: None, registrations: vec![] });
+        for (text, message) in [
+            (
+                r#"{"registrations": [{"label": "x", "protocol": "tcp", "address": "::1", "port": 1, "pid": 3}]}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"registrations": [{"label": "bad label", "protocol": "tcp", "address": "::1", "port": 1}]}"#,
+                "bad label",
+            ),
+            (r#"{"registrations": [{"label": "x", "protocol": "tcp", "address": "::1", "port": 0}]}"#, "port 0"),
+            (
+                r#"{"registrations": [{"label": "x", "protocol": "tcp", "address": "::1", "port": 1},
+                                      {"label": "x", "protocol": "tcp", "address": "::2", "port": 2}]}"#,
+                "two registrations for label x tcp ipv6",
+            ),
+            (r#"{"bindings": [], "extra": 1}"#, "unknown field"),
+        ] {
+            let err = Config::parse(text, "f").unwrap_err();
+            let chain: Vec<String> = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+                .map(ToString::to_string)
+                .collect();
+            assert!(chain.join(": ").contains(message), "{text}: {}", chain.join(": "));
+        }
+    }
+}

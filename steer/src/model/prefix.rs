@@ -1,0 +1,156 @@
+//! Address prefixes (ipnet's networks, host bits cleared) and the v4-mapped
+//! space lookups compare them in.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result, fail};
+
+/// An address prefix with its host bits cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix(IpNet);
+
+impl Prefix {
+    pub fn new(addr: IpAddr, len: u8) -> Result<Self> {
+        match IpNet::new(addr, len) {
+            Ok(net) => Ok(Self(net.trunc())),
+            Err(_) => {
+                fail!(Invalid, "prefix length {len} is longer than {} bits", if addr.is_ipv4() { 32 } else { 128 })
+            }
+        }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.0.network()
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        matches!(self.0, IpNet::V4(_))
+    }
+
+    /// The prefix in the v4-mapped IPv6 space lookups use: IPv4 a.b.c.d/N
+    /// is ::ffff:a.b.c.d/(96+N).
+    pub fn mapped(&self) -> ([u8; 16], u8) {
+        match self.0 {
+            IpNet::V4(n) => (n.network().to_ipv6_mapped().octets(), 96 + n.prefix_len()),
+            IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
+        }
+    }
+
+    /// Whether `addr`, in the v4-mapped space, falls inside this prefix:
+    /// what a lookup matches (so `::/0` covers IPv4 addresses too).
+    pub fn covers(&self, addr: IpAddr) -> bool {
+        let (base, len) = self.mapped();
+        let bits = steer_common::prefix_mask(len);
+        u128::from_be_bytes(base) & bits == u128::from_be_bytes(mapped_addr(addr)) & bits
+    }
+
+    /// Whether `addr` of the same family falls inside this prefix.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.contains(&addr)
+    }
+
+    /// The prefix a v4-mapped key names back, in its own family.
+    pub fn from_mapped(addr: [u8; 16], len: u8) -> Result<Self> {
+        let addr = Ipv6Addr::from(addr);
+        match addr.to_ipv4_mapped() {
+            Some(v4) if len >= 96 => Prefix::new(IpAddr::V4(v4), len - 96),
+            _ => Prefix::new(IpAddr::V6(addr), len),
+        }
+    }
+}
+
+/// An address as lookups see it: IPv4 v4-mapped.
+pub fn mapped_addr(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let shown = || super::text::bounded(s);
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| Error::Invalid(format!("{} is not an IPv4 or IPv6 address or CIDR prefix", shown())))?;
+        let len = match len {
+            // Digits only: u8's parser takes a leading '+'.
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+                l.parse().map_err(|_| Error::Invalid(format!("{} has a bad prefix length", shown())))?
+            }
+            Some(_) => fail!(Invalid, "{} has a bad prefix length", shown()),
+            None if addr.is_ipv4() => 32,
+            None => 128,
+        };
+        Prefix::new(addr, len)
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr(), self.prefix_len())
+    }
+}
+
+impl Serialize for Prefix {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Prefix {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(|e: Error| serde::de::Error::custom(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_clear_host_bits() {
+        assert_eq!("10.1.2.3/8".parse::<Prefix>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!("127.0.0.1".parse::<Prefix>().unwrap().to_string(), "127.0.0.1/32");
+        assert_eq!("2001:db8::1/32".parse::<Prefix>().unwrap().to_string(), "2001:db8::/32");
+        assert_eq!("::/0".parse::<Prefix>().unwrap().to_string(), "::/0");
+        assert_eq!("0.0.0.0/0".parse::<Prefix>().unwrap().to_string(), "0.0.0.0/0");
+        assert!("10.0.0.0/33".parse::<Prefix>().unwrap_err().to_string().contains("longer than 32 bits"));
+        assert!("::/129".parse::<Prefix>().is_err());
+        assert!("10.0.0.0/x".parse::<Prefix>().unwrap_err().to_string().contains("bad prefix length"));
+        assert!("10.0.0.0/+8".parse::<Prefix>().unwrap_err().to_string().contains("bad prefix length"));
+        assert!("10.0.0.0/".parse::<Prefix>().unwrap_err().to_string().contains("bad prefix length"));
+        assert!("example.com".parse::<Prefix>().unwrap_err().to_string().contains("not an IPv4 or IPv6"));
+        let huge = "x".repeat(30 << 20);
+        let msg = huge.parse::<Prefix>().unwrap_err().to_string();
+        assert!(msg.len() < 200 && msg.contains(&format!("({} bytes)", huge.len())), "{}", &msg[..100]);
+    }
+
+    #[test]
+    fn ipv6_prefixes_cover_ipv4_as_v4_mapped() {
+        let any6: Prefix = "::/0".parse().unwrap();
+        assert!(any6.covers("10.0.0.1".parse().unwrap()));
+        assert!(!any6.contains("10.0.0.1".parse().unwrap()));
+        let v4: Prefix = "10.0.0.0/8".parse().unwrap();
+        assert!(v4.covers("10.9.9.9".parse().unwrap()) && !v4.covers("11.0.0.1".parse().unwrap()));
+        assert!(!v4.covers("2001:db8::1".parse().unwrap()));
+        let (addr, len) = v4.mapped();
+        assert_eq!(Prefix::from_mapped(addr, len).unwrap(), v4);
+    }
+}

@@ -1,0 +1,217 @@
+//! bind, unbind and load-bindings: changing the record of bindings and
+//! publishing it (the version protocol is in [`crate::state::record`]).
+//!
+//! Every write first finishes one that died between recording and
+//! publishing, then forgets labels an interrupted write left without
+//! bindings or sockets, and checks everything it can before its first
+//! write: a refused command changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use steer_common::{BindingKey, MAX_BINDINGS, MAX_LABELS, StateMeta};
+
+use crate::{
+    error::{Context, Result, fail},
+    kernel::netns,
+    model::{
+        Binding, BindingsFile, binding,
+        compile::{self, Input},
+        label::label_key,
+        text::grouped,
+    },
+    state::{Dispatcher, PlaneStats, ReadWrite, record::Record},
+};
+
+/// Compiles `entries` (the recorded bindings) and makes them the generation
+/// lookups use; marks the record published.
+fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
+    let maps = state.maps()?;
+    let inputs: Vec<Input> = entries.iter().map(|(key, label)| Input::from_key(key, *label)).collect();
+    let mut table = maps.counters.table()?;
+    let generation = compile::compile(&inputs, &mut table)?;
+    maps.counters.add_new(&table)?;
+    let stats = maps.plane.publish(&generation)?;
+    let meta = maps.plane.meta()?;
+    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, ..meta })?;
+    maps.counters.drop_unused(&table)?;
+    Ok(stats)
+}
+
+/// Publishes the record when a write died between changing it and
+/// publishing it, so the command run again finds the plane current
+/// whatever it then decides (a repeated bind has nothing to add, a
+/// repeated unbind nothing to remove).
+fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
+    let maps = state.maps()?;
+    let meta = maps.plane.meta()?;
+    if Record::interrupted(&meta) {
+        log::info!("publishing the bindings an interrupted write recorded");
+        publish(state, &maps.record.entries(&meta)?)?;
+    }
+    Ok(())
+}
+
+/// Label ids that hold a socket.
+fn with_sockets(state: &Dispatcher<ReadWrite>, ids: impl IntoIterator<Item = u32>) -> Result<BTreeSet<u32>> {
+    Ok(state.maps()?.slots.held(ids)?.into_iter().map(|(slot, _)| slot.label).collect())
+}
+
+/// Forgets labels that have no socket and that `keep` does not keep.
+fn forget_labels(state: &Dispatcher<ReadWrite>, keep: impl Fn(&str, u32) -> bool) -> Result<usize> {
+    let maps = state.maps()?;
+    let labels = maps.labels.all()?;
+    let held = with_sockets(state, labels.values().copied())?;
+    let mut forgotten = 0;
+    for (label, id) in labels {
+        if !held.contains(&id) && !keep(&label, id) {
+            maps.labels.remove(&label)?;
+            forgotten += 1;
+        }
+    }
+    Ok(forgotten)
+}
+
+/// Forgets labels with neither bindings nor sockets: the ones the last
+/// unbind or unregister freed, and ones an interrupted write left behind.
+pub(crate) fn collect_labels(state: &Dispatcher<ReadWrite>) -> Result<()> {
+    let maps = state.maps()?;
+    let bound: BTreeSet<u32> = maps.record.entries(&maps.plane.meta()?)?.into_iter().map(|(_, id)| id).collect();
+    let forgotten = forget_labels(state, |_, id| bound.contains(&id))?;
+    if forgotten > 0 {
+        log::debug!("forgot {forgotten} label(s) with neither bindings nor sockets");
+    }
+    Ok(())
+}
+
+/// Fails when `b`'s label has sockets and none can take its traffic: the
+/// check `register` makes, for a binding added after the sockets. A check
+/// that cannot be made refuses the bind.
+fn check_sockets_serve(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
+    let maps = state.maps()?;
+    let Some(id) = maps.labels.id(&b.label)? else { return Ok(()) };
+    let cookies: Vec<u64> = maps.slots.held([id])?.into_iter().map(|(_, cookie)| cookie).collect();
+    if cookies.is_empty() {
+        return Ok(());
+    }
+    let netns = netns::current_inode()?;
+    let found = crate::discovery::diag::by_cookies(&cookies).with_context(|| {
+        format!("checking that label {}'s registered sockets can take {} traffic", b.label, b.protocol)
+    })?;
+    let infos: Vec<_> = found.values().map(|s| s.info(netns)).collect();
+    if !infos.is_empty() && !infos.iter().any(|info| b.served_by(info)) {
+        let kinds: BTreeSet<String> = infos
+            .iter()
+            .map(|i| format!("{} {}{}", i.protocol, i.family, if i.v6only { " (IPv6-only)" } else { "" }))
+            .collect();
+        fail!(
+            Invalid,
+            "label {} has {} socket(s), none of which can take {} {} traffic; register a matching socket first",
+            b.label,
+            kinds.into_iter().collect::<Vec<_>>().join(", "),
+            b.protocol,
+            b.family()
+        );
+    }
+    Ok(())
+}
+
+/// Adds a binding; false when it was already there.
+pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
+    label_key(&b.label)?;
+    finish_interrupted(state)?;
+    collect_labels(state)?;
+    let maps = state.maps()?;
+    let meta = maps.plane.meta()?;
+    let key = b.key();
+    if let Some(id) = maps.record.get(&meta, &key)? {
+        let owner = maps.labels.names()?.get(&id).cloned().unwrap_or_else(|| format!("#{id}"));
+        if owner != b.label {
+            fail!(
+                Conflict,
+                "{} {} {} is already bound to label {owner}; unbind it first",
+                b.protocol,
+                b.prefix,
+                b.port
+            );
+        }
+        return Ok(false);
+    }
+    let mut entries = maps.record.entries(&meta)?;
+    if entries.len() >= MAX_BINDINGS as usize {
+        fail!(Full, "bindings map full: {} bindings, the most a set holds", grouped(MAX_BINDINGS.into()));
+    }
+    check_sockets_serve(state, b)?;
+    let id = maps.labels.ensure([b.label.as_str()])?[&b.label];
+    let meta = Record::begin_change(&maps.plane, &meta)?;
+    maps.record.insert(&meta, key, id)?;
+    entries.push((key, id));
+    publish(state, &entries)?;
+    Ok(true)
+}
+
+pub fn unbind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
+    finish_interrupted(state)?;
+    let maps = state.maps()?;
+    let meta = maps.plane.meta()?;
+    let key = b.key();
+    match (maps.record.get(&meta, &key)?, maps.labels.id(&b.label)?) {
+        (Some(bound), Some(id)) if bound == id => {}
+        _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
+    }
+    let meta = Record::begin_change(&maps.plane, &meta)?;
+    maps.record.remove(&meta, &key)?;
+    publish(state, &maps.record.entries(&meta)?)?;
+    collect_labels(state)
+}
+
+/// Replaces every binding with `file`'s: recorded in the idle record set,
+/// switched to with one write, then published as one generation.
+pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Result<PlaneStats> {
+    let keyed = binding::by_key(&file.bindings)?;
+    if keyed.len() > MAX_BINDINGS as usize {
+        fail!(
+            Full,
+            "the file has {} bindings; a set holds at most {}",
+            grouped(keyed.len() as u64),
+            grouped(MAX_BINDINGS.into())
+        );
+    }
+    let staying: BTreeSet<&str> = keyed.values().map(|b| b.label.as_str()).collect();
+    collect_labels(state)?;
+    let maps = state.maps()?;
+    let existing = maps.labels.all()?;
+    // Labels that hold sockets stay whatever the file says.
+    let held: BTreeSet<&str> = {
+        let ids = with_sockets(state, existing.values().copied())?;
+        existing.iter().filter(|(_, id)| ids.contains(id)).map(|(name, _)| name.as_str()).collect()
+    };
+    let needed = staying.union(&held).count();
+    if needed > MAX_LABELS as usize {
+        fail!(
+            Full,
+            "the file names {} labels and {} more hold registered sockets: {needed} in all, but at most {MAX_LABELS} labels fit",
+            staying.len(),
+            needed - staying.len()
+        );
+    }
+    let arriving = staying.iter().filter(|label| !existing.contains_key(**label)).count();
+    let mut meta = maps.plane.meta()?;
+    if existing.len() + arriving > MAX_LABELS as usize {
+        // Only when the ids are needed (a set replacing another of about
+        // as many labels): labels leaving without a socket give theirs up
+        // before the switch. Otherwise they are collected after it, so a
+        // write killed in between leaves no published binding whose label
+        // is gone (and whose id a later label could take).
+        meta = Record::begin_change(&maps.plane, &meta)?;
+        forget_labels(state, |label, _| staying.contains(label))?;
+    }
+    let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
+    let entries: Vec<(BindingKey, u32)> = keyed.iter().map(|(key, b)| (*key, ids[&b.label])).collect();
+    let idle = 1 - (meta.active_record & 1) as usize;
+    // The idle set held the set before last; only this writer reads it.
+    maps.record.replace(idle, crate::state::record::capacity_for(entries.len()), &entries)?;
+    Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, ..meta })?;
+    let stats = publish(state, &entries)?;
+    collect_labels(state)?;
+    Ok(stats)
+}

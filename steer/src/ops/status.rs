@@ -1,0 +1,116 @@
+//! What is loaded, attached and steered in one state directory.
+
+use serde::Serialize;
+use steer_common::MAPS;
+
+use crate::{
+    discovery::owners,
+    error::Result,
+    kernel::{netns, program},
+    model::Owner,
+    state::{Dispatcher, PlaneStatus, Read},
+};
+
+#[derive(Debug, Serialize)]
+pub struct ProgramStatus {
+    pub id: u32,
+    pub name: String,
+    pub pin: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LinkStatus {
+    pub id: u32,
+    pub program_id: u32,
+    pub netns_inode: u32,
+    pub pin: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketStatus {
+    pub key: u32,
+    pub cookie: u64,
+    pub owners: Vec<Owner>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub current_netns_inode: u64,
+    pub program: Option<ProgramStatus>,
+    pub link: Option<LinkStatus>,
+    pub ports: Vec<u16>,
+    pub socket: Option<SocketStatus>,
+    pub labels: usize,
+    pub bindings: usize,
+    pub registered_sockets: usize,
+    /// Whether lookups run the recorded bindings, and use the seed list.
+    pub plane: Option<PlaneStatus>,
+    /// Why the state is stale (its namespace is gone), if it is.
+    pub stale: Option<String>,
+    /// What could not be read, and what to do.
+    pub warnings: Vec<String>,
+}
+
+/// Everything `steerctl status` shows. Pieces that are not pinned show as
+/// absent, and what cannot be read is said in `warnings`, rather than
+/// failing: status is what one runs on a broken state.
+pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
+    let layout = state.layout();
+    let mut warnings = Vec::new();
+    let program = match layout.program() {
+        p if p.exists() => {
+            let info = aya::programs::ProgramInfo::from_pin(&p)?;
+            Some(ProgramStatus {
+                id: info.id(),
+                name: info.name_as_str().unwrap_or_default().to_string(),
+                pin: p.display().to_string(),
+            })
+        }
+        _ => None,
+    };
+    let link = program::link_info(&layout.link())?.map(|info| LinkStatus {
+        id: info.id,
+        program_id: info.program_id,
+        netns_inode: info.netns_inode,
+        pin: layout.link().display().to_string(),
+    });
+    let stale = state.staleness()?;
+    let missing: Vec<&str> = MAPS.iter().map(|m| m.name).filter(|name| !layout.map(name).exists()).collect();
+    let mut out = Status {
+        pin_dir: layout.dir.display().to_string(),
+        current_netns_inode: netns::current_inode()?,
+        program,
+        link,
+        ports: Vec::new(),
+        socket: None,
+        labels: 0,
+        bindings: 0,
+        registered_sockets: 0,
+        plane: None,
+        stale,
+        warnings: Vec::new(),
+    };
+    if !missing.is_empty() {
+        warnings.push(format!(
+            "the state is incomplete ({} missing): `steerctl upgrade` if it is an older steer's, else `steerctl unload` and load again",
+            missing.join(", ")
+        ));
+        out.warnings = warnings;
+        return Ok(out);
+    }
+    out.ports = state.ports()?;
+    out.socket = state.seed_cookie()?.map(|cookie| SocketStatus { key: 0, cookie, owners: Vec::new() });
+    if let Some(socket) = &mut out.socket {
+        match owners::sockets_and_owners(&[socket.cookie]) {
+            Ok(mut found) => socket.owners = found.remove(&socket.cookie).map(|(_, o)| o).unwrap_or_default(),
+            Err(e) => warnings.push(format!("the seed socket's owners are unknown: {}", e.chain())),
+        }
+    }
+    out.labels = state.labels()?.len();
+    out.bindings = state.bindings()?.len();
+    out.registered_sockets = state.registered()?.len();
+    out.plane = Some(state.plane_status()?);
+    out.warnings = warnings;
+    Ok(out)
+}
