@@ -51,6 +51,8 @@ expected=(/usr/bin/steerctl /usr/bin/sockmap-update /usr/bin/sk-lookup-attach
     /usr/share/bash-completion/completions/steerctl /usr/share/zsh/vendor-completions/_steerctl
     /usr/share/fish/vendor_completions.d/steerctl.fish)
 for unit in "${units[@]}"; do expected+=("/usr/lib/systemd/system/$unit"); done
+# The documentation: the README and every page of docs/ it links to.
+for doc in README.md docs/*.md; do expected+=("/usr/share/doc/steer/$doc"); done
 for path in "${expected[@]}"; do
     grep -qx "$path" "$tmp/files" || fail "the package lacks $path"
     [ -e "$path" ] || fail "$path is not installed"

@@ -35,9 +35,22 @@ fi
 for line in 'hello 7' 'hello 77' 'hello 777' 'hello label' 'open tcp 777'; do
     grep -qx "$line" "$tmp/demo.out" || fail "the walkthrough did not print '$line'"
 done
-# The README shows this output: the same lines but for ids, pids and cookies
-# (and the table widths they change).
-shape() { sed -E 's/[0-9]{3,}/N/g; s/ +/ /g; s/─+/─/g' "$@"; }
+# The README shows this output: the same lines but for ids, pids, fds,
+# cookies and inodes (and the table widths they change). They are masked
+# wherever they appear: after the word that names them, in a table's COOKIE
+# column, and as any number of 3 or more digits. A machine that has made
+# few links or sockets prints short ones ("link 74", a 2-digit cookie), so
+# the 3-digit rule alone is not enough.
+shape() {
+    awk -F'│' -v OFS='│' '
+        /^┌/ { cookie = 0 }
+        NF > 2 {
+            for (i = 2; i < NF; i++) if ($i ~ /^ *COOKIE *$/) cookie = i
+            if (cookie && $cookie ~ /^ *[0-9]+ *$/) $cookie = " N "
+        }
+        { print }' "$@" |
+        sed -E 's/\b(id|pid|prog|link|cookie|fd|inode) [0-9]+/\1 N/g; s/[0-9]{3,}/N/g; s/ +/ /g; s/─+/─/g'
+}
 sed -n '/^\$ steerctl load$/,/^removed .*steer_meta$/p' README.md | shape >"$tmp/readme.shape"
 if ! diff <(shape "$tmp/demo.out" | sed '${/^$/d}') "$tmp/readme.shape" >"$tmp/readme.diff"; then
     cat "$tmp/readme.diff" >&2
