@@ -62,8 +62,15 @@ pub fn upgrade(layout: &Layout) -> Result<()> {
 }
 
 pub fn status(layout: &Layout, json: bool) -> Result<()> {
-    let status = status::status(&Dispatcher::open_read(layout)?)?;
-    let other_sk_lookup = other_links(&layout.link())?;
+    let mut status = status::status(&Dispatcher::open_read(layout)?)?;
+    let other_sk_lookup = match other_links(&layout.link()) {
+        Ok(links) => links,
+        Err(e @ steer::Error::Permission(_)) => {
+            status.warnings.push(format!("other sk_lookup programs unknown: {e}"));
+            Vec::new()
+        }
+        Err(e) => return Err(e.into()),
+    };
     output::show(&StatusView { status, other_sk_lookup }, json)
 }
 

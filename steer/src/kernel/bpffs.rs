@@ -199,8 +199,33 @@ pub fn make_private_dir(parent: &OwnedFd, name: &OsStr) -> Result<bool> {
     match mkdirat(parent, name, Mode::S_IRWXU) {
         Ok(()) => Ok(true),
         Err(Errno::EEXIST) => Ok(false),
+        Err(Errno::EROFS) => {
+            let at = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(parent)))
+                .map_or_else(|_| PathBuf::from(name), |dir| dir.join(name));
+            Err(Error::Permission(format!("cannot make {}: {}", at.display(), read_only_hint())))
+        }
         Err(e) => Err(std::io::Error::from(e).into()),
     }
+}
+
+/// Fails (saying which mount and what to do) when the directory `dir`
+/// (opened) is on a read-only mount: a write that detached a link and then
+/// could not remove its pin would leave a state that reads as stale.
+pub fn require_writable(dir: &OwnedFd, path: &Path) -> Result<()> {
+    match nix::sys::statvfs::fstatvfs(dir) {
+        Ok(s) if s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) => {
+            Err(Error::Permission(format!("{} cannot be changed: {}", path.display(), read_only_hint())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why a write to bpffs failed with EROFS, and the fix: containers are
+/// where a read-only bpffs (or /sys) is met.
+pub(crate) fn read_only_hint() -> &'static str {
+    "the bpf filesystem is mounted read-only here (EROFS), and steer pins its state there; mount it read-write. In a \
+     container: no `:ro` on `-v /sys/fs/bpf:/sys/fs/bpf` (podman, docker), no `readOnly: true` on its volumeMount \
+     (Kubernetes); an unprivileged container's /sys is read-only, so bpffs must be a volume of its own on /sys/fs/bpf"
 }
 
 #[cfg(test)]

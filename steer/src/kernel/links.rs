@@ -64,6 +64,17 @@ pub fn open_program(pin: &Path) -> Result<OwnedFd> {
 }
 
 /// Every sk_lookup link attached to the network namespace with `netns_inode`.
+/// Walking links by id needs CAP_SYS_ADMIN: without it, a Permission error.
 pub fn sk_lookup_links(netns_inode: u64) -> Result<Vec<SkLookupLink>> {
-    sys::sk_lookup_links(netns_inode).context("listing the namespace's sk_lookup links")
+    sys::sk_lookup_links(netns_inode).map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => crate::Error::Permission(
+            "listing the namespace's other sk_lookup links needs CAP_SYS_ADMIN (the kernel shows links by id only \
+             to it)"
+                .into(),
+        ),
+        _ => crate::Error::Context {
+            context: "listing the namespace's sk_lookup links".into(),
+            source: Box::new(e.into()),
+        },
+    })
 }

@@ -81,7 +81,7 @@ fn remove_state(dir: &Path) -> Result<()> {
 /// half-built state, and of concurrent loads exactly one wins.
 pub fn load(layout: &Layout) -> Result<(Dispatcher<ReadWrite>, u32)> {
     caps::require_kernel()?;
-    caps::require_bpf()?;
+    caps::require_load()?;
     let (parent, name) = bpffs::split(&layout.dir)?;
     if layout.owned >= 2 {
         // `<bpffs>/steer`: made here, 0700, the first time.
@@ -191,6 +191,7 @@ pub fn detach(state: &Dispatcher<Repair>) -> Result<bool> {
 /// sockets. The link switches programs atomically, so no lookup in
 /// between misses. Returns the old and new program ids.
 pub fn upgrade(state: &Dispatcher<Repair>) -> Result<(u32, u32)> {
+    caps::require_load()?;
     let layout = state.layout();
     bpffs::require_pin(&layout.program(), "steer program")?;
     if let Some(missing) = MAPS.iter().map(|m| layout.map(m.name)).find(|p| !p.exists()) {
