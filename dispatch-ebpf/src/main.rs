@@ -1,10 +1,12 @@
-//! sk_lookup dispatchers.
+//! sk_lookup dispatchers: what steerctl loads and links to a network
+//! namespace.
 //!
-//! `steer_dispatch` (what steerctl loads) resolves the destination through
-//! the compiled bindings (steer-common's `lookup`, over the maps below) and
-//! assigns the label's socket; when no binding applies and the seed list is
-//! enabled, it falls back to the seed's port list. `echo_dispatch` is the
-//! seed program alone.
+//! `steer_dispatch` resolves the destination through the compiled bindings
+//! (steer-common's `lookup`, over the maps below) and assigns the label's
+//! socket; when no binding applies and the seed list is enabled, it falls
+//! back to the seed's port list. `echo_dispatch` is the seed program alone
+//! (`bpftool prog loadall` loads this object). The programs that follow
+//! servers are another object (src/follow.rs).
 //!
 //! Every map, key and value layout, and the lookup itself, come from
 //! `steer-common`, which the userspace side shares.
@@ -13,126 +15,18 @@
 // Program entry points take the kernel's context pointer, valid by contract.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+mod shared;
+
 use core::{ffi::c_void, ptr};
 
-// Only aya-ebpf's helper numbers are used: its context and helper types
-// carry bindgen bitfield names into BTF that the kernel rejects, and libbpf
-// then drops the object's BTF.
-use aya_ebpf::bindings::bpf_func_id::{BPF_FUNC_map_lookup_elem, BPF_FUNC_sk_assign, BPF_FUNC_sk_release};
+use shared::*;
 use steer_common::{
     Answer, BPF_SK_LOOKUP_F_NO_REUSEPORT, CHUNK_ENTRIES, DataplaneConfig, DestMetrics, DirEntry, ErrorReason, Range,
-    SeedMetrics, bpf_sk_lookup, dir_slot,
-    kernel::{AF_INET6, EAFNOSUPPORT, SK_DROP, SK_PASS},
+    SLOT_MEMBERS, SeedMetrics, bpf_sk_lookup, dir_slot,
+    kernel::{AF_INET6, EAFNOSUPPORT, ESOCKTNOSUPPORT, SK_DROP, SK_PASS},
     lookup::{self, Address, Tables},
-    range_slot, socket_flag, socket_slot,
+    member_key, range_slot, socket_flag, socket_slot,
 };
-
-// Helpers called by number, typed with plain pointers for the BTF reason above.
-#[inline(always)]
-unsafe fn map_lookup_elem(map: *mut c_void, key: *const c_void) -> *mut c_void {
-    let f: unsafe extern "C" fn(*mut c_void, *const c_void) -> *mut c_void =
-        unsafe { core::mem::transmute(BPF_FUNC_map_lookup_elem as usize) };
-    unsafe { f(map, key) }
-}
-
-#[inline(always)]
-unsafe fn sk_assign(ctx: *mut bpf_sk_lookup, sk: *mut c_void, flags: u64) -> i64 {
-    let f: unsafe extern "C" fn(*mut bpf_sk_lookup, *mut c_void, u64) -> i64 =
-        unsafe { core::mem::transmute(BPF_FUNC_sk_assign as usize) };
-    unsafe { f(ctx, sk, flags) }
-}
-
-#[inline(always)]
-unsafe fn sk_release(sk: *mut c_void) -> i64 {
-    let f: unsafe extern "C" fn(*mut c_void) -> i64 = unsafe { core::mem::transmute(BPF_FUNC_sk_release as usize) };
-    unsafe { f(sk) }
-}
-
-/// Declares steer-common's maps as BTF map definitions (libbpf's `.maps`
-/// layout) under plain struct names: the kernel rejects BTF type names with
-/// generics in them, which aya-ebpf's own `btf_maps` types produce. A map
-/// of maps describes its inner maps in a `values` member, as libbpf's
-/// `__array(values, ...)` does.
-macro_rules! btf_maps {
-    ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
-        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)?;)*) => {
-        /// The BTF map definition structs, one per map, named after the
-        /// maps' statics so BTF shows which is which; inner map definitions
-        /// of maps of maps under the same names in their own module.
-        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
-        mod defs {
-            $(btf_maps!(@def $ident, $type, $key, $value, $max, $flags $(, $inner)?);)*
-        }
-        #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
-        mod inner_defs {
-            $($(btf_maps!(@inner $ident, $inner, $inner_max, $inner_flags);)?)*
-        }
-        $(
-            #[unsafe(link_section = ".maps")]
-            #[unsafe(export_name = $name)]
-            static $ident: defs::$ident = btf_maps!(@init $ident $(, $inner)?);
-        )*
-    };
-    (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr) => {
-        #[repr(C)]
-        pub struct $ident {
-            pub r#type: *const [i32; steer_common::kernel::$type as usize],
-            pub key: *const $key,
-            pub value: *const $value,
-            pub max_entries: *const [i32; ($max) as usize],
-            pub map_flags: *const [i32; ($flags) as usize],
-        }
-        // Safety: the fields are placeholders the loader reads from BTF;
-        // nothing dereferences them.
-        unsafe impl Sync for $ident {}
-    };
-    (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr, $inner:ty) => {
-        #[repr(C)]
-        pub struct $ident {
-            pub r#type: *const [i32; steer_common::kernel::$type as usize],
-            pub key: *const $key,
-            pub max_entries: *const [i32; ($max) as usize],
-            pub map_flags: *const [i32; ($flags) as usize],
-            pub values: [*const super::inner_defs::$ident; 0],
-        }
-        // Safety: as above.
-        unsafe impl Sync for $ident {}
-    };
-    // Inner maps give their key and value by size, not by BTF type: userspace
-    // makes the chunk maps without BTF, and kernels up to about 6.1 (which
-    // compare the BTF-derived field offsets of template and chunk) refuse a
-    // chunk unlike a template made with BTF types.
-    (@inner $ident:ident, $inner:ty, $inner_max:expr, $inner_flags:expr) => {
-        #[repr(C)]
-        pub struct $ident {
-            pub r#type: *const [i32; steer_common::kernel::BPF_MAP_TYPE_ARRAY as usize],
-            pub key_size: *const [i32; size_of::<u32>()],
-            pub value_size: *const [i32; size_of::<$inner>()],
-            pub max_entries: *const [i32; ($inner_max) as usize],
-            pub map_flags: *const [i32; ($inner_flags) as usize],
-        }
-    };
-    (@init $ident:ident) => {
-        defs::$ident { r#type: ptr::null(), key: ptr::null(), value: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null() }
-    };
-    (@init $ident:ident, $inner:ty) => {
-        defs::$ident { r#type: ptr::null(), key: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null(), values: [] }
-    };
-}
-
-steer_common::for_each_map!(btf_maps);
-
-#[inline(always)]
-fn map_ptr<T>(map: &T) -> *mut c_void {
-    ptr::from_ref(map).cast_mut().cast()
-}
-
-/// `map[key]` as a pointer to its value; null when absent.
-#[inline(always)]
-fn get<T, K>(map: *mut c_void, key: &K) -> *mut T {
-    // Safety: map is a map (or inner map) pointer and key lives for the call.
-    unsafe { map_lookup_elem(map, ptr::from_ref(key).cast()) }.cast()
-}
 
 /// The generation's chunks, read through the maps of maps. Each lookup has
 /// its own call site, so the verifier inlines them.
@@ -218,6 +112,31 @@ fn ctx_word(word: *const u32) -> u32 {
     u32::from_be(unsafe { ptr::read_volatile(word) })
 }
 
+/// Tries the members of socket slot `slot` in order; the first the kernel
+/// takes wins. A member that no longer listens (shut down, not yet closed)
+/// is passed over. Returns 0, or the last refusal (-EAFNOSUPPORT: no member).
+#[inline(always)]
+fn assign_slot(ctx: *mut bpf_sk_lookup, slot: u32) -> i64 {
+    let flags: *const u32 = get(map_ptr(&SOCKET_FLAGS), &slot);
+    // Safety: non-null map values are valid for the program's run.
+    let no_reuseport = !flags.is_null() && unsafe { *flags } & socket_flag::NO_REUSEPORT != 0;
+    let assign_flags = if no_reuseport { BPF_SK_LOOKUP_F_NO_REUSEPORT } else { 0 };
+    let mut err = -EAFNOSUPPORT;
+    for member in 0..SLOT_MEMBERS {
+        let sk: *mut c_void = get(map_ptr(&SOCKETS), &member_key(slot, member));
+        if sk.is_null() {
+            continue;
+        }
+        // Safety: sk came from the sockmap lookup above and is released once.
+        err = unsafe { sk_assign(ctx, sk, assign_flags) };
+        unsafe { sk_release(sk) };
+        if err != -ESOCKTNOSUPPORT {
+            break;
+        }
+    }
+    err
+}
+
 /// Hands the connection to the answer's label's socket for this family
 /// and protocol (for IPv4, a dual-stack IPv6 socket will do), counting it.
 #[inline(always)]
@@ -228,24 +147,10 @@ fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_i
     if !metrics.is_null() {
         unsafe { (*metrics).lookups += 1 };
     }
-    let mut slot = socket_slot(answer.label, family_index, protocol_index);
-    let mut sk: *mut c_void = get(map_ptr(&SOCKETS), &slot);
-    if sk.is_null() && family_index == 0 {
-        slot = socket_slot(answer.label, 1, protocol_index);
-        sk = get(map_ptr(&SOCKETS), &slot);
+    let mut err = assign_slot(ctx, socket_slot(answer.label, family_index, protocol_index));
+    if err == -EAFNOSUPPORT && family_index == 0 {
+        err = assign_slot(ctx, socket_slot(answer.label, 1, protocol_index));
     }
-    let err = if sk.is_null() {
-        -EAFNOSUPPORT
-    } else {
-        let flags: *const u32 = get(map_ptr(&SOCKET_FLAGS), &slot);
-        // Safety: non-null map values are valid for the program's run.
-        let no_reuseport = !flags.is_null() && unsafe { *flags } & socket_flag::NO_REUSEPORT != 0;
-        let assign_flags = if no_reuseport { BPF_SK_LOOKUP_F_NO_REUSEPORT } else { 0 };
-        // Safety: sk came from the sockmap lookup above and is released once.
-        let err = unsafe { sk_assign(ctx, sk, assign_flags) };
-        unsafe { sk_release(sk) };
-        err
-    };
     if err == 0 {
         return SK_PASS;
     }

@@ -19,6 +19,11 @@ pub mod kernel {
     pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
     pub const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
     pub const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
+    pub const BPF_MAP_TYPE_RINGBUF: u32 = 27;
+    pub const BPF_ANY: u64 = 0;
+    pub const BPF_NOEXIST: u64 = 1;
+    /// `bpf_sock_ops.op` when a socket starts listening (inside listen()).
+    pub const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
     pub const BPF_F_NO_PREALLOC: u32 = 1;
     pub const BPF_F_MMAPABLE: u32 = 1 << 10;
     pub const AF_INET: u32 = 2;
@@ -28,6 +33,7 @@ pub mod kernel {
     pub const SK_DROP: u32 = 0;
     pub const SK_PASS: u32 = 1;
     pub const EEXIST: i64 = 17;
+    pub const ENOENT: i64 = 2;
     pub const EPROTOTYPE: i64 = 91;
     pub const ESOCKTNOSUPPORT: i64 = 94;
     pub const EAFNOSUPPORT: i64 = 97;
@@ -41,6 +47,18 @@ pub mod names {
     pub const ECHO_PROGRAM: &str = "echo_dispatch";
     /// Returns SK_PASS and nothing else: steer-bench's baseline.
     pub const PASS_PROGRAM: &str = "steer_pass";
+    /// sock_ops: puts a followed listener in its label's slot inside listen().
+    pub const FOLLOW_PROGRAM: &str = "steer_follow";
+    /// cgroup post_bind4/6: reports a followed UDP bind.
+    pub const FOLLOW_BIND4_PROGRAM: &str = "steer_follow_bind4";
+    pub const FOLLOW_BIND6_PROGRAM: &str = "steer_follow_bind6";
+    /// Iterators: insert the sockets `backfill` names (by cookie).
+    pub const BACKFILL_TCP_PROGRAM: &str = "steer_backfill_tcp";
+    pub const BACKFILL_UDP_PROGRAM: &str = "steer_backfill_udp";
+    /// Globals the follow programs are loaded with: which scope they are
+    /// (the cgroup they are attached to), and the namespace they serve.
+    pub const SCOPE_GLOBAL: &str = "STEER_SCOPE";
+    pub const NETNS_COOKIE_GLOBAL: &str = "STEER_NETNS_COOKIE";
     pub const LINK: &str = "steer_dispatch_link";
 }
 
@@ -77,6 +95,24 @@ pub const MAX_SEARCH_STEPS: u32 = 22;
 
 /// Socket slots: four per label, one per (socket family, protocol).
 pub const SOCKET_SLOTS: u32 = MAX_LABELS * 4;
+/// Sockets one slot holds: members of a SO_REUSEPORT group (or a restarted
+/// server's old and new sockets), tried in order, so one closing leaves the
+/// others serving.
+pub const SLOT_MEMBERS: u32 = 8;
+/// Entries of `sockets`: SLOT_MEMBERS per slot.
+pub const SOCKET_MEMBERS: u32 = SOCKET_SLOTS * SLOT_MEMBERS;
+
+/// Listening addresses the kernel follows (`follows` keys).
+pub const MAX_FOLLOWS: u32 = 4096;
+/// Registrations one listening address can serve (a wildcard listener
+/// covers several addresses' registrations).
+pub const FOLLOW_ENTRIES: usize = 4;
+/// cgroups the follow programs can be attached to, the root included.
+pub const MAX_SCOPES: u32 = 64;
+/// Sockets one backfill pass can insert.
+pub const MAX_BACKFILL: u32 = 1024;
+/// Bytes of the follow event ring buffer (a power of two, pages).
+pub const FOLLOW_EVENT_BYTES: u32 = 1 << 16;
 
 /// `socket_flags` bits, per socket slot.
 pub mod socket_flag {
@@ -92,6 +128,12 @@ pub const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 1 << 1;
 #[inline(always)]
 pub fn socket_slot(label: u32, family_index: u32, protocol_index: u32) -> u32 {
     label * 4 + family_index * 2 + protocol_index
+}
+
+/// The `sockets` key of member `member` of socket slot `slot`.
+#[inline(always)]
+pub fn member_key(slot: u32, member: u32) -> u32 {
+    slot * SLOT_MEMBERS + member
 }
 
 /// The `steer_dirs` slot holding directory key `key` of half `half`.
@@ -132,6 +174,41 @@ pub struct bpf_sk_lookup {
 }
 
 pub type SkLookupCtx = bpf_sk_lookup;
+
+/// The leading fields of the kernel's `struct bpf_sock_ops`, a sock_ops
+/// program's context (only these are read). Addresses in network order,
+/// `local_port` in host order.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct bpf_sock_ops {
+    pub op: u32,
+    pub args: [u32; 4],
+    pub family: u32,
+    pub remote_ip4: u32,
+    pub local_ip4: u32,
+    pub remote_ip6: [u32; 4],
+    pub local_ip6: [u32; 4],
+    pub remote_port: u32,
+    pub local_port: u32,
+}
+
+/// The leading fields of the kernel's `struct bpf_sock`, a cgroup sock
+/// (post_bind) program's context. `src_port` in host order.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct bpf_sock {
+    pub bound_dev_if: u32,
+    pub family: u32,
+    pub r#type: u32,
+    pub protocol: u32,
+    pub mark: u32,
+    pub priority: u32,
+    pub src_ip4: u32,
+    pub src_ip6: [u32; 4],
+    pub src_port: u32,
+}
 
 /// What a lookup resolves to: the label whose socket takes the connection,
 /// the counter set it is counted in, and the prefix length (in the v4-mapped
@@ -327,6 +404,123 @@ impl LabelName {
     }
 }
 
+/// A listening address the kernel follows: the socket's family (AF_INET,
+/// AF_INET6), protocol, port (host order) and bound address (network
+/// order; IPv4 in the first four bytes).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FollowKey {
+    pub family: u8,
+    pub protocol: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// `follow_flag` bits of a follow entry.
+pub mod follow_flag {
+    /// The listener's address covers the registered one (a wildcard bind):
+    /// its sockets go after the ones bound to the address itself.
+    pub const COVER: u8 = 1;
+}
+
+/// One registration a listening address serves.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FollowEntry {
+    /// The label whose slot takes the socket; [`FollowEntry::NONE`] unused.
+    pub label: u32,
+    /// Which scope's programs may insert (the cgroup they are attached to).
+    pub scope: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+impl FollowEntry {
+    pub const NONE: u32 = u32::MAX;
+
+    pub const fn none() -> Self {
+        Self { label: Self::NONE, scope: 0, flags: 0, _pad: 0 }
+    }
+}
+
+impl Default for FollowEntry {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// The registrations a listening address serves.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FollowValue {
+    pub entries: [FollowEntry; FOLLOW_ENTRIES],
+}
+
+/// Where a backfill pass puts one socket: `sockets` keys, unused ones
+/// [`FollowEntry::NONE`].
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackfillValue {
+    pub keys: [u32; FOLLOW_ENTRIES],
+}
+
+impl Default for BackfillValue {
+    fn default() -> Self {
+        Self { keys: [FollowEntry::NONE; FOLLOW_ENTRIES] }
+    }
+}
+
+/// What the follow programs did, per CPU.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FollowMetrics {
+    /// Listening sockets put in a slot inside listen().
+    pub inserted: u64,
+    /// Listening sockets a full slot (SLOT_MEMBERS held) had no room for.
+    pub full: u64,
+    /// Inserts the kernel refused.
+    pub errors: u64,
+    /// Binds reported to userspace (UDP).
+    pub events: u64,
+    /// Binds not reported: the ring buffer was full.
+    pub lost_events: u64,
+    /// Sockets a backfill pass inserted.
+    pub backfilled: u64,
+}
+
+/// A scope: the cgroup the follow programs of one scope id are attached
+/// to (only userspace reads it).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeInfo {
+    /// The cgroup's id (its directory's inode); 0: the scope is unused.
+    pub cgroup_id: u64,
+    /// Its path under the cgroup2 mount, NUL padded ("" for the root).
+    pub path: [u8; 120],
+}
+
+impl Default for ScopeInfo {
+    fn default() -> Self {
+        Self { cgroup_id: 0, path: [0; 120] }
+    }
+}
+
+/// A followed bind reported to userspace (UDP, from post_bind).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FollowEvent {
+    pub cookie: u64,
+    pub key: FollowKey,
+    pub _pad: u32,
+}
+
 /// The state directory's identity and bookkeeping, in `steer_meta` (only
 /// userspace reads it).
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -365,7 +559,7 @@ pub type DirSlots = [u64; DIR_SLOT_WORDS];
 pub const DIR_SLOT_WORDS: usize = (DIR_CHUNKS as usize).div_ceil(64);
 
 /// The state layout this build reads and writes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 // Sizes and offsets the kernel (context) or the pinned maps (keys and
 // values) fix; a change here is a change of the state format.
@@ -375,6 +569,14 @@ const _: () = {
     assert!(offset_of!(bpf_sk_lookup, local_ip4) == 40);
     assert!(offset_of!(bpf_sk_lookup, local_port) == 60);
     assert!(offset_of!(bpf_sk_lookup, ingress_ifindex) == 64);
+    assert!(offset_of!(bpf_sock_ops, family) == 20);
+    assert!(offset_of!(bpf_sock_ops, local_ip4) == 28);
+    assert!(offset_of!(bpf_sock_ops, local_ip6) == 48);
+    assert!(offset_of!(bpf_sock_ops, local_port) == 68);
+    assert!(offset_of!(bpf_sock, protocol) == 12);
+    assert!(offset_of!(bpf_sock, src_ip4) == 24);
+    assert!(offset_of!(bpf_sock, src_ip6) == 28);
+    assert!(offset_of!(bpf_sock, src_port) == 44);
     assert!(size_of::<Answer>() == 8);
     assert!(size_of::<Range>() == 24);
     assert!(offset_of!(Range, answer) == 16);
@@ -391,6 +593,14 @@ const _: () = {
     assert!(DIR_KEYS.is_multiple_of(CHUNK_ENTRIES));
     assert!(1u64 << MAX_SEARCH_STEPS > MAX_RANGES as u64);
     assert!(MAX_DESTINATIONS <= u16::MAX as u32 + 1);
+    assert!(size_of::<FollowKey>() == 20);
+    assert!(size_of::<FollowEntry>() == 8);
+    assert!(size_of::<FollowValue>() == 32);
+    assert!(size_of::<BackfillValue>() == 16);
+    assert!(size_of::<FollowMetrics>() == 48);
+    assert!(size_of::<FollowEvent>() == 32);
+    assert!(size_of::<ScopeInfo>() == 128);
+    assert!(MAX_SCOPES <= u16::MAX as u32);
 };
 
 /// Calls `$callback!` with every map of the dispatcher, one
@@ -416,8 +626,8 @@ macro_rules! for_each_map {
                 inner $crate::DirEntry, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
             STEER_RANGES, "steer_ranges", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, 2 * $crate::RANGE_CHUNKS, 0,
                 inner $crate::Range, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
-            // Labels' sockets, at socket_slot(label, family, protocol).
-            SOCKETS, "sockets", BPF_MAP_TYPE_SOCKMAP, u32, u64, $crate::SOCKET_SLOTS, 0;
+            // Labels' sockets, at member_key(socket_slot(label, family, protocol), member).
+            SOCKETS, "sockets", BPF_MAP_TYPE_SOCKMAP, u32, u64, $crate::SOCKET_MEMBERS, 0;
             // socket_flag bits for each socket slot.
             SOCKET_FLAGS, "socket_flags", BPF_MAP_TYPE_ARRAY, u32, u32, $crate::SOCKET_SLOTS, 0;
             METRICS, "metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::DestMetrics, $crate::MAX_DESTINATIONS, 0;
@@ -431,6 +641,15 @@ macro_rules! for_each_map {
             LABELS, "labels", BPF_MAP_TYPE_HASH, $crate::LabelName, u32, $crate::MAX_LABELS, 0;
             DESTINATIONS, "destinations", BPF_MAP_TYPE_HASH, $crate::DestKey, u32, $crate::MAX_DESTINATIONS, 0;
             STEER_META, "steer_meta", BPF_MAP_TYPE_ARRAY, u32, $crate::StateMeta, 1, 0;
+            // Servers followed by the kernel: listening addresses -> the
+            // registrations they serve (read inside listen() and bind()),
+            // the sockets a backfill pass inserts (by cookie), what the
+            // follow programs did, and the binds they report (UDP).
+            FOLLOWS, "follows", BPF_MAP_TYPE_HASH, $crate::FollowKey, $crate::FollowValue, $crate::MAX_FOLLOWS, 0;
+            BACKFILL, "backfill", BPF_MAP_TYPE_HASH, u64, $crate::BackfillValue, $crate::MAX_BACKFILL, 0;
+            FOLLOW_METRICS, "follow_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::FollowMetrics, 1, 0;
+            FOLLOW_EVENTS, "follow_events", BPF_MAP_TYPE_RINGBUF, u32, u32, $crate::FOLLOW_EVENT_BYTES, 0, ringbuf();
+            FOLLOW_SCOPES, "follow_scopes", BPF_MAP_TYPE_ARRAY, u32, $crate::ScopeInfo, $crate::MAX_SCOPES, 0;
         }
     };
 }
@@ -457,13 +676,13 @@ pub struct InnerSpec {
 
 macro_rules! map_specs {
     ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
-        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)?;)*) => {
+        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)? $(, ringbuf $ring:tt)?;)*) => {
         /// Every map of the dispatcher, in the object's order.
         pub const MAPS: &[MapSpec] = &[$(MapSpec {
             name: $name,
             map_type: kernel::$type,
-            key_size: size_of::<$key>() as u32,
-            value_size: size_of::<$value>() as u32,
+            key_size: map_specs!(@size $key $(, ringbuf $ring)?),
+            value_size: map_specs!(@size $value $(, ringbuf $ring)?),
             max_entries: $max,
             flags: $flags,
             inner: map_specs!(@inner $($inner, $inner_max, $inner_flags)?),
@@ -474,6 +693,9 @@ macro_rules! map_specs {
             $(pub const $ident: &str = $name;)*
         }
     };
+    (@size $t:ty) => { size_of::<$t>() as u32 };
+    // A ring buffer has neither keys nor values.
+    (@size $t:ty, ringbuf $ring:tt) => { 0 };
     (@inner) => { None };
     (@inner $inner:ty, $inner_max:expr, $inner_flags:expr) => {
         Some(InnerSpec { value_size: size_of::<$inner>() as u32, max_entries: $inner_max, flags: $inner_flags })
@@ -503,6 +725,12 @@ mod pod {
     unsafe impl aya::Pod for super::LabelName {}
     unsafe impl aya::Pod for super::StateMeta {}
     unsafe impl aya::Pod for super::bpf_sk_lookup {}
+    unsafe impl aya::Pod for super::FollowKey {}
+    unsafe impl aya::Pod for super::FollowValue {}
+    unsafe impl aya::Pod for super::BackfillValue {}
+    unsafe impl aya::Pod for super::FollowMetrics {}
+    unsafe impl aya::Pod for super::FollowEvent {}
+    unsafe impl aya::Pod for super::ScopeInfo {}
 }
 
 #[cfg(test)]
@@ -532,6 +760,11 @@ mod tests {
         let ranges = map_spec(map::STEER_RANGES).unwrap();
         assert_eq!(range_slot(1, MAX_RANGES - 1), ranges.max_entries - 1);
         assert_eq!(socket_slot(MAX_LABELS - 1, 1, 1), SOCKET_SLOTS - 1);
+        let sockets = map_spec(map::SOCKETS).unwrap();
+        assert_eq!(member_key(SOCKET_SLOTS - 1, SLOT_MEMBERS - 1), sockets.max_entries - 1);
+        let ring = map_spec(map::FOLLOW_EVENTS).unwrap();
+        assert_eq!((ring.key_size, ring.value_size), (0, 0));
+        assert!(ring.max_entries.is_power_of_two() && ring.max_entries >= 4096);
     }
 
     #[test]

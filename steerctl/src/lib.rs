@@ -113,6 +113,8 @@ enum Command {
         /// ADDR PORT; systemd's sockets are this process's own).
         #[arg(long, value_name = "NAME", requires = "socket")]
         process: Option<String>,
+        #[command(flatten)]
+        follow: sockets::FollowArgs,
     },
     /// Remove LABEL's sockets, or only those of a protocol and/or family.
     Unregister {
@@ -209,7 +211,10 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             sockets::register(layout, &label, &source, &options.into())
         }
-        Command::Register { label, socket, options, process } => {
+        Command::Register { label, socket: Some(socket), options, follow, .. } if follow.follow => {
+            sockets::follow(layout, &label, sockets::target(&socket)?, &options.into(), follow.cgroup)
+        }
+        Command::Register { label, socket, options, process, .. } => {
             let source = match socket {
                 Some(socket) => {
                     Source::Address { target: sockets::target(&socket)?, filter: OwnerFilter { pid: None, process } }

@@ -59,14 +59,23 @@ impl View for PlanView {
 /// `watch FILE`: in the foreground until SIGTERM or SIGINT (exit 0);
 /// SIGHUP reloads.
 pub fn watch(layout: &Layout, file: &Path, interval: Duration) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+    // Each signal sets its flag, then writes to the pipe watch waits on.
+    let (wake, wake_writer) = std::os::unix::net::UnixStream::pair().context("making the wake-up pipe")?;
+    wake.set_nonblocking(true)?;
+    wake_writer.set_nonblocking(true)?;
+    for signal in [SIGTERM, SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone()).context("installing signal handlers")?;
+    signal_hook::flag::register(SIGHUP, reload.clone()).context("installing signal handlers")?;
+    for signal in [SIGTERM, SIGINT, SIGHUP] {
+        signal_hook::low_level::pipe::register(signal, wake_writer.try_clone()?)
+            .context("installing signal handlers")?;
+    }
     let options = watch::Options { interval, ..Default::default() };
-    watch::run(layout, file, &options, || {
+    watch::run(layout, file, &options, std::os::fd::AsFd::as_fd(&wake), || {
         // Stop wins over a pending reload.
         if stop.load(Ordering::SeqCst) {
             Some(watch::Event::Stop)

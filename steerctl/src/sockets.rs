@@ -14,7 +14,22 @@ use crate::output::{self, View};
 pub struct RegisterArgs {
     /// Steer to exactly this socket, not its SO_REUSEPORT group.
     #[arg(long)]
-    no_reuseport: bool,
+    pub no_reuseport: bool,
+}
+
+/// Following a server in the kernel (`register ... --follow`).
+#[derive(clap::Args)]
+pub struct FollowArgs {
+    /// Follow the server in the kernel (Linux 5.15): every socket that
+    /// listens at the address from now on (a restarted server's, each
+    /// reuseport member's) is steered to from its listen(), and those
+    /// listening already are inserted now. No fd is taken.
+    #[arg(long, requires = "socket", conflicts_with = "process")]
+    pub follow: bool,
+    /// With --follow: only sockets made in this cgroup v2 (or below it)
+    /// may take the label, e.g. system.slice/nginx.service.
+    #[arg(long, value_name = "PATH", requires = "follow")]
+    pub cgroup: Option<String>,
 }
 
 impl From<RegisterArgs> for Options {
@@ -27,6 +42,27 @@ impl From<RegisterArgs> for Options {
 pub fn target(args: &[String]) -> Result<Target> {
     let [protocol, address, port] = args else { bail!("expected tcp|udp ADDR PORT") };
     Ok(Target::parse(protocol, address, port)?)
+}
+
+/// `register LABEL tcp|udp ADDR PORT --follow`.
+pub fn follow(layout: &Layout, label: &str, target: Target, options: &Options, cgroup: Option<String>) -> Result<()> {
+    let state = Dispatcher::open_write(layout)?;
+    let f = steer::model::follow::Follow {
+        label: label.to_string(),
+        target,
+        cgroup: cgroup.unwrap_or_default(),
+        no_reuseport: options.no_reuseport,
+    };
+    let scope = if f.cgroup.is_empty() { "any cgroup".to_string() } else { format!("cgroup {}", f.cgroup) };
+    let done = steer::ops::follow::add(&state, f)?;
+    let held = state.slot_members(label, target.family(), target.protocol)?;
+    println!(
+        "following {target} as {label} in the kernel (sockets of {scope}): {} listening now, {} inserted{}",
+        held.len(),
+        done.backfilled,
+        if done.full > 0 { format!(", {} without room (slots hold 8)", done.full) } else { String::new() }
+    );
+    Ok(())
 }
 
 /// `register` and `register-pid`, in all their forms.

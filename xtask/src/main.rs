@@ -20,7 +20,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-const OBJECT: &str = "dispatch-ebpf/dispatch.bpf.o";
+/// The objects built, each from the dispatch-ebpf binary of its name.
+const OBJECTS: [(&str, &str); 2] =
+    [("dispatch", "dispatch-ebpf/dispatch.bpf.o"), ("follow", "dispatch-ebpf/follow.bpf.o")];
 
 #[derive(Parser)]
 struct Cli {
@@ -30,7 +32,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Rebuild dispatch-ebpf/dispatch.bpf.o from source.
+    /// Rebuild dispatch-ebpf/dispatch.bpf.o and follow.bpf.o from source.
     BuildEbpf {
         /// Do not write: fail if the committed object differs from a fresh build.
         #[arg(long)]
@@ -105,10 +107,10 @@ fn nightly_tool(tool: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn build(out: &Path) -> Result<()> {
+fn build(bin: &str, out: &Path) -> Result<()> {
     let root = workspace_root();
     let target_dir = crate_dir().join("target");
-    let bitcode = target_dir.join("dispatch.bc");
+    let bitcode = target_dir.join(format!("{bin}.bc"));
     let cargo_home =
         env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", env::var("HOME").unwrap_or_default()));
     // core's sources, built by build-std, sit under the sysroot, whose path
@@ -120,7 +122,8 @@ fn build(out: &Path) -> Result<()> {
     );
     run(clean_command("cargo")
         .env("RUSTFLAGS", remap)
-        .args(["rustc", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+        .args(["rustc", "--release", "--bin", bin, "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
         .arg(&target_dir)
         .arg("--")
         .arg(format!("--emit=obj={}", bitcode.display()))
@@ -185,21 +188,23 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Dist { out } => dist(&out)?,
         Cmd::BuildEbpf { check } => {
-            let committed = workspace_root().join(OBJECT);
-            if check {
-                let fresh = workspace_root().join("dispatch-ebpf/target/dispatch.check.o");
-                build(&fresh)?;
-                let want = std::fs::read(&fresh)?;
-                let have = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
-                if want != have {
-                    bail!(
-                        "{OBJECT} is stale: it differs from a build of dispatch-ebpf/src; run `cargo xtask build-ebpf` and commit the result"
-                    );
+            for (bin, object) in OBJECTS {
+                let committed = workspace_root().join(object);
+                if check {
+                    let fresh = workspace_root().join(format!("dispatch-ebpf/target/{bin}.check.o"));
+                    build(bin, &fresh)?;
+                    let want = std::fs::read(&fresh)?;
+                    let have = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
+                    if want != have {
+                        bail!(
+                            "{object} is stale: it differs from a build of dispatch-ebpf/src; run `cargo xtask build-ebpf` and commit the result"
+                        );
+                    }
+                    println!("{object} matches its source");
+                } else {
+                    build(bin, &committed)?;
+                    println!("wrote {object}");
                 }
-                println!("{OBJECT} matches its source");
-            } else {
-                build(&committed)?;
-                println!("wrote {OBJECT}");
             }
         }
     }

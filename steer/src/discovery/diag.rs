@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as NlaTrait};
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
@@ -21,6 +21,9 @@ use crate::{
     error::{Context, Error, Result, fail},
     model::{Family, Protocol, SocketInfo},
 };
+
+/// The attribute carrying a socket's cgroup id (linux/inet_diag.h).
+const INET_DIAG_CGROUP_ID: u16 = 21;
 
 /// `sk_state` of a TCP socket in the LISTEN state.
 pub const TCP_LISTEN: u8 = 10;
@@ -46,6 +49,9 @@ pub struct DiagSocket {
     pub uid: u32,
     /// IPV6_V6ONLY of an IPv6 socket (INET_DIAG_SKV6ONLY); None for IPv4.
     pub v6only: Option<bool>,
+    /// The cgroup (v2) id the socket was made in (INET_DIAG_CGROUP_ID,
+    /// Linux 5.7); None where the kernel does not say.
+    pub cgroup_id: Option<u64>,
 }
 
 impl DiagSocket {
@@ -208,6 +214,14 @@ pub fn decode(response: &InetResponse, protocol: Protocol) -> Option<DiagSocket>
             Nla::SkV6Only(v) => Some(*v),
             _ => None,
         }),
+        cgroup_id: response.nlas.iter().find_map(|n| match n {
+            Nla::Other(attr) if NlaTrait::kind(attr) == INET_DIAG_CGROUP_ID && NlaTrait::value_len(attr) == 8 => {
+                let mut value = [0u8; 8];
+                NlaTrait::emit_value(attr, &mut value);
+                Some(u64::from_ne_bytes(value))
+            }
+            _ => None,
+        }),
     })
 }
 
@@ -342,6 +356,7 @@ mod tests {
             cookie: 1,
             uid: 0,
             v6only,
+            cgroup_id: None,
         }
     }
 

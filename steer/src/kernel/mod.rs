@@ -11,6 +11,7 @@
 
 pub mod bpffs;
 pub mod caps;
+pub mod cgroup;
 pub mod links;
 pub mod lock;
 pub mod maps;

@@ -21,9 +21,17 @@ use crate::error::{Context, Error, Result, fail};
 pub static DISPATCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../dispatch-ebpf/dispatch.bpf.o"));
 
-/// FNV-1a of the embedded object: which build a loaded program came from.
+/// The programs that follow servers (sock_ops, post_bind, iterators), an
+/// object of their own, built and committed the same way.
+pub static FOLLOW_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../dispatch-ebpf/follow.bpf.o"));
+
+/// FNV-1a of the embedded objects: which build a loaded program came from.
 pub fn object_hash() -> u64 {
-    DISPATCH_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    DISPATCH_OBJECT
+        .iter()
+        .chain(FOLLOW_OBJECT)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The loaded object, its sk_lookup program in the kernel.
@@ -95,4 +103,150 @@ pub fn link_info(link_pin: &Path) -> Result<Option<NetnsLinkInfo>> {
         return Ok(None);
     }
     Ok(Some(Link::open(link_pin)?.netns_info()?))
+}
+
+/// Which follow programs a scope has: TCP (sock_ops, inside listen()) and
+/// UDP (post_bind for IPv4 and IPv6, reporting binds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FollowHook {
+    Tcp,
+    Udp4,
+    Udp6,
+}
+
+impl FollowHook {
+    pub const ALL: [FollowHook; 3] = [FollowHook::Tcp, FollowHook::Udp4, FollowHook::Udp6];
+
+    fn program(self) -> &'static str {
+        match self {
+            FollowHook::Tcp => names::FOLLOW_PROGRAM,
+            FollowHook::Udp4 => names::FOLLOW_BIND4_PROGRAM,
+            FollowHook::Udp6 => names::FOLLOW_BIND6_PROGRAM,
+        }
+    }
+
+    /// The link's pin name for scope `scope`.
+    pub fn pin_name(self, scope: u16) -> String {
+        let kind = match self {
+            FollowHook::Tcp => "tcp",
+            FollowHook::Udp4 => "udp4",
+            FollowHook::Udp6 => "udp6",
+        };
+        format!("follow_{kind}_{scope}")
+    }
+}
+
+/// Why the follow programs cannot run on this kernel, if they cannot.
+pub fn follow_unsupported() -> Option<String> {
+    let (major, minor) = caps::kernel_version();
+    ((major, minor) < (5, 15)).then(|| {
+        format!(
+            "this kernel is {major}.{minor}; following servers in the kernel needs Linux 5.15 \
+             (bpf_get_netns_cookie in sock_ops programs)"
+        )
+    })
+}
+
+/// The object loaded for one scope's follow programs.
+fn load_follow_object(pin: &impl Fn(&str) -> std::path::PathBuf, scope: u16, netns_cookie: u64) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    for m in MAPS {
+        loader.map_pin_path(m.name, pin(m.name));
+    }
+    let scope = u32::from(scope);
+    loader.override_global(names::SCOPE_GLOBAL, &scope, true);
+    loader.override_global(names::NETNS_COOKIE_GLOBAL, &netns_cookie, true);
+    loader.load(FOLLOW_OBJECT).context("loading the follow object")
+}
+
+/// Loads `hook`'s program for `scope` (which serves the namespace with
+/// `netns_cookie`), attaches it to `cgroup` and pins the link at
+/// `link_pin`. The maps are the ones pinned at `pin(name)`.
+pub fn attach_follow(
+    pin: impl Fn(&str) -> std::path::PathBuf,
+    hook: FollowHook,
+    scope: u16,
+    netns_cookie: u64,
+    cgroup: &std::os::fd::OwnedFd,
+    link_pin: &Path,
+) -> Result<u32> {
+    use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
+    if let Some(why) = follow_unsupported() {
+        fail!(Kernel, "{why}");
+    }
+    let mut ebpf = load_follow_object(&pin, scope, netns_cookie)?;
+    let program = ebpf
+        .program_mut(hook.program())
+        .ok_or_else(|| Error::Pin(format!("the dispatcher object has no {} program", hook.program())))?;
+    let what = || format!("loading {} into the kernel", hook.program());
+    // A cgroup link takes no attach flags: links always run beside others.
+    let link: FdLink = match hook {
+        FollowHook::Tcp => {
+            let p: &mut SockOps = program.try_into()?;
+            p.load().with_context(what)?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
+            p.take_link(id)?.try_into()?
+        }
+        FollowHook::Udp4 | FollowHook::Udp6 => {
+            let p: &mut CgroupSock = program.try_into()?;
+            p.load().with_context(what)?;
+            let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
+            p.take_link(id)?.try_into()?
+        }
+    };
+    let id = link.info()?.id();
+    link.pin(link_pin).with_context(|| format!("pinning the link at {}", link_pin.display()))?;
+    Ok(id)
+}
+
+/// The iterator kinds a backfill pass walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backfill {
+    Tcp,
+    Udp,
+}
+
+impl Backfill {
+    pub const ALL: [Backfill; 2] = [Backfill::Tcp, Backfill::Udp];
+
+    pub fn pin_name(self) -> &'static str {
+        match self {
+            Backfill::Tcp => "backfill_tcp",
+            Backfill::Udp => "backfill_udp",
+        }
+    }
+}
+
+/// Loads the backfill iterator for `kind` and pins its link at `link_pin`.
+pub fn pin_backfill(pin: impl Fn(&str) -> std::path::PathBuf, kind: Backfill, link_pin: &Path) -> Result<()> {
+    use aya::programs::Iter;
+    if let Some(why) = follow_unsupported() {
+        fail!(Kernel, "{why}");
+    }
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| Error::Kernel(format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}")))?;
+    let mut ebpf = load_follow_object(&pin, 0, 0)?;
+    let (name, target) = match kind {
+        Backfill::Tcp => (names::BACKFILL_TCP_PROGRAM, "tcp"),
+        Backfill::Udp => (names::BACKFILL_UDP_PROGRAM, "udp"),
+    };
+    let p: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Pin(format!("the dispatcher object has no {name} program")))?
+        .try_into()?;
+    p.load(target, &btf).with_context(|| format!("loading {name} into the kernel"))?;
+    let id = p.attach()?;
+    let link: FdLink = p.take_link(id)?.try_into()?;
+    link.pin(link_pin).with_context(|| format!("pinning the link at {}", link_pin.display()))?;
+    Ok(())
+}
+
+/// Runs the iterator pinned at `link_pin` once, over the sockets of the
+/// calling thread's network namespace.
+pub fn run_iterator(link_pin: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = File::open(link_pin).with_context(|| format!("opening iterator {}", link_pin.display()))?;
+    let mut sink = Vec::new();
+    file.read_to_end(&mut sink).with_context(|| format!("running iterator {}", link_pin.display()))?;
+    Ok(())
 }

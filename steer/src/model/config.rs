@@ -67,6 +67,16 @@ pub struct Wanted {
     /// Take the socket only from processes of this name (/proc/PID/comm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<String>,
+    /// Follow the server in the kernel (Linux 5.15): its sockets go in at
+    /// listen(). Unset: followed where the kernel can, unless `pid_file`
+    /// or `process` ask for sockets taken from processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<bool>,
+    /// Only sockets made in this cgroup v2 (or below it) may take the
+    /// label: its path under the cgroup2 mount, such as
+    /// `system.slice/nginx.service`. Followed registrations only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 impl Wanted {
@@ -77,6 +87,36 @@ impl Wanted {
     /// The registration options it asks for.
     pub fn options(&self) -> RegisterOptions {
         RegisterOptions { no_reuseport: self.no_reuseport }
+    }
+
+    /// Whether the kernel follows it, given why the kernel cannot (if it
+    /// cannot). Fails when it asks to be followed where that is impossible.
+    pub fn followed(&self, unsupported: Option<&str>) -> Result<bool> {
+        let filtered = self.pid_file.is_some() || self.process.is_some();
+        match (self.follow, unsupported) {
+            (Some(false), _) => Ok(false),
+            (Some(true), Some(why)) => {
+                fail!(Kernel, "registration {} {} asks to be followed, but {why}", self.label, self.target())
+            }
+            (None, Some(why)) if self.cgroup.is_some() => fail!(
+                Kernel,
+                "registration {} {} names a cgroup, which only followed registrations take, but {why}",
+                self.label,
+                self.target()
+            ),
+            (None, Some(_)) => Ok(false),
+            (_, None) => Ok(self.follow == Some(true) || !filtered),
+        }
+    }
+
+    /// It, as the kernel follows it.
+    pub fn as_follow(&self) -> super::follow::Follow {
+        super::follow::Follow {
+            label: self.label.clone(),
+            target: self.target(),
+            cgroup: self.cgroup.clone().unwrap_or_default(),
+            no_reuseport: self.no_reuseport,
+        }
     }
 }
 
@@ -121,6 +161,26 @@ impl Config {
             }
             if w.process.as_deref().is_some_and(str::is_empty) {
                 fail!(Invalid, "registration {} {}: process is empty", w.label, w.target());
+            }
+            if w.follow == Some(true) && (w.pid_file.is_some() || w.process.is_some()) {
+                fail!(
+                    Invalid,
+                    "registration {} {}: pid_file and process pick the process a socket is taken from; a followed \
+                     registration takes sockets in the kernel, scoped by cgroup instead",
+                    w.label,
+                    w.target()
+                );
+            }
+            if w.cgroup.is_some() && w.follow == Some(false) {
+                fail!(
+                    Invalid,
+                    "registration {} {}: cgroup scopes followed registrations, and this one has follow: false",
+                    w.label,
+                    w.target()
+                );
+            }
+            if w.cgroup.as_deref().is_some_and(|c| c.contains("..")) {
+                fail!(Invalid, "registration {} {}: cgroup must not contain `..`", w.label, w.target());
             }
             let family = if w.address.to_canonical().is_ipv4() { Family::Ipv4 } else { Family::Ipv6 };
             if !slots.insert((w.label.as_str(), w.protocol, family)) {

@@ -7,6 +7,7 @@
 pub mod binding;
 pub mod compile;
 pub mod config;
+pub mod follow;
 pub mod label;
 pub mod net;
 pub mod prefix;

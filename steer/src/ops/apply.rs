@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use steer_common::BindingKey;
 
-use super::register::{self, Choice};
+use super::{
+    follow::{self, Followed},
+    register::{self, Choice},
+};
 use crate::{
     discovery::{Member, OwnerFilter, groups::groups, owners::read_pid_file},
     error::{Context, Result, fail},
@@ -16,6 +19,7 @@ use crate::{
         Binding, BindingsFile, Family, SocketInfo,
         binding::unserved,
         config::{Config, Wanted},
+        follow::Follow,
     },
     state::{Dispatcher, Read, ReadWrite},
 };
@@ -44,7 +48,7 @@ impl Step {
         match &self.choice {
             Choice::Keep { family, cookie, .. } => Some((*family, *cookie)),
             Choice::Register { member, .. } => Some((member.family, member.cookie)),
-            Choice::Wait { .. } => None,
+            Choice::Wait { .. } | Choice::Follow { .. } => None,
         }
     }
 
@@ -67,6 +71,15 @@ impl Step {
                 )
             }
             Choice::Wait { reason, .. } => format!("{head}: waiting: {reason}"),
+            Choice::Follow { cgroup, held } => {
+                let scope = if cgroup.is_empty() { "any cgroup".to_string() } else { format!("cgroup {cgroup}") };
+                let held = match held.len() {
+                    0 => "nothing listens there yet".to_string(),
+                    1 => format!("holds cookie {}", held[0]),
+                    n => format!("holds {n} sockets"),
+                };
+                format!("{head}: followed in the kernel (sockets of {scope}); {held}")
+            }
         }
     }
 }
@@ -84,6 +97,14 @@ fn group_note(group: usize, no_reuseport: bool) -> String {
 pub struct Plan {
     pub bindings: BindingsChange,
     pub registrations: Vec<Step>,
+    /// The registrations the kernel is to follow: all of them, replacing
+    /// the ones it follows now.
+    pub follows: Vec<Follow>,
+    /// Whether that differs from what it follows now.
+    pub follows_change: bool,
+    /// Why the kernel follows none here, if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follow_unsupported: Option<String>,
 }
 
 impl Plan {
@@ -91,6 +112,7 @@ impl Plan {
     pub fn changes(&self) -> bool {
         !self.bindings.added.is_empty()
             || !self.bindings.removed.is_empty()
+            || self.follows_change
             || self.registrations.iter().any(|s| matches!(s.choice, Choice::Register { .. }))
     }
 
@@ -100,6 +122,13 @@ impl Plan {
         out.extend(self.bindings.added.iter().map(|b| format!("{add} {b}")));
         out.extend(self.bindings.removed.iter().map(|b| format!("{remove} {b}")));
         out.extend(self.registrations.iter().map(|s| s.describe(dry_run)));
+        if let Some(why) = &self.follow_unsupported {
+            if !self.registrations.is_empty() {
+                out.push(format!(
+                    "not followed in the kernel: {why}; keep `steerctl watch` running to re-register restarted servers"
+                ));
+            }
+        }
         if !self.changes() {
             out.push("no changes".into());
         }
@@ -128,15 +157,34 @@ pub fn plan<A: Read>(state: &Dispatcher<A>, config: &Config) -> Result<Plan> {
     };
     // The bindings the registrations must fit: the config's, or the recorded.
     let effective: &[Binding] = config.bindings.as_deref().unwrap_or(&recorded);
+    let unsupported = follow::unsupported();
     let mut steps = Vec::new();
+    let mut follows = Vec::new();
     for w in &config.registrations {
+        if w.followed(unsupported.as_deref())? {
+            let held = (Family::ALL.iter())
+                .map(|f| state.slot_members(&w.label, *f, w.protocol))
+                .collect::<Result<Vec<_>>>()?
+                .concat();
+            follows.push(w.as_follow());
+            steps.push(Step {
+                wanted: w.clone(),
+                choice: Choice::Follow { cgroup: w.cgroup.clone().unwrap_or_default(), held },
+            });
+            continue;
+        }
         let choice = plan_one(state, w)?;
         if let Choice::Register { member, .. } = &choice {
             check_fits(w, member, effective)?;
         }
         steps.push(Step { wanted: w.clone(), choice });
     }
-    Ok(Plan { bindings, registrations: steps })
+    follows.sort();
+    let follows_change = match &unsupported {
+        Some(_) => false,
+        None => follow::list(state)? != follows,
+    };
+    Ok(Plan { bindings, registrations: steps, follows, follows_change, follow_unsupported: unsupported })
 }
 
 fn plan_one<A: Read>(state: &Dispatcher<A>, w: &Wanted) -> Result<Choice> {
@@ -199,6 +247,8 @@ fn check_fits(w: &Wanted, member: &Member, bindings: &[Binding]) -> Result<()> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Applied {
     pub plan: Plan,
+    /// Sockets listening already that went into followed registrations' slots.
+    pub followed: Followed,
     /// Registrations that failed while applying (the socket closed
     /// meanwhile...), with the error; the others were applied.
     pub failed: Vec<(String, String)>,
@@ -208,10 +258,31 @@ pub struct Applied {
 /// (one atomic switch), then each registration.
 pub fn apply(state: &Dispatcher<ReadWrite>, config: &Config) -> Result<Applied> {
     let plan = plan(state, config)?;
+    // Sockets to take from processes: the rights are checked before the
+    // bindings change, so a refusal changes nothing.
+    if plan.registrations.iter().any(|s| matches!(s.choice, Choice::Register { .. })) {
+        crate::kernel::caps::require_fd_taking()?;
+    }
     if plan.bindings.managed && (!plan.bindings.added.is_empty() || !plan.bindings.removed.is_empty()) {
         let file = BindingsFile { bindings: config.bindings.clone().unwrap_or_default() };
         super::bindings::load_bindings(state, &file).context("replacing the bindings")?;
     }
+    let mut plan = plan;
+    let followed = if plan.follow_unsupported.is_none() {
+        let done = follow::set(state, &plan.follows).context("following the registrations in the kernel")?;
+        for step in &mut plan.registrations {
+            if let Choice::Follow { held, .. } = &mut step.choice {
+                let w = &step.wanted;
+                *held = (Family::ALL.iter())
+                    .map(|f| state.slot_members(&w.label, *f, w.protocol))
+                    .collect::<Result<Vec<_>>>()?
+                    .concat();
+            }
+        }
+        done
+    } else {
+        Followed::default()
+    };
     let mut failed = Vec::new();
     for step in &plan.registrations {
         if let Choice::Register { member, owner, group, .. } = &step.choice {
@@ -221,5 +292,5 @@ pub fn apply(state: &Dispatcher<ReadWrite>, config: &Config) -> Result<Applied> 
             }
         }
     }
-    Ok(Applied { plan, failed })
+    Ok(Applied { plan, followed, failed })
 }

@@ -51,9 +51,14 @@ fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
     Ok(())
 }
 
-/// Label ids that hold a socket.
+/// Label ids that hold a socket, or that the kernel follows servers for.
 fn with_sockets(state: &Dispatcher<ReadWrite>, ids: impl IntoIterator<Item = u32>) -> Result<BTreeSet<u32>> {
-    Ok(state.maps()?.slots.held(ids)?.into_iter().map(|(slot, _)| slot.label).collect())
+    let maps = state.maps()?;
+    let mut held: BTreeSet<u32> = maps.slots.held(ids)?.into_iter().map(|(slot, _, _)| slot.label).collect();
+    for value in maps.follows.all()?.values() {
+        held.extend(value.entries.iter().map(|e| e.label).filter(|l| *l != steer_common::FollowEntry::NONE));
+    }
+    Ok(held)
 }
 
 /// Forgets labels that have no socket and that `keep` does not keep.
@@ -89,7 +94,7 @@ pub(crate) fn collect_labels(state: &Dispatcher<ReadWrite>) -> Result<()> {
 fn check_sockets_serve(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
     let maps = state.maps()?;
     let Some(id) = maps.labels.id(&b.label)? else { return Ok(()) };
-    let cookies: Vec<u64> = maps.slots.held([id])?.into_iter().map(|(_, cookie)| cookie).collect();
+    let cookies: Vec<u64> = maps.slots.held([id])?.into_iter().map(|(_, _, cookie)| cookie).collect();
     if cookies.is_empty() {
         return Ok(());
     }

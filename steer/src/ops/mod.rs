@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod bindings;
 pub mod explain;
+pub mod follow;
 pub mod lifecycle;
 pub mod metrics;
 pub mod register;

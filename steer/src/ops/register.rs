@@ -259,6 +259,9 @@ pub enum Choice {
         #[serde(skip)]
         listening: bool,
     },
+    /// The kernel follows it: sockets go in at listen() (TCP) or when
+    /// `watch` sees the bind (UDP). `held` are the ones its slots hold.
+    Follow { cgroup: String, held: Vec<u64> },
 }
 
 /// Picks the member of `groups` (the first group with a member the filter
@@ -326,6 +329,7 @@ fn register_address(
         Choice::Register { member, owner, group, .. } => {
             take_and_register(state, label, &member, &owner, group, options)
         }
+        Choice::Follow { .. } => unreachable!("choose() never follows"),
         Choice::Wait { reason, .. } => match filter.pid {
             Some(pid) if filter.process.is_none() => {
                 fail!(Invalid, "process {pid} has no listening/bound {target} socket ({reason})")
@@ -388,20 +392,24 @@ pub fn unregister(
     family: Option<Family>,
 ) -> Result<usize> {
     let maps = state.maps()?;
+    let unfollowed = super::follow::remove(state, label, protocol, family)?;
     let Some(id) = maps.labels.id(label)? else { fail!(Conflict, "no label {label}") };
     let wanted = |slot: &Slot| protocol.is_none_or(|p| slot.protocol == p) && family.is_none_or(|f| slot.family == f);
-    let slots: Vec<Slot> = maps.slots.held([id])?.into_iter().map(|(slot, _)| slot).filter(wanted).collect();
-    if slots.is_empty() {
+    let mut slots: Vec<Slot> = maps.slots.held([id])?.into_iter().map(|(slot, _, _)| slot).filter(wanted).collect();
+    slots.dedup();
+    if slots.is_empty() && unfollowed == 0 {
         let which: Vec<String> =
             [protocol.map(|p| p.to_string()), family.map(|f| f.to_string())].into_iter().flatten().collect();
         let which = if which.is_empty() { String::new() } else { format!(" {}", which.join(" ")) };
         fail!(Conflict, "label {label} has no registered{which} socket");
     }
+    let mut removed = 0;
     for slot in &slots {
+        removed += maps.slots.members(*slot)?.len();
         maps.slots.clear(*slot)?;
     }
     collect_labels(state)?;
-    Ok(slots.len())
+    Ok(removed)
 }
 
 /// A registered socket with what is known of it: its address, holders

@@ -1,32 +1,43 @@
 //! `steerctl watch FILE`: keeps a config applied while servers come and go.
 //!
-//! Every `interval` (10 ms by default) the loop reads each registration's
-//! socket slot, a few map lookups and no lock held past them. The kernel
-//! empties a slot the moment its socket closes (a server restart, a
-//! reuseport member's exit), so a slot that no longer holds what the last
-//! pass registered is seen within one interval; from then on each pass
-//! looks for a replacement with a sock_diag dump filtered to listening
-//! sockets (cheap even on a busy host: established connections are not
-//! dumped) and registers it as soon as one listens. A full pass (owner
-//! filters, pid files) also runs every `full_every`. The file is re-read
-//! when it changes (its mtime, size or inode) or on [`Event::Reload`]
-//! (SIGHUP); the bindings are applied when the file is (re)loaded and when
-//! the state is loaded anew, the registrations continuously. A failure is
-//! logged once and retried every `full_every`. The state lock is held only
-//! while a pass plans or applies, never while sleeping.
+//! It waits on events, not on a timer: the file's directory (inotify: a
+//! write, an editor's rename over it, a Kubernetes ConfigMap's `..data`
+//! swap), the state's directory (loaded anew, unloaded), the follow
+//! programs' ring buffer (a followed UDP socket was bound: it is inserted
+//! with a backfill pass) and the caller's wake-up fd (signals). Followed
+//! registrations need nothing more: the kernel puts TCP listeners in their
+//! slots inside listen(). Registrations the kernel does not follow
+//! (`follow: false`, owner filters, a kernel before 5.15) are polled as
+//! before: every `interval` the loop reads their slots, and a slot that
+//! lost its socket gets a replacement with a sock_diag dump as soon as one
+//! listens; a full pass (owner filters, pid files) runs every
+//! `full_every`. With nothing to poll, the loop sleeps until an event.
+//! The bindings are applied when the file is (re)loaded and when the
+//! state is loaded anew. A failure is logged once and retried every
+//! `full_every`. The state lock is held only while a pass plans or
+//! applies, never while waiting.
 
 use std::{
-    os::unix::fs::MetadataExt,
-    path::Path,
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
     time::{Duration, Instant},
+};
+
+use aya::maps::{Map, MapData, RingBuf};
+use nix::sys::{
+    epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
+    inotify::{AddWatchFlags, InitFlags, Inotify},
 };
 
 use log::{error, info, warn};
 
-use super::{apply, register::Choice};
+use super::{apply, follow, register::Choice};
 use crate::{
     discovery::diag,
-    error::Result,
+    error::{Context, Result},
     model::{Family, Protocol, Target, config::Config},
     state::{Dispatcher, Layout},
 };
@@ -52,9 +63,120 @@ impl Default for Options {
     }
 }
 
-/// (mtime ns, size, inode): changes when the file is written or replaced.
-fn stamp(path: &Path) -> Option<(i64, i64, u64, u64)> {
-    std::fs::metadata(path).ok().map(|m| (m.mtime(), m.mtime_nsec(), m.size(), m.ino()))
+/// The file's content: what a reload compares (a ConfigMap update makes a
+/// new file behind the same path; a touch changes nothing).
+fn content(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
+}
+
+/// What woke the loop.
+#[derive(Debug, Default)]
+struct Woke {
+    /// Something changed in the config file's directory.
+    config: bool,
+    /// Something changed in the state's parent directory.
+    state: bool,
+    /// Followed UDP binds the programs reported.
+    binds: usize,
+}
+
+const WAKE: u64 = 0;
+const INOTIFY: u64 = 1;
+const RING: u64 = 2;
+
+/// The loop's event sources: the caller's wake-up fd, inotify on the
+/// config's and the state's directories, and the follow ring buffer.
+struct Events<'a> {
+    wake: BorrowedFd<'a>,
+    epoll: Epoll,
+    inotify: Inotify,
+    config_dir: Option<nix::sys::inotify::WatchDescriptor>,
+    ring: Option<RingBuf<MapData>>,
+    ring_pin: PathBuf,
+}
+
+impl<'a> Events<'a> {
+    fn new(layout: &Layout, file: &Path, wake: BorrowedFd<'a>) -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).context("inotify_init")?;
+        let changes = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_ATTRIB;
+        let dir = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let config_dir = Some(
+            inotify
+                .add_watch(&dir(file), changes)
+                .with_context(|| format!("watching {} for changes", dir(file).display()))?,
+        );
+        // The state's parent may not exist yet (never loaded): then the
+        // state is looked for on the full pass's cadence.
+        let _ = inotify.add_watch(&dir(&layout.dir), changes);
+        epoll.add(wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKE)).context("epoll_ctl")?;
+        epoll.add(&inotify, EpollEvent::new(EpollFlags::EPOLLIN, INOTIFY)).context("epoll_ctl")?;
+        let ring_pin = layout.map(steer_common::map::FOLLOW_EVENTS);
+        let mut events = Self { wake, epoll, inotify, config_dir, ring: None, ring_pin };
+        events.reopen_ring();
+        Ok(events)
+    }
+
+    /// Opens the state's ring buffer (again: after a load, it is another map).
+    fn reopen_ring(&mut self) {
+        if let Some(old) = self.ring.take() {
+            let _ = self.epoll.delete(old.as_fd());
+        }
+        let ring = MapData::from_pin(&self.ring_pin).ok().and_then(|data| RingBuf::try_from(Map::RingBuf(data)).ok());
+        if let Some(ring) = ring {
+            if self.epoll.add(ring.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, RING)).is_ok() {
+                self.ring = Some(ring);
+            }
+        }
+    }
+
+    /// Waits for an event, or `timeout`; says what happened.
+    fn wait(&mut self, timeout: Option<Duration>) -> Result<Woke> {
+        let mut ready = [EpollEvent::empty(); 4];
+        let timeout = match timeout {
+            None => EpollTimeout::NONE,
+            Some(t) => EpollTimeout::try_from(t.max(Duration::from_millis(1))).unwrap_or(EpollTimeout::MAX),
+        };
+        let n = match self.epoll.wait(&mut ready, timeout) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => 0,
+            Err(e) => return Err(e).context("epoll_wait"),
+        };
+        let mut woke = Woke::default();
+        for event in &ready[..n] {
+            match event.data() {
+                WAKE => {
+                    // Drained, or it stays readable (the caller made it non-blocking).
+                    let mut buf = [0u8; 64];
+                    while nix::unistd::read(self.wake, &mut buf).is_ok_and(|n| n > 0) {}
+                }
+                INOTIFY => {
+                    for e in self.inotify.read_events().unwrap_or_default() {
+                        if Some(e.wd) == self.config_dir {
+                            woke.config = true;
+                        } else {
+                            woke.state = true;
+                        }
+                    }
+                }
+                RING => {
+                    if let Some(ring) = &mut self.ring {
+                        // Bounded by the ring's size.
+                        while ring.next().is_some() {
+                            woke.binds += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(woke)
+    }
 }
 
 /// What each registration's slot should hold after the last pass.
@@ -69,6 +191,8 @@ enum Slot {
     /// Waiting for a socket: looked for again every interval (one
     /// sock_diag dump when nothing listens).
     Waiting,
+    /// The kernel follows it: nothing to look at.
+    Followed,
     /// Waiting while the sockets `listeners` (cookies) listen at `target`
     /// but none can be taken: no accepted process holds one, or taking it
     /// failed alike twice. Looking again scans /proc, so that waits for the
@@ -142,17 +266,25 @@ impl Failures {
     }
 }
 
-/// Runs until `poll` returns [`Event::Stop`]. Fails only when the file
-/// cannot be loaded at start; later failures are logged and retried.
-pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut() -> Option<Event>) -> Result<()> {
+/// Runs until `poll` returns [`Event::Stop`]; `wake` becomes readable
+/// when it may have something to say (the caller's signal handler writes
+/// to it). Fails only when the file cannot be loaded at start; later
+/// failures are logged and retried.
+pub fn run(
+    layout: &Layout,
+    file: &Path,
+    options: &Options,
+    wake: BorrowedFd<'_>,
+    mut poll: impl FnMut() -> Option<Event>,
+) -> Result<()> {
     let mut config = Config::load(file)?;
-    let mut seen = stamp(file);
+    let mut seen = content(file);
+    let mut events = Events::new(layout, file, wake)?;
     info!(
-        "watching {} ({} registrations, bindings {}), checking every {:?}",
+        "watching {} ({} registrations, bindings {})",
         file.display(),
         config.registrations.len(),
         if config.bindings.is_some() { "managed" } else { "left alone" },
-        options.interval
     );
     let mut failures = Failures::default();
     let mut missing_since: Vec<Option<Instant>> = vec![None; config.registrations.len()];
@@ -163,7 +295,21 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
     let (mut expected, applied) = pass(layout, &config, true, &mut missing_since, &mut failures);
     let mut bindings_pending = !applied;
     let mut last_full = Instant::now();
+    let mut polled = !expected.iter().all(|s| *s == Slot::Followed);
+    if polled {
+        info!("some registrations are not followed in the kernel: checking them every {:?}", options.interval);
+    }
     loop {
+        // Only what the kernel does not follow, a failure to retry, or
+        // bindings waiting for a state need a timer.
+        let timeout = if failures.failing() || (bindings_pending && state.is_some()) {
+            Some(options.full_every.saturating_sub(last_full.elapsed()))
+        } else if polled {
+            Some(options.interval)
+        } else {
+            None
+        };
+        let woke = events.wait(timeout)?;
         let mut reload = false;
         match poll() {
             Some(Event::Stop) => {
@@ -176,10 +322,18 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
             }
             None => {}
         }
-        let now_stamp = stamp(file);
-        if now_stamp != seen {
-            seen = now_stamp;
-            reload = true;
+        if woke.config || reload {
+            let now = content(file);
+            if now != seen {
+                seen = now;
+                reload = true;
+            }
+        }
+        if woke.state {
+            events.reopen_ring();
+        }
+        if woke.binds > 0 {
+            udp_binds(layout, &config, woke.binds, &mut failures);
         }
         if reload {
             match Config::load(file) {
@@ -191,10 +345,16 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
                     (expected, applied) = pass(layout, &config, true, &mut missing_since, &mut failures);
                     bindings_pending = !applied;
                     last_full = Instant::now();
+                    polled = !expected.iter().all(|s| *s == Slot::Followed);
                 }
                 Err(e) => error!("keeping the previous config: {}", e.chain()),
             }
-        } else {
+        } else if polled
+            || woke.state
+            || failures.failing()
+            || bindings_pending
+            || last_full.elapsed() >= options.full_every
+        {
             let now_state = state_inode(layout);
             if now_state != state {
                 state = now_state;
@@ -222,9 +382,38 @@ pub fn run(layout: &Layout, file: &Path, options: &Options, mut poll: impl FnMut
                 if due {
                     last_full = Instant::now();
                 }
+                if applied && woke.state {
+                    // A state loaded anew has an empty ring buffer of its own.
+                    events.reopen_ring();
+                }
             }
         }
-        std::thread::sleep(options.interval);
+    }
+}
+
+/// Followed UDP binds were reported: inserts the sockets now bound for
+/// the config's followed UDP registrations.
+fn udp_binds(layout: &Layout, config: &Config, count: usize, failures: &mut Failures) {
+    let unsupported = follow::unsupported();
+    let udp: Vec<_> = config
+        .registrations
+        .iter()
+        .filter(|w| w.protocol == Protocol::Udp && w.followed(unsupported.as_deref()).unwrap_or(false))
+        .map(|w| w.as_follow())
+        .collect();
+    if udp.is_empty() {
+        return;
+    }
+    match Dispatcher::open_write(layout).and_then(|state| follow::backfill(&state, &udp)) {
+        Ok(done) => {
+            if done.backfilled > 0 {
+                info!("{count} followed UDP bind(s): {} socket(s) inserted", done.backfilled);
+            }
+            if done.full > 0 {
+                warn!("{} UDP socket(s) found their slot full ({} members)", done.full, steer_common::SLOT_MEMBERS);
+            }
+        }
+        Err(e) => failures.failed("inserting followed UDP sockets", &e),
     }
 }
 
@@ -242,6 +431,7 @@ fn check(layout: &Layout, expected: &[Slot], missing_since: &mut [Option<Instant
     let mut waiting: Option<bool> = None;
     for (i, slot) in expected.iter().enumerate() {
         match slot {
+            Slot::Followed => {}
             Slot::Waiting => waiting = Some(false),
             Slot::Blocked { target, listeners: then } => {
                 let unchanged = listeners(target).is_ok_and(|now| now == *then);
@@ -354,6 +544,7 @@ fn pass(
                 );
             }
             match (step.outcome(), &step.choice) {
+                (_, Choice::Follow { .. }) => Slot::Followed,
                 (Some((family, cookie)), _) => {
                     Slot::Held { label: w.label.clone(), family, protocol: w.protocol, cookie }
                 }

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use steer_common::{MAPS, map, names};
+use steer_common::{MAPS, MAX_SCOPES, map, names};
+
+use crate::kernel::program::{Backfill, FollowHook};
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
@@ -43,9 +45,30 @@ impl Layout {
     pub fn link(&self) -> PathBuf {
         self.dir.join(names::LINK)
     }
-    /// Every pin steerctl makes, the link first so it goes before the rest.
+    /// The pinned link of a follow program of scope `scope`.
+    pub fn follow_link(&self, hook: FollowHook, scope: u16) -> PathBuf {
+        self.dir.join(hook.pin_name(scope))
+    }
+
+    /// The pinned iterator a backfill pass of `kind` reads.
+    pub fn backfill_link(&self, kind: Backfill) -> PathBuf {
+        self.dir.join(kind.pin_name())
+    }
+
+    /// Every follow and backfill link a state can have.
+    pub fn follow_links(&self) -> Vec<PathBuf> {
+        let mut pins: Vec<PathBuf> = (0..MAX_SCOPES as u16)
+            .flat_map(|scope| FollowHook::ALL.map(|hook| self.follow_link(hook, scope)))
+            .collect();
+        pins.extend(Backfill::ALL.map(|kind| self.backfill_link(kind)));
+        pins
+    }
+
+    /// Every pin steerctl makes, the links first so they go before the rest.
     pub fn pins(&self) -> Vec<PathBuf> {
-        let mut pins = vec![self.link(), self.program()];
+        let mut pins = vec![self.link()];
+        pins.extend(self.follow_links());
+        pins.push(self.program());
         pins.extend(MAPS.iter().map(|m| self.map(m.name)));
         pins
     }

@@ -7,10 +7,12 @@
 //! The maps are grouped by concern, each in its own module: the record of
 //! bindings and its version protocol ([`record`]), label ids ([`labels`]),
 //! socket slots ([`slots`]), counters ([`counters`]), the published
-//! generation ([`plane`]), the seed's port list and socket ([`seed`]), and
-//! the state's identity ([`identity`]).
+//! generation ([`plane`]), the seed's port list and socket ([`seed`]), the
+//! servers the kernel follows ([`follows`]), and the state's identity
+//! ([`identity`]).
 
 pub mod counters;
+pub mod follows;
 pub mod identity;
 pub mod labels;
 pub mod layout;
@@ -92,6 +94,7 @@ pub(crate) struct Maps {
     pub slots: slots::Slots,
     pub counters: counters::Counters,
     pub seed: seed::Seed,
+    pub follows: follows::Follows,
 }
 
 impl Maps {
@@ -103,6 +106,7 @@ impl Maps {
             slots: slots::Slots::open(layout)?,
             counters: counters::Counters::open(layout)?,
             seed: seed::Seed::open(layout)?,
+            follows: follows::Follows::open(layout)?,
         })
     }
 }
@@ -165,6 +169,9 @@ impl<A: Access> Dispatcher<A> {
         caps::require_bpf()?;
         bpffs::require_dir(&layout.dir)?;
         let dir = bpffs::open_checked_bpffs(&layout.dir, layout.owned)?;
+        if A::MODE == LockMode::Exclusive {
+            bpffs::require_writable(&dir, &layout.dir)?;
+        }
         let inode = nix::sys::stat::fstat(&dir).map_err(std::io::Error::from)?.st_ino;
         let lock = StateLock::acquire(dir, &layout.dir, A::MODE)?;
         // An unload may have removed the directory while this waited, or a
@@ -277,6 +284,21 @@ impl<A: Read> Dispatcher<A> {
         match maps.labels.id(label)? {
             Some(id) => maps.slots.cookie(crate::model::slot::Slot::new(id, family, protocol)),
             None => Ok(None),
+        }
+    }
+
+    /// The cookies of every socket `label`'s slot for (`family`,
+    /// `protocol`) holds, in the order lookups try them.
+    pub fn slot_members(&self, label: &str, family: Family, protocol: Protocol) -> Result<Vec<u64>> {
+        let maps = self.maps()?;
+        match maps.labels.id(label)? {
+            Some(id) => Ok(maps
+                .slots
+                .members(crate::model::slot::Slot::new(id, family, protocol))?
+                .into_iter()
+                .map(|(_, cookie)| cookie)
+                .collect()),
+            None => Ok(Vec::new()),
         }
     }
 
