@@ -46,8 +46,10 @@ pub enum Error {
     Errno(#[from] nix::Error),
     #[error(transparent)]
     Map(#[from] aya::maps::MapError),
+    /// Made by the `From` impl below, which turns a verifier refusal for want
+    /// of CAP_PERFMON into Permission.
     #[error(transparent)]
-    Program(#[from] aya::programs::ProgramError),
+    Program(aya::programs::ProgramError),
     #[error(transparent)]
     Link(#[from] aya::programs::links::LinkError),
     #[error(transparent)]
@@ -84,6 +86,19 @@ impl Error {
             Error::Io(e) => e.raw_os_error(),
             Error::Errno(e) => Some(*e as i32),
             _ => None,
+        }
+    }
+}
+
+/// The verifier refusing the program for want of CAP_PERFMON says so.
+impl From<aya::programs::ProgramError> for Error {
+    fn from(e: aya::programs::ProgramError) -> Self {
+        use aya::programs::ProgramError;
+        match &e {
+            ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EACCES) => {
+                crate::preflight::verifier_refusal_hint().map_or(Error::Program(e), Error::Permission)
+            }
+            _ => Error::Program(e),
         }
     }
 }
