@@ -196,8 +196,21 @@ pub fn make_private_dir(parent: &OwnedFd, name: &OsStr) -> Result<bool> {
     match rustix::fs::mkdirat(parent, name, Mode::RWXU) {
         Ok(()) => Ok(true),
         Err(Errno::EXIST) => Ok(false),
+        Err(Errno::ROFS) => {
+            let at = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(parent)))
+                .map_or_else(|_| PathBuf::from(name), |dir| dir.join(name));
+            Err(Error::Permission(format!("cannot make {}: {}", at.display(), read_only_hint())))
+        }
         Err(e) => Err(std::io::Error::from(e).into()),
     }
+}
+
+/// Why a write to bpffs failed with EROFS, and the fix: containers are
+/// where a read-only bpffs (or /sys) is met.
+pub(crate) fn read_only_hint() -> &'static str {
+    "the bpf filesystem is mounted read-only here (EROFS), and steer pins its state there; mount it read-write. In a \
+     container: no `:ro` on `-v /sys/fs/bpf:/sys/fs/bpf` (podman, docker), no `readOnly: true` on its volumeMount \
+     (Kubernetes); an unprivileged container's /sys is read-only, so bpffs must be a volume of its own on /sys/fs/bpf"
 }
 
 #[cfg(test)]

@@ -20,7 +20,12 @@ pub enum Error {
     NotLoaded { dir: PathBuf },
     #[error("already loaded: {} exists; run `steerctl --pin-dir {} unload` first", pin.display(), dir.display())]
     AlreadyLoaded { pin: PathBuf, dir: PathBuf },
-    #[error("{} is not on a bpf filesystem; mount it with `mount -t bpf bpf {}`", path.display(), mount_point.display())]
+    #[error(
+        "{} is not on a bpf filesystem; mount it with `mount -t bpf bpf {mp}`; in a container, give it the host's: \
+         `-v {mp}:{mp}` (podman, docker) or a hostPath volume for {mp} (Kubernetes)",
+        path.display(),
+        mp = mount_point.display()
+    )]
     NotBpffs { path: PathBuf, mount_point: PathBuf },
     /// A pin that is missing, or not the object steer expects there.
     #[error("{0}")]
@@ -53,7 +58,7 @@ pub enum Error {
     #[error(transparent)]
     Link(#[from] aya::programs::links::LinkError),
     #[error(transparent)]
-    PinObject(#[from] aya::pin::PinError),
+    PinObject(aya::pin::PinError),
     #[error(transparent)]
     Ebpf(#[from] aya::EbpfError),
     #[error(transparent)]
@@ -103,6 +108,18 @@ impl From<aya::programs::ProgramError> for Error {
     }
 }
 
+/// A pin refused for a read-only mount says which mount and what to do.
+impl From<aya::pin::PinError> for Error {
+    fn from(e: aya::pin::PinError) -> Self {
+        match &e {
+            aya::pin::PinError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::EROFS) => {
+                Error::Permission(format!("{e}: {}", crate::bpffs::read_only_hint()))
+            }
+            _ => Error::PinObject(e),
+        }
+    }
+}
+
 /// Adds a line of context to an error, like anyhow's `Context`.
 pub trait Context<T> {
     fn context<C: fmt::Display>(self, context: C) -> Result<T>;
@@ -138,5 +155,29 @@ mod tests {
         assert_eq!(err.to_string(), "loading");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
         assert!(err.chain().starts_with("loading: opening x: "), "{}", err.chain());
+    }
+
+    #[test]
+    fn bpffs_errors_say_what_a_container_lacks() {
+        let err = Error::NotBpffs { path: "/sys/fs/bpf".into(), mount_point: "/sys/fs/bpf".into() };
+        let text = err.to_string();
+        assert!(
+            text.starts_with("/sys/fs/bpf is not on a bpf filesystem; mount it with `mount -t bpf bpf /sys/fs/bpf`")
+        );
+        assert!(text.contains("`-v /sys/fs/bpf:/sys/fs/bpf` (podman, docker)") && text.contains("hostPath"), "{text}");
+
+        let pin = |errno| {
+            Error::from(aya::pin::PinError::SyscallError(aya::sys::SyscallError {
+                call: "BPF_OBJ_PIN",
+                io_error: io::Error::from_raw_os_error(errno),
+            }))
+        };
+        let read_only = pin(libc::EROFS);
+        assert!(matches!(read_only, Error::Permission(_)), "{read_only:?}");
+        let text = read_only.to_string();
+        assert!(text.starts_with("`BPF_OBJ_PIN` failed: the bpf filesystem is mounted read-only"), "{text}");
+        assert!(text.contains("no `:ro`") && text.contains("readOnly: true"), "{text}");
+        // Any other failure is aya's, unchanged.
+        assert!(matches!(pin(libc::EEXIST), Error::PinObject(_)));
     }
 }
