@@ -3,6 +3,7 @@
 # against its source, unit tests, the real-kernel tests (each in a network
 # namespace of its own), and the script checks: the quick start as root and
 # as a user, and the Debian package built, installed, tried and purged.
+# The benchmark's smoke run is a check of its own, not counted as a test.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 scripts/setup.sh --test
@@ -16,9 +17,21 @@ cargo xtask build-ebpf --check
 
 cargo build --workspace --all-targets
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+bench_log=$(mktemp)
+trap 'rm -f "$log" "$bench_log"' EXIT
 status=0
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# The benchmark's smoke run (bench/tests/smoke.rs: steer-bench --quick
+# measures every row) is a benchmark, not a test: it runs below as a check
+# of its own, outside the count. steer-bench's unit tests are counted.
+cargo test --workspace --exclude steer-bench --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+cargo test -p steer-bench --bins --no-fail-fast "$@" 2>&1 | tee -a "$log" || status=$?
+if cargo test -p steer-bench --test smoke >"$bench_log" 2>&1; then
+    bench="bench smoke: ok"
+else
+    cat "$bench_log" >&2
+    bench="bench smoke: FAILED (cargo test -p steer-bench --test smoke)"
+    status=1
+fi
 # The script checks, each counted as one test.
 checks_passed=0
 checks_failed=0
@@ -31,6 +44,7 @@ for check in scripts/quickstart-test.sh scripts/package-test.sh; do
         status=1
     fi
 done
+echo "$bench"
 # One closing line for the whole run: cargo's last line is some crate's
 # (often empty) doc-test summary.
 awk -v p="$checks_passed" -v f="$checks_failed" \

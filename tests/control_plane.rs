@@ -8,12 +8,11 @@ use std::{
     process::Command,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
-use steer_tests::{TestNs, bin, me, stderr, strace, udp_echo};
+use steer_tests::{Count, TestNs, bin, me, stderr, strace, udp_echo};
 
 fn loaded() -> TestNs {
     let ns = TestNs::new(std::thread::current().name().unwrap_or("cp"));
@@ -76,8 +75,12 @@ fn udp_echo_over_ipv4_and_ipv6() {
         let to: SocketAddr = to.parse().unwrap();
         assert_eq!(udp_echo::request(&ns, to, &format!("q {to}")).unwrap(), format!("q {to}"));
     }
-    // TCP on the same address and port is not bound.
-    assert!(ns.first_line("127.0.0.44:5353".parse().unwrap()).is_err());
+    // TCP on the same address and port is not bound: normal lookup takes
+    // it to the plain TCP listener there. (Bound, with no TCP socket for
+    // the label, it would be dropped: an error too, so is_err() could not
+    // tell the two apart.)
+    let plain = ns.named_tcp_server("127.0.0.44:5353", "plain tcp");
+    assert_eq!(ns.first_line(plain).unwrap(), "plain tcp");
     let list: serde_json::Value = serde_json::from_str(&ns.steerctl_ok(&["--json", "list"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
     assert!(list.as_array().unwrap().iter().all(|r| r["protocol"] == "udp" && r["label"] == "dns"));
@@ -242,7 +245,8 @@ fn upgrade_keeps_serving_without_refusing_a_connection() {
     ns.steerctl_ok(&["bind", "web", "tcp", "127.0.0.0/8", "80"]);
     let before = ns.status();
     let done = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    // The client counts its connections; this thread waits on the count.
+    let (ok, failed) = (Arc::new(Count::default()), Arc::new(Count::default()));
     let client = {
         let (ns, done, ok, failed) = (ns.clone(), done.clone(), ok.clone(), failed.clone());
         std::thread::spawn(move || {
@@ -253,31 +257,22 @@ fn upgrade_keeps_serving_without_refusing_a_connection() {
                         break;
                     }
                     match std::net::TcpStream::connect("127.0.0.80:80") {
-                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                        Ok(_) => ok.add(),
+                        Err(_) => failed.add(),
                     };
                 }
             })
         })
     };
-    while ok.load(Ordering::SeqCst) < 50 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ok.wait_for(50, "connections before the upgrades");
     for _ in 0..3 {
         ns.steerctl_ok(&["upgrade"]);
     }
-    let during = ok.load(Ordering::SeqCst);
-    while ok.load(Ordering::SeqCst) < during + 50 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let during = ok.get();
+    ok.wait_for(during + 50, "connections after the upgrades");
     done.store(true, Ordering::SeqCst);
     client.join().unwrap();
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "connections refused during upgrade ({} ok)",
-        ok.load(Ordering::SeqCst)
-    );
+    assert_eq!(failed.get(), 0, "connections refused during upgrade ({} ok)", ok.get());
     let after = ns.status();
     assert_ne!(after["program"]["id"], before["program"]["id"]);
     assert_eq!(after["link"]["program_id"], after["program"]["id"]);
@@ -313,23 +308,18 @@ fn metrics_count_lookups_misses_and_serve_prometheus() {
 
     let mut serve = ns.command(bin("steerctl"));
     serve.args(["--pin-dir", ns.pin_dir().to_str().unwrap(), "metrics", "--serve", "127.0.0.1:9100"]);
-    ns.spawn(serve);
-    let body = (0..100)
-        .find_map(|_| {
-            let got = ns.enter(|| -> std::io::Result<String> {
-                use std::io::{Read, Write};
-                let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
-                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")?;
-                let mut body = String::new();
-                s.read_to_string(&mut body)?;
-                Ok(body)
-            });
-            if got.is_err() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            got.ok()
+    // It says so once it listens.
+    ns.spawn_ready(serve, "serving metrics on http://127.0.0.1:9100/metrics");
+    let body = ns
+        .enter(|| -> std::io::Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9100")?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: steer\r\nConnection: close\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
         })
-        .expect("metrics server answered");
+        .expect("scraping the metrics endpoint");
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("# TYPE steer_lookups_total counter"), "{body}");
     assert!(body.contains("steer_lookups_total{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 6"), "{body}");

@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
     os::fd::{AsFd, AsRawFd, OwnedFd},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use nix::sys::socket::{
@@ -174,24 +174,16 @@ fn a_reuseport_group_is_reported_whole_with_its_owners() {
 #[test]
 fn a_child_process_socket_is_found_with_pid_fd_and_command() {
     let mut ns = ns();
-    // Not start_ncat_echo: its probe connection forks a child that shares
-    // the listening fd. Wait for the listener with sock_diag instead.
-    let mut cmd = ns.command("ncat");
-    cmd.args(["-4kle", "/bin/cat", "127.0.0.1", "7777"]);
-    let ncat = ns.spawn(cmd) as i32;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (found, held, by_cookie, (info, find_owners)) = loop {
-        let found = ns.enter(|| diag::listening(Protocol::Tcp, ip("127.0.0.1"), 7777).unwrap());
-        if let Some(first) = found.first() {
-            break ns.enter(|| {
-                let held = owners(&[first.inode]).unwrap();
-                let both = sockets_and_owners(&[first.cookie]).unwrap().remove(&first.cookie).unzip();
-                (found.clone(), held, diag::by_cookie(first.cookie).unwrap(), both)
-            });
-        }
-        assert!(Instant::now() < deadline, "ncat did not start listening on 127.0.0.1:7777");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // Returns once ncat says it listens; no connection was made, so no
+    // child of ncat shares the listening fd.
+    let ncat = ns.start_ncat_echo() as i32;
+    let (found, held, by_cookie, (info, find_owners)) = ns.enter(|| {
+        let found = diag::listening(Protocol::Tcp, ip("127.0.0.1"), 7777).unwrap();
+        let first = found.first().expect("ncat's listener is not in the dump");
+        let held = owners(&[first.inode]).unwrap();
+        let both = sockets_and_owners(&[first.cookie]).unwrap().remove(&first.cookie).unzip();
+        (found.clone(), held, diag::by_cookie(first.cookie).unwrap(), both)
+    });
     assert_eq!(found.len(), 1, "{found:#?}");
     let held = &held[&found[0].inode];
     assert_eq!(held.len(), 1, "{held:?}");

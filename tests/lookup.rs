@@ -124,7 +124,8 @@ fn nested_prefixes_at_every_length_through_real_connections() {
         );
         assert!(out.status.success(), "{}: {}", r.label, stderr(&out));
     }
-    let mut checked = 0;
+    // Every binding must answer some connection, or a length went untested.
+    let mut answered = std::collections::BTreeSet::new();
     for (target, max) in [(t4, 32), (t6, 128)] {
         for port in [4242, 80] {
             let queries = (0..max).map(|bit| flip(target, bit)).chain([target]);
@@ -132,11 +133,12 @@ fn nested_prefixes_at_every_length_through_real_connections() {
                 let want = model(&rules, addr, port).expect("the /0 covers everything");
                 let got = ns.first_line(SocketAddr::new(addr, port)).unwrap_or_else(|e| format!("error: {e}"));
                 assert_eq!(got, want, "{addr} port {port}");
-                checked += 1;
+                answered.insert(got);
             }
         }
     }
-    assert_eq!(checked, 2 * (33 + 129));
+    let unanswered: Vec<&str> = rules.iter().map(|r| r.label.as_str()).filter(|l| !answered.contains(*l)).collect();
+    assert_eq!(unanswered, Vec::<&str>::new(), "bindings no connection reached");
 }
 
 /// Addresses from a few regions, so prefixes nest often.
@@ -177,7 +179,10 @@ fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
     let program = steer::kernel::links::open_program(&layout.program()).unwrap();
     // Seeded, so a failing round reproduces.
     let mut rng = fastrand::Rng::with_seed(0x5eed_4b1d_0000_0001);
-    let mut lookups = 0;
+    // Lookups the model expects a socket for, and misses: both must be
+    // common, or the rounds test little (a program that assigned nothing
+    // would pass every miss).
+    let (mut hits, mut misses) = (0, 0);
     for round in 0..40 {
         let mut rules: Vec<Rule> = Vec::new();
         for _ in 0..rng.usize(1..=60) {
@@ -211,8 +216,12 @@ fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
                 "round {round}: {addr} port {port}: the kernel assigned another socket\n{rules:#?}"
             );
             assert_eq!(run.retval, 1, "round {round}: {addr} port {port} dropped");
-            lookups += 1;
+            if want == 0 {
+                misses += 1;
+            } else {
+                hits += 1;
+            }
         }
     }
-    assert_eq!(lookups, 40 * 250);
+    assert!(hits >= 5_000 && misses >= 2_000, "{hits} hits and {misses} misses of {} lookups", 40 * 250);
 }

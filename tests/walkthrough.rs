@@ -3,11 +3,12 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::TcpListener,
+    net::{SocketAddr, TcpListener},
     process::Command,
     time::Duration,
 };
 
+use steer::{discovery::diag, model::Protocol};
 use steer_tests::{TestNs, repo_root, stderr};
 
 /// Load, start ncat, attach, steer 7 77 777, hand over ncat's socket.
@@ -179,16 +180,28 @@ fn many_connections_all_land_on_the_same_socket() {
         let port = [7, 77, 777][usize::from(i % 3)];
         assert_eq!(ns.echo(port, &format!("n{i}")).unwrap(), format!("n{i}"));
     }
-    // Keep a connection open and show it arrived at 7777's socket: its
-    // local address is the steered port, served by the ncat process.
-    let local = ns.enter(|| {
+    // Keep a connection to 777 open and show it arrived at 7777's socket:
+    // the only listener in the namespace is ncat's on 7777, and the
+    // connection was accepted there with the address the client asked for
+    // (the server's end has local address 127.0.0.1:777).
+    let (line, listeners, server_end) = ns.enter(|| {
         let s = std::net::TcpStream::connect("127.0.0.1:777").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         (&s).write_all(b"ping\n").unwrap();
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line).unwrap();
-        (s.peer_addr().unwrap(), line)
+        let client = s.local_addr().unwrap();
+        let all = diag::sockets(Protocol::Tcp).unwrap();
+        let listeners: Vec<SocketAddr> = all.iter().filter(|d| d.state == diag::TCP_LISTEN).map(|d| d.local).collect();
+        let server_end: Vec<_> =
+            all.into_iter().filter(|d| d.remote == Some(client) && d.state == diag::TCP_ESTABLISHED).collect();
+        (line, listeners, server_end)
     });
-    assert_eq!(local.0.port(), 777);
-    assert_eq!(local.1, "ping\n");
+    assert_eq!(line, "ping\n");
+    assert_eq!(listeners, ["127.0.0.1:7777".parse::<SocketAddr>().unwrap()], "the namespace's listeners");
+    assert_eq!(
+        server_end.iter().map(|d| d.local).collect::<Vec<_>>(),
+        ["127.0.0.1:777".parse::<SocketAddr>().unwrap()],
+        "the server's end of the connection: {server_end:#?}"
+    );
 }

@@ -1,6 +1,10 @@
 //! Runs the benchmark in smoke mode and checks only that it measured
 //! something for every row: timings on a shared machine are not asserted.
 //! Needs root, like the rest of the workspace's real-kernel tests.
+//!
+//! A benchmark run, not a test of steer: scripts/test.sh runs it apart
+//! (`cargo test -p steer-bench --test smoke`) as the check line
+//! `bench smoke: ok`, outside its `tests: N passed` count.
 
 use std::process::Command;
 

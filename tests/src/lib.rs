@@ -2,12 +2,16 @@
 //! binaries run inside it, and cleanup of everything on drop, pass or fail.
 
 use std::{
-    io::{BufRead, BufReader, ErrorKind, Write},
+    io::{BufRead, BufReader, ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
-    os::fd::AsFd,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -130,18 +134,28 @@ impl TestNs {
         pid
     }
 
-    /// The seed's echo service: one ncat socket on 127.0.0.1:7777 running cat.
+    /// Starts a long-running process in the namespace (killed on drop) and
+    /// returns once it has written a line containing `ready` to its stderr:
+    /// the process's own word that it is ready (a server prints it once it
+    /// listens), not a guess at how long starting takes.
+    pub fn spawn_ready(&mut self, mut cmd: Command, ready: &str) -> u32 {
+        let what = format!("{cmd:?}");
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning");
+        let stderr = child.stderr.take().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        wait_for_line(stderr, ready, &what);
+        pid
+    }
+
+    /// The seed's echo service: one ncat socket on 127.0.0.1:7777 running
+    /// cat. Returns once ncat says it listens (`-v` prints that after
+    /// listen()), without a probe connection, so its socket has one owner.
     pub fn start_ncat_echo(&mut self) -> u32 {
         let mut cmd = self.command("ncat");
-        cmd.args(["-4kle", "/bin/cat", "127.0.0.1", "7777"]);
-        let pid = self.spawn(cmd);
-        let addr: SocketAddr = "127.0.0.1:7777".parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.enter(|| TcpStream::connect(addr)).is_err() {
-            assert!(Instant::now() < deadline, "ncat did not start listening on {addr}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        pid
+        cmd.args(["-v", "-4kle", "/bin/cat", "127.0.0.1", "7777"]);
+        self.spawn_ready(cmd, "Listening on 127.0.0.1:7777")
     }
 
     /// Runs `f` on a thread that has joined this namespace, so sockets it
@@ -234,6 +248,108 @@ impl Drop for TestNs {
 /// stderr of a finished command, for message assertions.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// How long a test waits for an event before it fails: a bound on a
+/// failure, never how long a test waits when things work.
+pub const EVENT_LIMIT: Duration = Duration::from_secs(30);
+
+/// Reads `stream` (a child's stdout or stderr) until a line containing
+/// `text`, and keeps draining it on a thread after that, so the child never
+/// blocks on a full pipe. Panics with what it read if the stream closes
+/// first (the child exited) or nothing matches within [`EVENT_LIMIT`].
+pub fn wait_for_line(stream: impl Read + Send + 'static, text: &str, what: &str) {
+    let (tx, rx) = mpsc::channel();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let (wanted, log) = (text.to_string(), seen.clone());
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.is_some() {
+                let found = line.contains(&wanted);
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+                if found {
+                    let _ = tx.take().unwrap().send(());
+                }
+            }
+        }
+    });
+    match rx.recv_timeout(EVENT_LIMIT) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{what} closed its output without printing {text:?}:\n{}", seen.lock().unwrap())
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not print {text:?} within {EVENT_LIMIT:?}:\n{}", seen.lock().unwrap())
+        }
+    }
+}
+
+/// Waits for `child` to exit and returns its status: the wait is on the
+/// kernel's word (its pidfd turns readable when it exits), and fails if
+/// that takes longer than `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let pid = child.id() as libc::pid_t;
+    // Safety: pidfd_open takes no pointers; the fd returned is ours to own.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    assert!(raw >= 0, "pidfd_open({pid}): {}", std::io::Error::last_os_error());
+    // Safety: a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fds = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // Safety: one valid pollfd.
+        let n = unsafe { libc::poll(&raw mut fds, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 && std::io::Error::last_os_error().kind() == ErrorKind::Interrupted {
+            continue;
+        }
+        assert!(n >= 0, "poll on the pidfd of {pid}: {}", std::io::Error::last_os_error());
+        assert!(n > 0, "pid {pid} still running {limit:?} later");
+        return child.wait().expect("reaping a child");
+    }
+}
+
+/// A count that one thread raises and another waits on (a condition
+/// variable: the waiter wakes when the count changes, not on a timer).
+#[derive(Default)]
+pub struct Count {
+    n: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Count {
+    pub fn add(&self) {
+        *self.n.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    pub fn get(&self) -> u64 {
+        *self.n.lock().unwrap()
+    }
+
+    /// Waits until the count reaches `at_least`, for at most [`EVENT_LIMIT`]
+    /// (`what` names the wait in the panic message).
+    pub fn wait_for(&self, at_least: u64, what: &str) {
+        let n = self.n.lock().unwrap();
+        let (n, timeout) = self.changed.wait_timeout_while(n, EVENT_LIMIT, |n| *n < at_least).unwrap();
+        assert!(!timeout.timed_out(), "{what}: the count is {} after {EVENT_LIMIT:?}, not {at_least}", *n);
+    }
+}
+
+/// Polls `condition` until it holds, failing after `limit`: only for a
+/// change nothing announces (the kernel cleaning up a namespace in the
+/// background, say). Prefer an event where there is one.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not so after {limit:?}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
 }
 
 impl TestNs {
@@ -446,23 +562,87 @@ pub fn me() -> String {
 /// steerctl under strace: the system calls it makes, and faults placed at
 /// one of them (SIGKILL or an error on entry), deterministically.
 pub mod strace {
-    use std::process::Output;
+    use std::{ffi::OsString, process::Output};
 
     use super::{TestNs, bin, stderr};
 
+    /// steerctl under strace, pointed at the test's state one of two ways:
+    /// `--pin-dir` (as [`TestNs::steerctl`] runs it; the free functions of
+    /// this module) or `--bpffs` (the default layout under the test's bpffs).
+    pub struct Traced<'a> {
+        ns: &'a TestNs,
+        flags: [OsString; 2],
+    }
+
+    impl<'a> Traced<'a> {
+        pub fn pin_dir(ns: &'a TestNs) -> Self {
+            Traced { ns, flags: ["--pin-dir".into(), ns.pin_dir().into()] }
+        }
+
+        pub fn bpffs(ns: &'a TestNs) -> Self {
+            Traced { ns, flags: ["--bpffs".into(), ns.bpffs.clone().into()] }
+        }
+
+        /// `steerctl FLAGS ARGS` under `strace STRACE_ARGS`, in the namespace.
+        pub fn run(&self, strace_args: &[&str], args: &[&str]) -> Output {
+            let mut cmd = self.ns.command("strace");
+            cmd.args(strace_args).arg(bin("steerctl")).args(&self.flags).args(args);
+            cmd.output().unwrap()
+        }
+
+        /// The `syscalls` calls (one name, or several joined with commas) of
+        /// `steerctl ARGS` (its main thread), as strace shows them.
+        pub fn calls(&self, syscalls: &str, args: &[&str]) -> Vec<String> {
+            let trace = format!("trace={syscalls}");
+            let out = self.run(&["-qq", "-e", &trace, "-o", "/dev/stderr"], args);
+            assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+            let names: Vec<&str> = syscalls.split(',').collect();
+            stderr(&out).lines().filter(|l| name(l).is_some_and(|n| names.contains(&n))).map(str::to_string).collect()
+        }
+
+        /// Runs `steerctl ARGS`, killed (strace delivers SIGKILL on entry)
+        /// just before its `syscall` call at 0-based `index`; fails if it
+        /// was not killed.
+        pub fn killed_at(&self, syscall: &str, index: usize, args: &[&str]) {
+            // strace counts from 1.
+            let inject = format!("inject={syscall}:signal=SIGKILL:when={}", index + 1);
+            let trace = format!("trace={syscall}");
+            let out = self.run(&["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args);
+            assert!(!out.status.success(), "{args:?} killed at {syscall} call {index} finished: {}", stderr(&out));
+        }
+
+        /// Runs `steerctl ARGS` with its `syscall` call at 0-based `index`
+        /// failing with `errno` (strace injects it on entry; the call is not made).
+        pub fn failed_at(&self, syscall: &str, index: usize, errno: &str, args: &[&str]) -> Output {
+            let inject = format!("inject={syscall}:error={errno}:when={}", index + 1);
+            let trace = format!("trace={syscall}");
+            self.run(&["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args)
+        }
+    }
+
+    /// The name of the call on a line of strace's output.
+    pub fn name(line: &str) -> Option<&str> {
+        let (name, _) = line.split_once('(')?;
+        (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')).then_some(name)
+    }
+
+    /// Where call `position` of `calls` (as [`Traced::calls`] lists them)
+    /// stands among the calls of its own name: the `(syscall, index)` to
+    /// give [`Traced::killed_at`] to kill just before it.
+    pub fn nth_of_its_name(calls: &[String], position: usize) -> (String, usize) {
+        let syscall = name(&calls[position]).expect("a line naming a call");
+        let index = calls[..position].iter().filter(|l| name(l) == Some(syscall)).count();
+        (syscall.to_string(), index)
+    }
+
     /// `steerctl --pin-dir DIR ARGS` under `strace STRACE_ARGS`, in the namespace.
     pub fn steerctl(ns: &TestNs, strace_args: &[&str], args: &[&str]) -> Output {
-        let mut cmd = ns.command("strace");
-        cmd.args(strace_args).arg(bin("steerctl")).arg("--pin-dir").arg(ns.pin_dir()).args(args);
-        cmd.output().unwrap()
+        Traced::pin_dir(ns).run(strace_args, args)
     }
 
     /// The `syscall` calls of `steerctl ARGS` (its main thread), as strace shows them.
     pub fn calls(ns: &TestNs, syscall: &str, args: &[&str]) -> Vec<String> {
-        let trace = format!("trace={syscall}");
-        let out = steerctl(ns, &["-qq", "-e", &trace, "-o", "/dev/stderr"], args);
-        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
-        stderr(&out).lines().filter(|l| l.starts_with(&format!("{syscall}("))).map(str::to_string).collect()
+        Traced::pin_dir(ns).calls(syscall, args)
     }
 
     /// Where to kill a command whose bpf calls are `calls`: before each map
@@ -476,21 +656,66 @@ pub mod strace {
         at
     }
 
+    /// The bpf command of a `bpf(...)` line (`BPF_MAP_UPDATE_ELEM`), or the
+    /// call's name for another call.
+    fn kind(line: &str) -> &str {
+        match line.strip_prefix("bpf(") {
+            Some(rest) => rest.split(',').next().unwrap_or(""),
+            None => name(line).unwrap_or(""),
+        }
+    }
+
+    /// Where to kill a command whose calls (bpf and file calls, as
+    /// [`Traced::calls`] lists them) are `calls`, so that each step it
+    /// takes is cut, without a run for each of thousands of like writes:
+    /// before the first, middle and last of each run of like map writes and
+    /// after the last write; before each pin; before each file call
+    /// (mkdirat, unlink, rename, ...) and just after each rename. Sorted
+    /// positions in `calls`.
+    pub fn crash_points(calls: &[String]) -> Vec<usize> {
+        fn close_run(run: &mut Vec<usize>, at: &mut std::collections::BTreeSet<usize>) {
+            if let (Some(first), Some(last)) = (run.first(), run.last()) {
+                at.extend([*first, run[run.len() / 2], *last]);
+            }
+            run.clear();
+        }
+        let writes = kill_points(calls);
+        let mut at = std::collections::BTreeSet::new();
+        let mut run: Vec<usize> = Vec::new();
+        for &i in &writes {
+            let joins = run.last().is_some_and(|&prev| prev + 1 == i && kind(&calls[prev]) == kind(&calls[i]));
+            if !joins {
+                close_run(&mut run, &mut at);
+            }
+            run.push(i);
+        }
+        close_run(&mut run, &mut at);
+        for (i, line) in calls.iter().enumerate() {
+            if kind(line) == "BPF_OBJ_PIN" || !line.starts_with("bpf(") {
+                at.insert(i);
+            }
+            if kind(line).starts_with("rename") && i + 1 < calls.len() {
+                at.insert(i + 1);
+            }
+        }
+        at.into_iter().collect()
+    }
+
+    /// The calls' kinds in order (bpf commands and call names, without
+    /// arguments): two runs of a command took the same steps when these match.
+    pub fn shape(calls: &[String]) -> Vec<&str> {
+        calls.iter().map(|l| kind(l)).collect()
+    }
+
     /// Runs `steerctl ARGS`, killed (strace delivers SIGKILL on entry) just
     /// before its `syscall` call at 0-based `index`; fails if it was not killed.
     pub fn killed_at(ns: &TestNs, syscall: &str, index: usize, args: &[&str]) {
-        // strace counts from 1.
-        let inject = format!("inject={syscall}:signal=SIGKILL:when={}", index + 1);
-        let trace = format!("trace={syscall}");
-        let out = steerctl(ns, &["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args);
-        assert!(!out.status.success(), "{args:?} killed at {syscall} call {index} finished: {}", stderr(&out));
+        Traced::pin_dir(ns).killed_at(syscall, index, args);
     }
 
     /// Runs `steerctl ARGS` with its `syscall` call at 0-based `index`
     /// failing with `errno` (strace injects it on entry; the call is not made).
     pub fn failed_at(ns: &TestNs, syscall: &str, index: usize, errno: &str, args: &[&str]) -> Output {
-        let inject = format!("inject={syscall}:error={errno}:when={}", index + 1);
-        let trace = format!("trace={syscall}");
-        steerctl(ns, &["-qq", "-o", "/dev/null", "-e", &trace, "-e", &inject], args)
+        Traced::pin_dir(ns).failed_at(syscall, index, errno, args)
     }
 }
