@@ -26,7 +26,7 @@
 # 198.51.100.0/24 (TEST-NET-2) inside that namespace. Everything (domains,
 # networks, daemons, images, the namespace) is gone on exit, pass or fail.
 #
-# Logs: target/vagrant-lab/ (vagrant-*.log, console-*.log, libvirtd.log,
+# Logs: target/vagrant-lab/ (STEER_VAGRANT_LAB_OUT; vagrant-*.log, console-*.log, libvirtd.log,
 # install.log, package.log); boxes are cached by vagrant-box.sh.
 # Environment:
 #   STEER_VAGRANT_BOOT_TIMEOUT  seconds a boot may take until ssh answers
@@ -40,7 +40,7 @@ if [ "${1:-}" != --inner ]; then
 fi
 
 repo=$PWD
-out=$repo/target/vagrant-lab
+out=${STEER_VAGRANT_LAB_OUT:-$repo/target/vagrant-lab}
 guest_script='sudo bash /vagrant/scripts/vagrant-guest.sh'
 say() { printf '%s\n' "$*"; }
 die() {
