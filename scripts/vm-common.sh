@@ -42,9 +42,11 @@ vm_suite() {
     esac
 }
 
+# Installs qemu and the tools the guests' images need; arguments add more
+# TOOL:PACKAGE pairs, installed with them (from the same suite as qemu).
 vm_install_deps() {
     local need=() tool
-    for tool in qemu-system-x86_64:qemu-system-x86 cpio:cpio xz:xz-utils timeout:coreutils; do
+    for tool in qemu-system-x86_64:qemu-system-x86 cpio:cpio xz:xz-utils timeout:coreutils "$@"; do
         command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool#*:}")
     done
     [ ${#need[@]} -gt 0 ] || return 0
