@@ -247,11 +247,13 @@ fn a_reuseport_group_is_served_whole_and_survives_the_registered_members_exit() 
     let seen = tally(80);
     assert_eq!(seen.len(), 4, "every member takes connections: {seen:?}");
 
-    // Under watch, the registered member exits while a client connects in a loop.
+    // Under watch (polling: the kernel does not follow this one), the
+    // registered member exits while a client connects in a loop.
     let config = write_config(
         &ns,
         "web.json",
-        &serde_json::json!({"registrations": [{"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080}]}),
+        &serde_json::json!({"registrations": [{"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080,
+            "follow": false}]}),
     );
     let watch = Watch::start(&ns, &config);
     let registered = list[0]["cookie"].as_u64().unwrap();
@@ -295,7 +297,8 @@ fn watch_re_registers_a_restarted_server_quickly() {
     let config = write_config(
         &ns,
         "api.json",
-        &serde_json::json!({"registrations": [{"label": "api", "protocol": "tcp", "address": "127.0.0.1", "port": 8081}]}),
+        &serde_json::json!({"registrations": [{"label": "api", "protocol": "tcp", "address": "127.0.0.1", "port": 8081,
+            "follow": false}]}),
     );
     let watch = Watch::start(&ns, &config);
     // In-process restarts: listen() time is known exactly.
@@ -424,9 +427,10 @@ fn apply_is_idempotent_dry_run_changes_nothing_and_a_bad_config_changes_nothing(
             {"label": "dns", "protocol": "udp", "prefix": "127.0.0.0/8", "port": 5353},
         ],
         "registrations": [
-            {"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080, "no_reuseport": true},
+            {"label": "web", "protocol": "tcp", "address": "127.0.0.1", "port": 8080, "no_reuseport": true,
+             "follow": false},
             {"label": "dns", "protocol": "udp", "address": "127.0.0.1", "port": dns.port(), "process": comm},
-            {"label": "later", "protocol": "tcp", "address": "127.0.0.1", "port": 9999},
+            {"label": "later", "protocol": "tcp", "address": "127.0.0.1", "port": 9999, "follow": false},
         ],
     });
     let file = write_config(&ns, "good.json", &config);

@@ -78,7 +78,8 @@ impl Step {
                     1 => format!("holds cookie {}", held[0]),
                     n => format!("holds {n} sockets"),
                 };
-                format!("{head}: followed in the kernel (sockets of {scope}); {held}")
+                let verb = if dry_run { "would be followed" } else { "followed" };
+                format!("{head}: {verb} in the kernel (sockets of {scope}); {held}")
             }
         }
     }
@@ -162,6 +163,14 @@ pub fn plan<A: Read>(state: &Dispatcher<A>, config: &Config) -> Result<Plan> {
     let mut follows = Vec::new();
     for w in &config.registrations {
         if w.followed(unsupported.as_deref())? {
+            // The sockets listening now must fit the label's bindings, as a
+            // registration's would; later ones are the server's business.
+            let listening: Vec<Member> = groups(&w.target(), false, None)?.into_iter().flatten().collect();
+            if let Some(first) = listening.first() {
+                if listening.iter().all(|m| check_fits(w, m, effective).is_err()) {
+                    check_fits(w, first, effective)?;
+                }
+            }
             let held = (Family::ALL.iter())
                 .map(|f| state.slot_members(&w.label, *f, w.protocol))
                 .collect::<Result<Vec<_>>>()?

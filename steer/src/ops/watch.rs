@@ -300,12 +300,12 @@ pub fn run(
         info!("some registrations are not followed in the kernel: checking them every {:?}", options.interval);
     }
     loop {
-        // Only what the kernel does not follow, a failure to retry, or
-        // bindings waiting for a state need a timer.
-        let timeout = if failures.failing() || (bindings_pending && state.is_some()) {
-            Some(options.full_every.saturating_sub(last_full.elapsed()))
-        } else if polled {
+        // Only what the kernel does not follow, bindings waiting for a
+        // state, or a failure to retry need a timer.
+        let timeout = if polled || (bindings_pending && state.is_some() && !failures.failing()) {
             Some(options.interval)
+        } else if failures.failing() || bindings_pending {
+            Some(options.full_every.saturating_sub(last_full.elapsed()))
         } else {
             None
         };
