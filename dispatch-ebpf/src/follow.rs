@@ -139,18 +139,13 @@ pub extern "C" fn steer_follow(ctx: *mut bpf_sock_ops) -> u32 {
 }
 
 /// post_bind: a followed UDP bind is reported to userspace, which inserts
-/// the socket with a backfill pass. The bind always goes ahead.
+/// the socket with a backfill pass. The bind always goes ahead. Each of the
+/// two programs reads only its own family's address (the kernel refuses
+/// the other's).
 #[inline(always)]
-fn follow_bind(ctx: *mut bpf_sock) -> u32 {
+fn follow_bind(ctx: *mut bpf_sock, ip4: u32, ip6: [u32; 4]) -> u32 {
     // Safety: the kernel hands every cgroup sock program a valid context.
     let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).src_port) };
-    let ip4 = unsafe { ptr::read_volatile(&raw const (*ctx).src_ip4) };
-    let ip6 = [
-        unsafe { ptr::read_volatile(&raw const (*ctx).src_ip6[0]) },
-        unsafe { ptr::read_volatile(&raw const (*ctx).src_ip6[1]) },
-        unsafe { ptr::read_volatile(&raw const (*ctx).src_ip6[2]) },
-        unsafe { ptr::read_volatile(&raw const (*ctx).src_ip6[3]) },
-    ];
     if protocol != IPPROTO_UDP {
         return 1;
     }
@@ -189,13 +184,24 @@ fn follow_bind(ctx: *mut bpf_sock) -> u32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/post_bind4")]
 pub extern "C" fn steer_follow_bind4(ctx: *mut bpf_sock) -> u32 {
-    follow_bind(ctx)
+    // Safety: the kernel hands every cgroup sock program a valid context.
+    let ip4 = unsafe { ptr::read_volatile(&raw const (*ctx).src_ip4) };
+    follow_bind(ctx, ip4, [0; 4])
 }
 
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "cgroup/post_bind6")]
 pub extern "C" fn steer_follow_bind6(ctx: *mut bpf_sock) -> u32 {
-    follow_bind(ctx)
+    // Safety: as above; each word at a constant offset.
+    let ip6 = unsafe {
+        [
+            ptr::read_volatile(&raw const (*ctx).src_ip6[0]),
+            ptr::read_volatile(&raw const (*ctx).src_ip6[1]),
+            ptr::read_volatile(&raw const (*ctx).src_ip6[2]),
+            ptr::read_volatile(&raw const (*ctx).src_ip6[3]),
+        ]
+    };
+    follow_bind(ctx, 0, ip6)
 }
 
 /// An iterator's context: its metadata, then the socket (the kernel's BTF
