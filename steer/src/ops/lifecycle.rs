@@ -161,8 +161,12 @@ fn loaded_already(layout: &Layout) -> Error {
 pub fn unload(state: Dispatcher<Repair>) -> Result<Vec<PathBuf>> {
     let layout = state.layout().clone();
     let mut removed = Vec::new();
-    if program::detach(&layout.link())? {
-        removed.push(layout.link());
+    // Detached, not only unpinned: the kernel frees an unpinned link later,
+    // from a workqueue, and another holder of it would keep it running.
+    for link in std::iter::once(layout.link()).chain(layout.follow_hook_links()) {
+        if program::detach(&link)? {
+            removed.push(link);
+        }
     }
     for path in layout.pins()[1..].iter().chain(&layout.staged_pins()) {
         if path.exists() {

@@ -55,11 +55,14 @@ impl Layout {
         self.dir.join(kind.pin_name())
     }
 
+    /// Every link of a follow program (in a cgroup) a state can have.
+    pub fn follow_hook_links(&self) -> Vec<PathBuf> {
+        (0..MAX_SCOPES as u16).flat_map(|scope| FollowHook::ALL.map(|hook| self.follow_link(hook, scope))).collect()
+    }
+
     /// Every follow and backfill link a state can have.
     pub fn follow_links(&self) -> Vec<PathBuf> {
-        let mut pins: Vec<PathBuf> = (0..MAX_SCOPES as u16)
-            .flat_map(|scope| FollowHook::ALL.map(|hook| self.follow_link(hook, scope)))
-            .collect();
+        let mut pins = self.follow_hook_links();
         pins.extend(Backfill::ALL.map(|kind| self.backfill_link(kind)));
         pins
     }
