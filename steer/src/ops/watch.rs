@@ -280,12 +280,6 @@ pub fn run(
     let mut config = Config::load(file)?;
     let mut seen = content(file);
     let mut events = Events::new(layout, file, wake)?;
-    info!(
-        "watching {} ({} registrations, bindings {})",
-        file.display(),
-        config.registrations.len(),
-        if config.bindings.is_some() { "managed" } else { "left alone" },
-    );
     let mut failures = Failures::default();
     let mut missing_since: Vec<Option<Instant>> = vec![None; config.registrations.len()];
     // The file's bindings are applied when the file is (re)read and when
@@ -294,6 +288,13 @@ pub fn run(
     let mut state = state_inode(layout);
     let (mut expected, applied) = pass(layout, &config, true, &mut missing_since, &mut failures);
     let mut bindings_pending = !applied;
+    // Said once the first pass is done: from here, binds are followed.
+    info!(
+        "watching {} ({} registrations, bindings {})",
+        file.display(),
+        config.registrations.len(),
+        if config.bindings.is_some() { "managed" } else { "left alone" },
+    );
     let mut last_full = Instant::now();
     let mut polled = !expected.iter().all(|s| *s == Slot::Followed);
     if polled {
