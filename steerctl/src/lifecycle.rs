@@ -109,6 +109,16 @@ impl View for StatusView {
                 ),
             ),
         ];
+        if !s.followed.is_empty() {
+            let each = s.followed.iter().map(|f| {
+                let scope = if f.follow.cgroup.is_empty() { String::new() } else { format!(" in {}", f.follow.cgroup) };
+                format!("{} {}{scope}: {} held", f.follow.label, f.follow.target, f.held)
+            });
+            rows.push(("followed", format!("in the kernel: {}", each.collect::<Vec<_>>().join("; "))));
+        }
+        if let Some(why) = &s.follow_unsupported {
+            rows.push(("following", format!("{why}; `steerctl watch` follows servers by polling instead")));
+        }
         if let Some(stale) = &s.stale {
             rows.push(("stale", format!("{stale}; remove it with `steerctl gc`")));
         }

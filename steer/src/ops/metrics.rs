@@ -36,7 +36,22 @@ pub struct MetricsReport {
     pub registered_sockets: Vec<Gauge>,
     pub labels: usize,
     pub seed: SeedReport,
+    /// Registrations the kernel follows per (label, family of the address, protocol).
+    pub followed: Vec<Gauge>,
+    /// What the follow programs did.
+    pub follow: FollowReport,
     pub build: BuildInfo,
+}
+
+/// The follow programs' counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FollowReport {
+    pub inserted: u64,
+    pub full: u64,
+    pub errors: u64,
+    pub events: u64,
+    pub lost_events: u64,
+    pub backfilled: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -74,7 +89,19 @@ pub fn report<A: Read>(d: &Dispatcher<A>) -> Result<MetricsReport> {
     };
     let registered = d.registered()?.into_iter().map(|r| ((r.label, r.family, r.protocol), 1)).collect();
     let seed = d.seed_metrics()?;
+    let followed =
+        super::follow::list(d)?.into_iter().map(|f| ((f.label, f.target.family(), f.target.protocol), 1)).collect();
+    let f = super::follow::metrics(d)?;
     Ok(MetricsReport {
+        followed: gauges(followed),
+        follow: FollowReport {
+            inserted: f.inserted,
+            full: f.full,
+            errors: f.errors,
+            events: f.events,
+            lost_events: f.lost_events,
+            backfilled: f.backfilled,
+        },
         destinations: d.metrics()?,
         bindings: gauges(bindings),
         registered_sockets: gauges(registered),
@@ -171,6 +198,30 @@ pub fn openmetrics(report: &MetricsReport) -> String {
         "Connections to a seed port dropped: the kernel refused the seed socket",
         one_counter(seed.errors),
     );
+    registry.register(
+        "followed_registrations",
+        "Registrations the kernel follows (sockets go in at listen()), by family of the address and protocol",
+        gauges(by_gauge(&report.followed)),
+    );
+    let f = &report.follow;
+    registry.register(
+        "follow_inserted",
+        "Listening sockets the kernel put in a followed registration's slot inside listen()",
+        one_counter(f.inserted),
+    );
+    registry.register(
+        "follow_full",
+        "Listening sockets a followed registration's full slot had no room for",
+        one_counter(f.full),
+    );
+    registry.register("follow_errors", "Inserts of followed sockets the kernel refused", one_counter(f.errors));
+    registry.register("follow_events", "Followed UDP binds reported to watch", one_counter(f.events));
+    registry.register(
+        "follow_lost_events",
+        "Followed UDP binds not reported: the ring buffer was full",
+        one_counter(f.lost_events),
+    );
+    registry.register("follow_backfilled", "Sockets a backfill pass inserted", one_counter(f.backfilled));
     let build: Labels =
         vec![("version", report.build.version.clone()), ("program_tag", report.build.program_tag.clone())];
     registry.register("build", "steer's version and the loaded program's tag", Info::new(build));

@@ -425,6 +425,9 @@ pub struct Listed {
     pub owners: Vec<Owner>,
     pub no_reuseport: bool,
     pub group: Vec<Member>,
+    /// The kernel follows its label's registration of this protocol: the
+    /// socket went in at listen() (or a backfill), not taken from a process.
+    pub followed: bool,
 }
 
 /// What `list` shows, and what could not be found out.
@@ -439,6 +442,7 @@ pub struct Listing {
 /// or groups that fails leaves them empty and says why in `warnings`.
 pub fn list<A: Read>(state: &Dispatcher<A>) -> Result<Listing> {
     let registered = state.registered()?;
+    let follows = super::follow::list(state)?;
     let cookies: Vec<u64> = registered.iter().map(|r| r.cookie).collect();
     let mut warnings = Vec::new();
     let mut found = owners::sockets_and_owners(&cookies).unwrap_or_else(|e| {
@@ -457,7 +461,9 @@ pub fn list<A: Read>(state: &Dispatcher<A>) -> Result<Listing> {
                 Some((info, owners)) => (Some(info), owners),
                 None => (None, Vec::new()),
             };
+            let followed = follows.iter().any(|f| f.label == r.label && f.target.protocol == r.protocol);
             Listed {
+                followed,
                 address: info.and_then(|i| i.local).map(|a| a.to_string()),
                 owners,
                 group: groups.remove(&r.cookie).unwrap_or_default(),

@@ -33,6 +33,15 @@ pub struct SocketStatus {
     pub owners: Vec<Owner>,
 }
 
+/// A registration the kernel follows.
+#[derive(Debug, Serialize)]
+pub struct Followed {
+    #[serde(flatten)]
+    pub follow: crate::model::follow::Follow,
+    /// Sockets its slots hold now.
+    pub held: usize,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub pin_dir: String,
@@ -48,6 +57,13 @@ pub struct Status {
     pub plane: Option<PlaneStatus>,
     /// Why the state is stale (its namespace is gone), if it is.
     pub stale: Option<String>,
+    /// The state's layout version.
+    pub layout_version: Option<u32>,
+    /// The registrations the kernel follows, and how many sockets each holds.
+    pub followed: Vec<Followed>,
+    /// Why this kernel follows no server (watch polls instead), if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follow_unsupported: Option<String>,
     /// What could not be read, and what to do.
     pub warnings: Vec<String>,
 }
@@ -89,6 +105,9 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
         registered_sockets: 0,
         plane: None,
         stale,
+        layout_version: None,
+        followed: Vec::new(),
+        follow_unsupported: super::follow::unsupported(),
         warnings: Vec::new(),
     };
     if !missing.is_empty() {
@@ -111,6 +130,14 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
     out.bindings = state.bindings()?.len();
     out.registered_sockets = state.registered()?.len();
     out.plane = Some(state.plane_status()?);
+    out.layout_version = Some(state.meta()?.layout_version);
+    for follow in super::follow::list(state)? {
+        let held = crate::model::Family::ALL
+            .iter()
+            .map(|f| state.slot_members(&follow.label, *f, follow.target.protocol).map(|m| m.len()))
+            .sum::<Result<usize>>()?;
+        out.followed.push(Followed { follow, held });
+    }
     out.warnings = warnings;
     Ok(out)
 }
