@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs::File,
-    io::{BufRead, BufReader, ErrorKind, Read, Write},
+    io::{BufRead, BufReader, ErrorKind, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
@@ -693,33 +693,7 @@ fn watch_reloads_on_sighup_and_on_change_and_keeps_a_good_config_over_a_bad_one(
 
 /// An nginx config in `dir`: `workers` workers, `listen ADDR reuseport`,
 /// answering every request with its worker's pid.
-fn nginx_config(dir: &Path, listen: &str, workers: u32) -> PathBuf {
-    let d = dir.display();
-    let conf = format!(
-        "worker_processes {workers};\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {listen} reuseport;\n    location / {{ return 200 \"worker $pid\\n\"; }}\n  }}\n}}\n"
-    );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, conf).unwrap();
-    path
-}
-
-/// GET / over HTTP/1.0; the body's last line.
-fn http_get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: steer\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body.lines().last().unwrap_or_default().to_string())
-}
-
-fn nginx() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().map(PathBuf::from).find(|p| p.exists())
-}
+use steer_tests::nginx::{config as nginx_config, http_get, nginx};
 
 #[test]
 fn nginx_reuseport_workers_all_serve_through_one_registration() {

@@ -423,8 +423,16 @@ pub mod udp_echo {
 
     /// Binds `addr` and echoes forever on a thread; returns the socket's address.
     pub fn spawn(ns: &super::TestNs, addr: &str) -> SocketAddr {
-        let socket = ns.enter(|| {
-            let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let socket = ns.enter(|| bind(UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"))));
+        let local = socket.local_addr().unwrap();
+        std::thread::spawn(move || serve(socket));
+        local
+    }
+
+    /// Makes a bound socket answer from the address a datagram was sent to
+    /// (steered datagrams arrive for other addresses than its own).
+    pub fn bind(s: UdpSocket) -> UdpSocket {
+        {
             if s.local_addr().unwrap().is_ipv4() {
                 setsockopt(&s, sockopt::Ipv4OrigDstAddr, &true).unwrap();
             } else {
@@ -438,13 +446,11 @@ pub mod udp_echo {
                 assert_eq!(rc, 0, "IPV6_FREEBIND");
             }
             s
-        });
-        let local = socket.local_addr().unwrap();
-        std::thread::spawn(move || serve(socket));
-        local
+        }
     }
 
-    fn serve(socket: UdpSocket) {
+    /// Echoes every datagram back, from the address it was sent to.
+    pub fn serve(socket: UdpSocket) {
         let fd = socket.as_raw_fd();
         let mut buf = [0u8; 2048];
         loop {
@@ -717,5 +723,45 @@ pub mod strace {
     /// failing with `errno` (strace injects it on entry; the call is not made).
     pub fn failed_at(ns: &TestNs, syscall: &str, index: usize, errno: &str, args: &[&str]) -> Output {
         Traced::pin_dir(ns).failed_at(syscall, index, errno, args)
+    }
+}
+
+/// nginx, the real server the tests run with `reuseport` workers.
+pub mod nginx {
+    use std::{
+        io::{Read, Write},
+        net::{SocketAddr, TcpStream},
+        path::{Path, PathBuf},
+        time::Duration,
+    };
+
+    /// A config in `dir` serving `listen` with `reuseport` (one socket per
+    /// worker) and `workers` workers, each answering "worker PID".
+    pub fn config(dir: &Path, listen: &str, workers: u32) -> PathBuf {
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes {workers};\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               server {{\n    listen {listen} reuseport;\n    location / {{ return 200 \"worker $pid\\n\"; }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        path
+    }
+
+    /// GET / over HTTP/1.0; the body's last line.
+    pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: steer\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body.lines().last().unwrap_or_default().to_string())
+    }
+
+    pub fn nginx() -> Option<PathBuf> {
+        ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().map(PathBuf::from).find(|p| p.exists())
     }
 }
