@@ -233,8 +233,7 @@ fn backfill(ctx: *mut IterCtx) -> i32 {
             continue;
         }
         // Safety: key and sk live for the call.
-        let err =
-            unsafe { map_update_elem(map_ptr(&SOCKETS), ptr::from_ref(&key).cast(), sk.cast_const(), BPF_ANY) };
+        let err = unsafe { map_update_elem(map_ptr(&SOCKETS), ptr::from_ref(&key).cast(), sk.cast_const(), BPF_ANY) };
         if err == 0 {
             follow_count(|m| m.backfilled += 1);
         } else {

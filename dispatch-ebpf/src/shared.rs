@@ -169,4 +169,3 @@ pub fn get<T, K>(map: *mut c_void, key: &K) -> *mut T {
     // Safety: map is a map (or inner map) pointer and key lives for the call.
     unsafe { map_lookup_elem(map, ptr::from_ref(key).cast()) }.cast()
 }
-
