@@ -121,8 +121,12 @@ impl View for Registrations {
                 l.cookie.to_string(),
                 output::joined(l.owners.iter().map(ToString::to_string), ", ", "-"),
                 group,
+                if l.followed { "yes" } else { "no" }.to_string(),
             ]
         });
-        output::table(["LABEL", "PROTOCOL", "FAMILY", "ADDRESS", "COOKIE", "OWNER", "REUSEPORT GROUP"], rows)
+        output::table(
+            ["LABEL", "PROTOCOL", "FAMILY", "ADDRESS", "COOKIE", "OWNER", "REUSEPORT GROUP", "FOLLOWED"],
+            rows,
+        )
     }
 }
