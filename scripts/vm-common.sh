@@ -281,14 +281,16 @@ vm_build_rootfs() {
     # This build, at the same absolute paths, so the tests find the
     # binaries next to themselves and the scripts through CARGO_MANIFEST_DIR.
     mkdir -p "$root$PWD/target/release/deps" "$root$PWD/scripts"
-    for exe in steerctl sockmap-update sk-lookup-attach steer-bench; do
+    for exe in steerctl sockmap-update sk-lookup-attach steer-bench test-server; do
         [ -x "target/release/$exe" ] && cp "target/release/$exe" "$root$PWD/target/release/"
     done
     cp scripts/verify-nmap.sh "$root$PWD/scripts/"
     : >"$root/steer/tests.list"
-    for exe in "$@"; do
+    # Each argument: a test executable, then any arguments it runs with.
+    for line in "$@"; do
+        exe=${line%% *}
         cp "$exe" "$root$exe"
-        echo "$exe" >>"$root/steer/tests.list"
+        echo "$line" >>"$root/steer/tests.list"
     done
     echo "$PWD" >"$root/steer/repo"
     ln -s "$PWD/target/release/steerctl" "$root/usr/bin/steerctl"

@@ -49,12 +49,13 @@ fi
 if [ "$mode" = test ]; then
     {
         echo "@@kernel $(uname -r)"
-        while read -r exe; do
+        while read -r exe args; do
             [ -n "$exe" ] || continue
             name=$(basename "$exe")
             echo "@@begin ${name%-*}"
             start=$(date +%s)
-            timeout "${STEER_TEST_TIMEOUT:-600}" "$exe" --test-threads=2 </dev/null 2>&1
+            # shellcheck disable=SC2086 # args: words to split
+            timeout "${STEER_TEST_TIMEOUT:-600}" "$exe" --test-threads=2 $args </dev/null 2>&1
             rc=$?
             echo "@@end ${name%-*} rc=$rc seconds=$(($(date +%s) - start))"
         done </steer/tests.list

@@ -8,7 +8,8 @@
 #
 # Usage: scripts/vm-test.sh [--bench] [KERNEL...]    (default: 5.10 6.1 6.12)
 #   Runs tests/walkthrough.rs, bad_input.rs, control_plane.rs, lookup.rs,
-#   security.rs, diag.rs and metrics.rs; --bench adds the benchmark's smoke
+#   security.rs, diag.rs, metrics.rs and follow.rs (but its nginx test: the
+#   guests carry no nginx); --bench adds the benchmark's smoke
 #   test (bench/tests/smoke.rs: it checks the benchmark runs there, but under
 #   emulation its many grace periods take about 10 minutes a kernel, and CI
 #   runs it natively). tests/lab.rs is not run in the guests: scripts/lab.sh
@@ -22,7 +23,9 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 source scripts/vm-common.sh
 
-tests=(walkthrough bad_input control_plane lookup security diag metrics)
+tests=(walkthrough bad_input control_plane lookup security diag metrics follow)
+# Arguments for a test executable in the guest.
+declare -A test_args=([follow]="--skip nginx")
 kernels=()
 for arg in "$@"; do
     case $arg in
@@ -55,7 +58,7 @@ for name in "${tests[@]}"; do
         | grep "\"kind\":\[\"test\"\],[^}]*\"name\":\"$name\"" \
         | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n 1) || true
     [ -n "$exe" ] && [ -x "$exe" ] || vm_die "no test executable for $name in cargo's output"
-    exes+=("$exe")
+    exes+=("$exe${test_args[$name]:+ ${test_args[$name]}}")
 done
 
 echo "== fetching kernels ${kernels[*]} (cache: $vm_cache)"
