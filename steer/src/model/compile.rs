@@ -265,12 +265,16 @@ pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Gene
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
+    use std::net::{IpAddr, Ipv6Addr};
 
-    use steer_common::lookup::Address;
+    use proptest::{prelude::*, test_runner::TestCaseError};
+    use steer_common::{BUCKET_KEYS_BASE, MAX_BINDINGS, lookup::Address};
 
     use super::*;
-    use crate::model::{Binding, Prefix, Protocol, binding::resolve, prefix::mapped_addr};
+    use crate::{
+        error::Error,
+        model::{Binding, Prefix, Protocol, binding::resolve, prefix::mapped_addr, strategies},
+    };
 
     /// Counter sets numbered by (label, family, protocol) in order of asking.
     #[derive(Default)]
@@ -294,30 +298,79 @@ mod tests {
 
     /// Compiles `set` and checks every query against the precedence model:
     /// the label and prefix length the shared lookup finds, and that the
-    /// counter set belongs to that label, family and protocol.
-    fn check(set: &[Binding], queries: impl IntoIterator<Item = (Protocol, IpAddr, u16)>) -> Generation {
+    /// counter set belongs to that label, family and protocol. Also that
+    /// the generation stays within its size bound (see
+    /// `full_is_out_of_reach_of_a_full_record`).
+    fn check(
+        set: &[Binding],
+        queries: impl IntoIterator<Item = (Protocol, IpAddr, u16)>,
+    ) -> Result<Generation, TestCaseError> {
         let mut labels: Vec<String> = set.iter().map(|b| b.label.clone()).collect();
         labels.sort();
         labels.dedup();
         let inputs: Vec<Input> = set.iter().map(|b| input(b, &labels)).collect();
         let mut dests = Numbered::default();
-        let generation = compile(&inputs, &mut dests).unwrap();
+        let generation = compile(&inputs, &mut dests).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for (protocol, addr, port) in queries {
             let p = u32::from(protocol == Protocol::Udp);
             let found = lookup::lookup(&generation, 0, p, u32::from(port), address(addr));
             let want = resolve(set, protocol, addr, port);
             let shown = |b: &Binding| (b.label.clone(), b.prefix.mapped().1);
-            assert_eq!(
+            prop_assert_eq!(
                 found.map(|a| (labels[a.label as usize].clone(), a.len)),
                 want.map(shown),
-                "{protocol} {addr} port {port}"
+                "{} {} port {}",
+                protocol,
+                addr,
+                port
             );
             if let Some(a) = found {
                 let family = u32::from(addr.is_ipv6() && address(addr).family_index() == 1);
-                assert_eq!(dests.0[&(a.label, family, p)], a.dest, "{protocol} {addr} port {port}: counter set");
+                prop_assert_eq!(
+                    dests.0.get(&(a.label, family, p)),
+                    Some(&a.dest),
+                    "{} {} port {}: counter set",
+                    protocol,
+                    addr,
+                    port
+                );
             }
         }
-        generation
+        let (exact, wildcard) = segments(&generation);
+        prop_assert!(
+            generation.ranges.len() <= range_bound(set.len(), exact, wildcard),
+            "{} ranges from {} bindings in {exact} exact and {wildcard} wildcard segments",
+            generation.ranges.len(),
+            set.len()
+        );
+        Ok(generation)
+    }
+
+    /// The most ranges `bindings` bindings compile to, in `exact` port
+    /// segments and `wildcard` bucket segments: each binding lies in one
+    /// segment and starts at most two ranges there (where it begins, and
+    /// where what it covers ends); each segment adds its first range, an
+    /// exact one also two where it crosses into and out of the IPv4
+    /// region, and wildcard bucket 0 of IPv6 (one per protocol) those two too.
+    fn range_bound(bindings: usize, exact: usize, wildcard: usize) -> usize {
+        2 * bindings + 3 * exact + wildcard + 2 * 2
+    }
+
+    /// The (exact port, wildcard bucket) segments that hold ranges.
+    fn segments(generation: &Generation) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for (chunk, entries) in &generation.dir_chunks {
+            for (i, entry) in entries.iter().enumerate() {
+                if entry.count > 0 {
+                    if chunk * CHUNK_ENTRIES + (i as u32) < BUCKET_KEYS_BASE {
+                        counts.0 += 1;
+                    } else {
+                        counts.1 += 1;
+                    }
+                }
+            }
+        }
+        counts
     }
 
     fn b(label: &str, protocol: Protocol, prefix: &str, port: u16) -> Binding {
@@ -349,12 +402,12 @@ mod tests {
                 }
             }
         }
-        check(&set, queries);
+        check(&set, queries).unwrap();
     }
 
     #[test]
     fn unrelated_traffic_reads_absent_chunks() {
-        let generation = check(&[b("x", Protocol::Tcp, "10.0.0.0/8", 443)], []);
+        let generation = check(&[b("x", Protocol::Tcp, "10.0.0.0/8", 443)], []).unwrap();
         // One exact segment, no bucket: a wildcard lookup anywhere finds no chunk.
         assert_eq!(generation.dir(0, lookup::bucket_key(0, 0, 0x7f00)), None);
         assert_eq!(generation.dir_chunks.len(), 1);
@@ -364,51 +417,121 @@ mod tests {
         IpAddr::V6(addr.into())
     }
 
-    /// Addresses drawn from a few nearby regions so prefixes nest often.
-    fn random_addr(rng: &mut fastrand::Rng) -> IpAddr {
-        let noise = rng.u64(..);
-        match rng.u8(..4) {
-            0 => IpAddr::from([10, (noise & 1) as u8, (noise >> 8) as u8 & 3, (noise >> 16) as u8]),
-            1 => IpAddr::from([127, 0, (noise & 1) as u8, (noise >> 8) as u8]),
-            2 => v6(0x2001_0db8_0000_0000_0000_0000_0000_0000u128 | u128::from(noise & 0xff00_0000_0003)),
-            _ => v6(u128::from(noise) << 64 | u128::from(rng.u8(..4))),
+    /// An address of the v4-mapped space as a lookup may be given it: IPv4
+    /// in the IPv4 region unless `as_v6` (a dual-stack socket's view).
+    fn unmapped(addr: u128, as_v6: bool) -> IpAddr {
+        match Ipv6Addr::from(addr).to_ipv4_mapped() {
+            Some(v4) if !as_v6 => IpAddr::V4(v4),
+            _ => v6(addr),
         }
     }
 
-    #[test]
-    fn random_sets_agree_with_the_model() {
-        // Seeded, so a failing round reproduces.
-        let mut rng = fastrand::Rng::with_seed(0x5eed_1234_abcd_0001);
-        for round in 0..300 {
-            let mut set: Vec<Binding> = Vec::new();
-            for _ in 0..rng.usize(1..=40) {
-                let addr = random_addr(&mut rng);
-                let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
-                let len = match rng.u8(..3) {
-                    0 => rng.u8(..=max),
-                    1 => max - rng.u8(..9),
-                    _ => rng.u8(..17),
-                };
-                let binding = Binding {
-                    label: format!("l{}", rng.u8(..6)),
-                    protocol: if rng.u8(..3) == 0 { Protocol::Udp } else { Protocol::Tcp },
-                    prefix: Prefix::new(addr, len).unwrap(),
-                    port: [0, 0, 80, 443, 1][rng.usize(..5)],
-                };
-                if !set.iter().any(|o| o.key() == binding.key()) {
-                    set.push(binding);
+    /// Lookups at the edges of each binding's prefix, inside and just
+    /// outside, on its own port and protocol and on `ports` of both.
+    fn edge_queries(set: &[Binding], ports: &[u16]) -> Vec<(Protocol, IpAddr, u16)> {
+        let mut queries = Vec::new();
+        for b in set {
+            let (addr, len) = b.prefix.mapped();
+            let first = u128::from_be_bytes(addr);
+            let last = first | !prefix_mask(len);
+            let mut addrs = vec![first, last];
+            addrs.extend(first.checked_sub(1));
+            addrs.extend(last.checked_add(1));
+            for a in addrs {
+                for as_v6 in [false, true] {
+                    let addr = unmapped(a, as_v6);
+                    queries.push((b.protocol, addr, b.port.max(1)));
+                    for &port in ports {
+                        for protocol in Protocol::ALL {
+                            queries.push((protocol, addr, port));
+                        }
+                    }
                 }
             }
-            let queries: Vec<_> = (0..200)
-                .map(|_| {
-                    let protocol = if rng.u8(..3) == 0 { Protocol::Udp } else { Protocol::Tcp };
-                    (protocol, random_addr(&mut rng), [80, 443, 1, 2][rng.usize(..4)])
-                })
-                .collect();
-            // Say which round failed, for reproduction.
-            let result = std::panic::catch_unwind(|| check(&set, queries.clone()));
-            assert!(result.is_ok(), "round {round}: {set:#?}");
         }
+        queries
+    }
+
+    fn query() -> impl Strategy<Value = (Protocol, IpAddr, u16)> {
+        (strategies::protocol(), strategies::clustered_addr(), prop_oneof![Just(80u16), Just(443), Just(1), Just(2)])
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(256))]
+
+        /// Random sets of nested, touching and repeated prefixes of both
+        /// families and every length, wildcard and exact ports, both
+        /// protocols: the compiled tables answer every lookup at the edges
+        /// of each prefix, and at random addresses, as the precedence rule
+        /// does. A failure shrinks to a minimal set.
+        #[test]
+        fn compile_and_lookup_agree_with_the_model(
+            set in strategies::binding_set(40),
+            random in proptest::collection::vec(query(), 0..100),
+        ) {
+            let mut queries = edge_queries(&set, &[80, 443, 2]);
+            queries.extend(random);
+            check(&set, queries)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(6))]
+
+        /// The same for large sets: many segments and long ones, many
+        /// labels and counter sets.
+        #[test]
+        fn large_sets_agree_with_the_model(
+            set in strategies::binding_set(1500),
+            random in proptest::collection::vec(query(), 0..500),
+        ) {
+            let mut queries = edge_queries(&set, &[]);
+            queries.extend(random);
+            check(&set, queries)?;
+        }
+    }
+
+    /// A generation holds MAX_RANGES ranges; past that compile fails with
+    /// `Full` rather than truncating. The cheapest way there: hosts two
+    /// addresses apart on one exact port, two ranges each (the host and
+    /// the gap after it), in one segment that also starts a range where
+    /// it enters the IPv4 region and one where it leaves it. Exactly full
+    /// compiles, and its one huge segment is searched right at its ends
+    /// and middle (the search's step bound); one host more is refused.
+    #[test]
+    fn a_set_past_max_ranges_is_full_not_truncated() {
+        let host = |i: u32| Input { protocol_index: 0, port: 80, addr: u128::from(i) * 2, len: 128, label: i % 3 };
+        let fits = (MAX_RANGES - 2) / 2;
+        let mut set: Vec<Input> = (0..fits).map(host).collect();
+        let generation = compile(&set, &mut Numbered::default()).unwrap();
+        assert_eq!(generation.ranges.len(), MAX_RANGES as usize);
+        for i in [0, 1, fits / 2, fits - 2, fits - 1] {
+            let at = |addr: u128| {
+                lookup::lookup(&generation, 0, 0, 80, Address::v6((addr >> 64) as u64, addr as u64))
+                    .map(|a| (a.label, a.len))
+            };
+            assert_eq!(at(u128::from(i) * 2), Some((i % 3, 128)), "host {i}");
+            assert_eq!(at(u128::from(i) * 2 + 1), None, "after host {i}");
+        }
+        set.push(host(fits));
+        let err = compile(&set, &mut Numbered::default()).unwrap_err();
+        assert!(matches!(err, Error::Full(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("these bindings compile to {} address ranges; a generation holds {MAX_RANGES}", MAX_RANGES + 2)
+        );
+    }
+
+    /// With the bound `check` holds every generation to, a record filled
+    /// to MAX_BINDINGS compiles to fewer than MAX_RANGES ranges even with
+    /// every port and bucket segment in use: `Full` is a guard that the
+    /// record's own limit keeps out of reach.
+    #[test]
+    fn full_is_out_of_reach_of_a_full_record() {
+        let ports = 2 * 65535;
+        let buckets = 2 * 2 * 65536;
+        let most = range_bound(MAX_BINDINGS as usize, ports, buckets);
+        assert!(most <= MAX_RANGES as usize, "{most} > {MAX_RANGES}");
     }
 
     #[test]
@@ -426,7 +549,7 @@ mod tests {
             let flipped = u128::from_be_bytes(mapped_addr(target)) ^ (1u128 << (127 - bit.min(127)));
             (Protocol::Tcp, v6(flipped), 8443)
         });
-        let generation = check(&set, queries.chain([(Protocol::Tcp, target, 8443)]));
+        let generation = check(&set, queries.chain([(Protocol::Tcp, target, 8443)])).unwrap();
         assert!(generation.ranges.len() <= 2 * 129 + 3, "{} ranges", generation.ranges.len());
     }
 }

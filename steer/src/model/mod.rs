@@ -12,6 +12,8 @@ pub mod label;
 pub mod net;
 pub mod prefix;
 pub mod slot;
+#[cfg(test)]
+pub(crate) mod strategies;
 pub mod text;
 
 pub use binding::{Binding, BindingsFile};
