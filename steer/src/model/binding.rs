@@ -141,7 +141,10 @@ pub fn decode_key(key: &BindingKey) -> Result<(Protocol, Prefix, u16)> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::model::strategies;
 
     fn b(label: &str, protocol: Protocol, prefix: &str, port: u16) -> Binding {
         Binding { label: label.into(), protocol, prefix: prefix.parse().unwrap(), port }
@@ -176,6 +179,81 @@ pub(crate) mod tests {
             decode_key(&encode_key(Protocol::Tcp, &"10.1.0.0/16".parse().unwrap(), 8)).unwrap().1.to_string(),
             "10.1.0.0/16"
         );
+    }
+
+    /// The prefix a key gives back for `prefix`: itself, but an IPv6
+    /// prefix inside the v4-mapped region (::ffff:0:0/96 and longer) comes
+    /// back as the IPv4 prefix it is the same key as.
+    fn canonical(prefix: Prefix) -> Prefix {
+        match prefix.addr() {
+            IpAddr::V6(a) if prefix.prefix_len() >= 96 => match a.to_ipv4_mapped() {
+                Some(v4) => Prefix::new(IpAddr::V4(v4), prefix.prefix_len() - 96).unwrap(),
+                None => prefix,
+            },
+            _ => prefix,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(1024))]
+
+        /// encode_key then decode_key gives the binding back (up to the
+        /// IPv4 / v4-mapped identity), and its key again.
+        #[test]
+        fn keys_round_trip_up_to_v4_mapping(
+            protocol in strategies::protocol(),
+            prefix in prop_oneof![strategies::any_prefix(), strategies::clustered_prefix()],
+            port in any::<u16>(),
+        ) {
+            let key = encode_key(protocol, &prefix, port);
+            let (p, back, q) = decode_key(&key).unwrap();
+            prop_assert_eq!((p, back, q), (protocol, canonical(prefix), port));
+            prop_assert_eq!(encode_key(p, &back, q), key);
+            prop_assert_eq!(back.mapped(), prefix.mapped());
+        }
+
+        /// Any key decodes or fails without panicking; one that decodes is
+        /// the key of what it decodes to, host bits cleared.
+        #[test]
+        fn any_key_decodes_or_fails_cleanly(
+            protocol in prop_oneof![Just(6u8), Just(17u8), any::<u8>()],
+            prefixlen in prop_oneof![0..=128u8, any::<u8>()],
+            port in any::<u16>(),
+            addr in any::<[u8; 16]>(),
+        ) {
+            let key = BindingKey { protocol, prefixlen, port: port.to_be_bytes(), addr };
+            match decode_key(&key) {
+                Ok((p, prefix, q)) => {
+                    prop_assert_eq!(encode_key(p, &prefix, q), BindingKey::new(protocol, prefixlen, port, addr));
+                }
+                Err(e) => prop_assert!(Protocol::from_number(protocol).is_none() || prefixlen > 128, "{}", e),
+            }
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(256))]
+
+        /// A bindings file prints as JSON that parses back to it, whatever
+        /// its labels hold (parsing checks the syntax, not the label rules).
+        #[test]
+        fn bindings_files_round_trip_as_json(
+            bindings in proptest::collection::vec(
+                prop_oneof![
+                    strategies::any_binding(),
+                    (any::<String>(), strategies::clustered_binding())
+                        .prop_map(|(label, b)| Binding { label, ..b }),
+                ],
+                0..20,
+            ),
+        ) {
+            let file = BindingsFile { bindings };
+            let text = serde_json::to_string(&file).unwrap();
+            prop_assert_eq!(&BindingsFile::parse(&text, "f").unwrap(), &file);
+            let pretty = serde_json::to_string_pretty(&file).unwrap();
+            prop_assert_eq!(BindingsFile::parse(&pretty, "f").unwrap(), file);
+        }
     }
 
     #[test]

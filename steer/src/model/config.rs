@@ -198,7 +198,66 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::model::strategies;
+
+    fn wanted() -> impl Strategy<Value = Wanted> {
+        (
+            strategies::label(),
+            strategies::protocol(),
+            prop_oneof![strategies::clustered_addr(), any::<IpAddr>()],
+            1..=u16::MAX,
+            any::<bool>(),
+            proptest::option::of(any::<String>().prop_map(PathBuf::from)),
+            proptest::option::of(".+"),
+        )
+            .prop_map(|(label, protocol, address, port, no_reuseport, pid_file, process)| Wanted {
+                label,
+                protocol,
+                address,
+                port,
+                no_reuseport,
+                pid_file,
+                process,
+            })
+    }
+
+    /// A valid config: bindings one per key, registrations one per slot.
+    fn valid_config() -> impl Strategy<Value = Config> {
+        (
+            proptest::option::of(proptest::collection::vec(
+                prop_oneof![strategies::clustered_binding(), strategies::any_binding()],
+                0..16,
+            )),
+            proptest::collection::vec(wanted(), 0..8),
+        )
+            .prop_map(|(mut bindings, mut registrations)| {
+                if let Some(list) = &mut bindings {
+                    let mut keys = BTreeSet::new();
+                    list.retain(|b| keys.insert(b.key()));
+                }
+                let mut slots = BTreeSet::new();
+                registrations.retain(|w| slots.insert((w.label.clone(), w.protocol, w.target().family())));
+                Config { bindings, registrations }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(256))]
+
+        /// A valid config prints as JSON (compact or pretty) that parses,
+        /// and passes the checks, back to the same config.
+        #[test]
+        fn valid_configs_round_trip_as_json(config in valid_config()) {
+            config.validate().unwrap();
+            let text = serde_json::to_string(&config).unwrap();
+            prop_assert_eq!(&Config::parse(&text, "c").unwrap(), &config);
+            let pretty = serde_json::to_string_pretty(&config).unwrap();
+            prop_assert_eq!(Config::parse(&pretty, "c").unwrap(), config);
+        }
+    }
 
     #[test]
     fn configs_parse_and_bad_ones_say_why() {

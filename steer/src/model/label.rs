@@ -28,7 +28,40 @@ pub fn label_from_key(key: &LabelName) -> String {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::model::strategies;
+
+    proptest! {
+        #![proptest_config(strategies::config(1024))]
+
+        /// Every valid label encodes to a key that names it back.
+        #[test]
+        fn valid_labels_round_trip_through_keys(label in strategies::label()) {
+            prop_assert_eq!(label_from_key(&label_key(&label).unwrap()), label);
+        }
+
+        /// Any text is either a valid label that round-trips, or refused
+        /// with a short message; which one, the rules say.
+        #[test]
+        fn any_text_is_a_label_or_refused(
+            text in prop_oneof![any::<String>(), "[A-Za-z0-9._:/ -]{0,70}"],
+        ) {
+            let valid = (1..=MAX_LABEL_LEN).contains(&text.len())
+                && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+            match label_key(&text) {
+                Ok(key) => {
+                    prop_assert!(valid, "{:?} accepted", text);
+                    prop_assert_eq!(label_from_key(&key), text);
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "{:?} refused: {}", text, e);
+                    prop_assert!(e.to_string().len() < 250);
+                }
+            }
+        }
+    }
 
     #[test]
     fn labels_follow_the_rules() {

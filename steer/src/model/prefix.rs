@@ -122,7 +122,10 @@ impl<'de> Deserialize<'de> for Prefix {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::model::strategies;
 
     #[test]
     fn prefixes_parse_and_clear_host_bits() {
@@ -140,6 +143,72 @@ mod tests {
         let huge = "x".repeat(30 << 20);
         let msg = huge.parse::<Prefix>().unwrap_err().to_string();
         assert!(msg.len() < 200 && msg.contains(&format!("({} bytes)", huge.len())), "{}", &msg[..100]);
+    }
+
+    /// Text that looks like a prefix more often than random text does:
+    /// digits, hex, separators, signs and spaces in any order.
+    fn prefixish() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::string::string_regex("[0-9a-fA-F.:/+% -]{0,48}").expect("a valid regex"),
+            // A real prefix with a few bytes changed, dropped or added.
+            (strategies::any_prefix(), any::<usize>(), "[0-9a-z.:/+ ]{0,3}", 0..3usize).prop_map(
+                |(p, at, with, cut)| {
+                    let mut s = p.to_string();
+                    let at = at % (s.len() + 1);
+                    s.replace_range(at..(at + cut).min(s.len()), &with);
+                    s
+                }
+            ),
+            any::<String>(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(strategies::config(1024))]
+
+        /// Every prefix prints as text that parses back to it, as JSON too,
+        /// and the address and length it was made of parse to it as well
+        /// (host bits and all), as does the bare address for a host prefix.
+        #[test]
+        fn prefixes_round_trip_through_text_and_json(prefix in strategies::any_prefix(), host in any::<u128>()) {
+            let text = prefix.to_string();
+            prop_assert_eq!(text.parse::<Prefix>().unwrap(), prefix);
+            let json = serde_json::to_string(&prefix).unwrap();
+            prop_assert_eq!(&json, &format!("{text:?}"));
+            prop_assert_eq!(serde_json::from_str::<Prefix>(&json).unwrap(), prefix);
+            // The same prefix written with host bits set.
+            let max = if prefix.is_ipv4() { 32 } else { 128 };
+            let host_bits = !steer_common::prefix_mask(128 - max + prefix.prefix_len());
+            let dirty = match prefix.addr() {
+                IpAddr::V4(a) => IpAddr::V4((u32::from(a) | (host as u32 & host_bits as u32)).into()),
+                IpAddr::V6(a) => IpAddr::V6((u128::from(a) | (host & host_bits)).into()),
+            };
+            prop_assert_eq!(format!("{dirty}/{}", prefix.prefix_len()).parse::<Prefix>().unwrap(), prefix);
+            prop_assert_eq!(Prefix::new(dirty, prefix.prefix_len()).unwrap(), prefix);
+            if prefix.prefix_len() == max {
+                prop_assert_eq!(prefix.addr().to_string().parse::<Prefix>().unwrap(), prefix);
+            }
+            let (mapped, len) = prefix.mapped();
+            let back = Prefix::from_mapped(mapped, len).unwrap();
+            prop_assert!(back == prefix || (!prefix.is_ipv4() && back.is_ipv4() && back.mapped() == (mapped, len)));
+        }
+
+        /// Any text either fails to parse, with a short message, or parses
+        /// to a prefix whose own text parses back to it.
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in prefixish()) {
+            match text.parse::<Prefix>() {
+                Ok(prefix) => {
+                    let again = prefix.to_string();
+                    prop_assert_eq!(again.parse::<Prefix>().unwrap(), prefix);
+                    prop_assert_eq!(again.parse::<Prefix>().unwrap().to_string(), again);
+                }
+                Err(e) => prop_assert!(e.to_string().len() < 200, "{}", e),
+            }
+            // serde takes the same text, and fails the same way.
+            let json = serde_json::to_string(&text).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Prefix>(&json).ok(), text.parse::<Prefix>().ok());
+        }
     }
 
     #[test]

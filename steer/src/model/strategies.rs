@@ -6,6 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::{prelude::*, test_runner::Config};
+use steer_common::MAX_LABEL_LEN;
 
 use super::{Binding, Prefix, Protocol};
 
@@ -26,6 +27,11 @@ pub fn protocol() -> impl Strategy<Value = Protocol> {
 /// Mostly the wildcard port, else one of a few exact ones.
 pub fn port() -> impl Strategy<Value = u16> {
     prop_oneof![3 => Just(0u16), 2 => Just(80u16), 1 => Just(443u16), 1 => Just(1u16), 1 => Just(65535u16)]
+}
+
+/// Any valid label, of every length the rules allow.
+pub fn label() -> impl Strategy<Value = String> {
+    proptest::string::string_regex(&format!("[A-Za-z0-9._:-]{{1,{MAX_LABEL_LEN}}}")).expect("a valid regex")
 }
 
 /// One of a few labels, so that neighbouring prefixes share or differ.
@@ -80,9 +86,27 @@ pub fn clustered_prefix() -> impl Strategy<Value = Prefix> {
     clustered_addr().prop_flat_map(|addr| len_for(addr).prop_map(move |len| Prefix::new(addr, len).expect("len fits")))
 }
 
+/// Any prefix at all, of either family.
+pub fn any_prefix() -> impl Strategy<Value = Prefix> {
+    prop_oneof![
+        (any::<u32>(), 0..=32u8).prop_map(|(a, len)| Prefix::new(IpAddr::V4(a.into()), len).expect("len fits")),
+        (any::<u128>(), 0..=128u8).prop_map(|(a, len)| Prefix::new(v6(a), len).expect("len fits")),
+    ]
+}
+
 /// A binding among few labels, at a clustered prefix.
 pub fn clustered_binding() -> impl Strategy<Value = Binding> {
     (few_labels(), protocol(), clustered_prefix(), port()).prop_map(|(label, protocol, prefix, port)| Binding {
+        label,
+        protocol,
+        prefix,
+        port,
+    })
+}
+
+/// A binding of any valid label, prefix and port.
+pub fn any_binding() -> impl Strategy<Value = Binding> {
+    (label(), protocol(), any_prefix(), any::<u16>()).prop_map(|(label, protocol, prefix, port)| Binding {
         label,
         protocol,
         prefix,
