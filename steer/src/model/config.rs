@@ -31,12 +31,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use super::text::clip;
 use super::{
     binding::{self, Binding},
     label::label_key,
     net::{Family, Protocol, Target},
 };
-use crate::error::{Context, Result, fail};
+use crate::error::{Context, Error, Result, fail};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,8 +138,10 @@ impl RegisterOptions {
 impl Config {
     /// Parses and checks a config; `name` is for messages.
     pub fn parse(text: &str, name: &str) -> Result<Self> {
-        let config: Config =
-            serde_json::from_str(text).with_context(|| format!("{name} is not a valid steer config"))?;
+        // serde's messages quote the input: clipped, so a huge one cannot flood the terminal.
+        let config: Config = serde_json::from_str(text)
+            .map_err(|e| Error::Invalid(clip(&e.to_string())))
+            .with_context(|| format!("{name} is not a valid steer config"))?;
         config.validate().with_context(|| format!("{name} is not a valid steer config"))?;
         Ok(config)
     }
@@ -242,6 +245,21 @@ mod tests {
                 registrations.retain(|w| slots.insert((w.label.clone(), w.protocol, w.target().family())));
                 Config { bindings, registrations }
             })
+    }
+
+    #[test]
+    fn huge_input_is_quoted_short() {
+        let huge = "x".repeat(30 << 20);
+        for text in [
+            format!("{huge:?}"),
+            format!(r#"{{"registrations": [{{"label": "x", "protocol": "{huge}", "address": "::1", "port": 1}}]}}"#),
+            format!(r#"{{"{huge}": 1}}"#),
+        ] {
+            let err = Config::parse(&text, "c.json").unwrap_err();
+            assert!(matches!(err.root(), Error::Invalid(_)), "{err:?}");
+            let msg = err.chain();
+            assert!(msg.len() < 400 && msg.starts_with("c.json is not a valid steer config: "), "{}", &msg[..100]);
+        }
     }
 
     proptest! {
