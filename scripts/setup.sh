@@ -69,6 +69,9 @@ fi
 if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb 3.8.0" ]; then
     cargo install --quiet --locked cargo-deb --version 3.8.0
 fi
+# The fuzz targets: cargo-fuzz and the nightly of fuzz/rust-toolchain.toml,
+# pinned in scripts/fuzz.sh, which installs them.
+scripts/fuzz.sh --install
 
 # promtool lints the metrics endpoint's output. Debian 12 ships it only in
 # `prometheus` (96 MB installed, plus JavaScript libraries), whose install

@@ -2,7 +2,8 @@
 # Runs every check and test: formatting and lints, the committed BPF object
 # against its source, unit tests, the real-kernel tests (each in a network
 # namespace of its own), and the script checks: the quick start as root and
-# as a user, and the Debian package built, installed, tried and purged.
+# as a user, the Debian package built, installed, tried and purged, and each
+# fuzz target for FUZZ_SECONDS (20 by default; docs/fuzzing.md).
 # The benchmark's smoke run is a check of its own, not counted as a test.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -13,9 +14,13 @@ cargo fmt --manifest-path dispatch-ebpf/Cargo.toml --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # The BPF crate builds with the nightly pinned in dispatch-ebpf/rust-toolchain.toml.
 (cd dispatch-ebpf && cargo clippy --quiet --release --target bpfel-unknown-none -Z build-std=core -- -D warnings)
+# The fuzz crate builds with the nightly pinned in fuzz/rust-toolchain.toml.
+cargo fmt --manifest-path fuzz/Cargo.toml --check
+(cd fuzz && cargo clippy --quiet --all-targets -- -D warnings)
 cargo xtask build-ebpf --check
 
 cargo build --workspace --all-targets
+scripts/fuzz.sh --build
 log=$(mktemp)
 bench_log=$(mktemp)
 trap 'rm -f "$log" "$bench_log"' EXIT
@@ -32,17 +37,22 @@ else
     bench="bench smoke: FAILED (cargo test -p steer-bench --test smoke)"
     status=1
 fi
-# The script checks, each counted as one test.
+# The script checks and the fuzz runs, each counted as one test.
 checks_passed=0
 checks_failed=0
-for check in scripts/quickstart-test.sh scripts/package-test.sh; do
-    if "$check"; then
+check() {
+    if "$@"; then
         checks_passed=$((checks_passed + 1))
     else
-        echo "FAILED: $check" >&2
+        echo "FAILED: $*" >&2
         checks_failed=$((checks_failed + 1))
         status=1
     fi
+}
+check scripts/quickstart-test.sh
+check scripts/package-test.sh
+for target in $(scripts/fuzz.sh --list); do
+    check scripts/fuzz.sh "$target" "${FUZZ_SECONDS:-20}"
 done
 echo "$bench"
 # One closing line for the whole run: cargo's last line is some crate's
