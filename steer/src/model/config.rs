@@ -249,7 +249,7 @@ mod tests {
 
     #[test]
     fn huge_input_is_quoted_short() {
-        let huge = "x".repeat(30 << 20);
+        let huge = "x".repeat(1 << 20);
         for text in [
             format!("{huge:?}"),
             format!(r#"{{"registrations": [{{"label": "x", "protocol": "{huge}", "address": "::1", "port": 1}}]}}"#),

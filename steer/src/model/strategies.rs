@@ -10,14 +10,11 @@ use steer_common::MAX_LABEL_LEN;
 
 use super::{Binding, Prefix, Protocol};
 
-/// `cases` cases unless PROPTEST_CASES says how many (for a longer run:
-/// `PROPTEST_CASES=10000 cargo test -p steer --lib`).
+/// `cases` cases, few enough for `cargo test`. The proptest! macro sets
+/// PROPTEST_CASES over it when that is set, for a longer run
+/// (`PROPTEST_CASES=10000 cargo test -p steer --lib model::`).
 pub fn config(cases: u32) -> Config {
-    let mut config = Config::default();
-    if std::env::var_os("PROPTEST_CASES").is_none() {
-        config.cases = cases;
-    }
-    config
+    Config::with_cases(cases)
 }
 
 pub fn protocol() -> impl Strategy<Value = Protocol> {
