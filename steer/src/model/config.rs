@@ -215,15 +215,24 @@ mod tests {
             any::<bool>(),
             proptest::option::of(any::<String>().prop_map(PathBuf::from)),
             proptest::option::of(".+"),
+            proptest::option::of(any::<bool>()),
+            proptest::option::of("[a-z0-9_./@-]{1,40}".prop_filter("no ..", |c: &String| !c.contains(".."))),
         )
-            .prop_map(|(label, protocol, address, port, no_reuseport, pid_file, process)| Wanted {
-                label,
-                protocol,
-                address,
-                port,
-                no_reuseport,
-                pid_file,
-                process,
+            .prop_map(|(label, protocol, address, port, no_reuseport, pid_file, process, follow, cgroup)| {
+                // What validate() accepts: a followed registration names no
+                // process, and only a followed one names a cgroup.
+                let followed = follow == Some(true);
+                Wanted {
+                    label,
+                    protocol,
+                    address,
+                    port,
+                    no_reuseport,
+                    pid_file: pid_file.filter(|_| !followed),
+                    process: process.filter(|_| !followed),
+                    follow,
+                    cgroup: cgroup.filter(|_| follow != Some(false)),
+                }
             })
     }
 
