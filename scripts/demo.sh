@@ -55,6 +55,20 @@ echo
 run steerctl bindings
 run steerctl list
 run steerctl metrics
+# Followed by the kernel: a restarted server is steered from its first listen().
+run steerctl register echo tcp 127.0.0.1 7777 --follow
+kill "$ncat_pid"
+wait "$ncat_pid" 2>/dev/null || true
+ncat -4kle /bin/cat 127.0.0.1 7777 2>/dev/null &
+ncat_pid=$!
+while ! ncat -z 127.0.0.1 7777 2>/dev/null; do sleep 0.1; done
+echo "\$ kill %1; ncat -4kle /bin/cat 127.0.0.1 7777 &    # restarted: pid $ncat_pid"
+echo "\$ echo 'hello again' | ncat --no-shutdown -i 1 127.0.0.53 4242"
+echo 'hello again' | ncat --no-shutdown -i 1 127.0.0.53 4242 2>/dev/null || true
+echo
+run steerctl list
+# The seed socket is not followed: give it the new one.
+run steerctl socket set --pid "$ncat_pid"
 run steerctl unbind echo tcp 127.0.0.0/8 0
 run steerctl unregister echo
 

@@ -51,7 +51,8 @@ shape() {
         { print }' "$@" |
         sed -E 's/\b(id|pid|prog|link|cookie|fd|inode) [0-9]+/\1 N/g; s/[0-9]{3,}/N/g; s/ +/ /g; s/─+/─/g'
 }
-sed -n '/^\$ steerctl load$/,/^removed .*steer_meta$/p' README.md | shape >"$tmp/readme.shape"
+# The walkthrough: from its first command to the end of its code block.
+sed -n '/^\$ steerctl load$/,/^```$/p' README.md | sed '$d' | shape >"$tmp/readme.shape"
 if ! diff <(shape "$tmp/demo.out" | sed '${/^$/d}') "$tmp/readme.shape" >"$tmp/readme.diff"; then
     cat "$tmp/readme.diff" >&2
     fail "the README's walkthrough differs from scripts/demo.sh's output (< demo, > README): paste the new output in"
