@@ -510,6 +510,15 @@ fn register_follow_and_unregister_from_the_command_line() {
     let status = ns.status();
     assert_eq!(status["followed"][0]["label"], "web", "{status}");
     assert_eq!(status["followed"][0]["held"], 1, "{status}");
+    let explained = json(&ns.steerctl_ok(&["--json", "explain", "tcp", "127.0.0.16", "85"]));
+    assert_eq!(explained["followed"][0]["target"]["port"], 8085, "{explained}");
+    // With the server gone, explain says what will fill the slot.
+    servers.kill(first);
+    let explained = json(&ns.steerctl_ok(&["--json", "explain", "tcp", "127.0.0.16", "85"]));
+    assert_eq!(explained["verdict"], "dropped", "{explained}");
+    assert!(explained["reason"].as_str().unwrap().contains("the kernel follows it"), "{explained}");
+    let first = servers.start(&ns, &["tcp", "127.0.0.1:8085", "first again"]);
+    assert_eq!(ns.enter(|| line("127.0.0.16:85".parse().unwrap())), Ok("first again".to_string()));
     // Not following any more: a restarted server is not taken.
     ns.steerctl_ok(&["unregister", "web"]);
     servers.kill(first);

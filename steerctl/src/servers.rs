@@ -137,6 +137,10 @@ impl View for ExplainView {
             rows.push(("socket", format!("cookie {cookie} {socket}{slot}")));
             rows.push(("owner", output::joined(e.owners.iter().map(ToString::to_string), ", ", "none")));
         }
+        for f in &e.followed {
+            let scope = if f.cgroup.is_empty() { "any cgroup".to_string() } else { format!("cgroup {}", f.cgroup) };
+            rows.push(("followed", format!("by the kernel: sockets listening on {} ({scope})", f.target)));
+        }
         if e.group.len() > 1 {
             rows.push(("reuseport group", members(&e.group)));
         }

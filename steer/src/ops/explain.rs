@@ -29,7 +29,7 @@ use crate::{
         links::{self, SkLookupLink},
         netns, program, test_run,
     },
-    model::{Binding, Family, Owner, Protocol, Target},
+    model::{Binding, Family, Owner, Protocol, Target, follow::Follow},
     state::{DestStats, Dispatcher},
 };
 
@@ -67,6 +67,9 @@ pub struct Explanation {
     pub no_reuseport: bool,
     /// The seed's port list answered.
     pub seed: bool,
+    /// Registrations the kernel follows into the matched label's slot for
+    /// this protocol and family: what will fill it when a server listens.
+    pub followed: Vec<Follow>,
     /// Why, in a sentence.
     pub reason: String,
     /// For a normal lookup: the sockets the kernel's own lookup finds.
@@ -177,6 +180,7 @@ pub fn explain(
         group: Vec::new(),
         no_reuseport: false,
         seed: false,
+        followed: Vec::new(),
         reason: String::new(),
         normal_lookup: Vec::new(),
         other_sk_lookup,
@@ -326,6 +330,19 @@ pub fn explain(
         (other, _) => {
             out.verdict = Verdict::Dropped;
             out.reason = format!("the program returned {other}, which the kernel treats as a drop");
+        }
+    }
+    if let Some(label) = &out.label {
+        out.followed = super::follow::list(state)?
+            .into_iter()
+            .filter(|f| &f.label == label && f.target.protocol == protocol && f.target.family() == domain)
+            .collect();
+        if out.verdict == Verdict::Dropped && !out.followed.is_empty() {
+            let at: Vec<String> = out.followed.iter().map(|f| f.target.to_string()).collect();
+            out.reason.push_str(&format!(
+                "; the kernel follows it: the next socket to listen on {} takes the slot",
+                at.join(" or ")
+            ));
         }
     }
     Ok(out)
