@@ -117,7 +117,8 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn steerctl_binary() -> Option<std::path::PathBuf> {
+/// The steerctl built with steer-bench, next to it.
+pub fn steerctl_binary() -> Option<std::path::PathBuf> {
     let path = std::env::current_exe().ok()?.parent()?.join("steerctl");
     path.exists().then_some(path)
 }

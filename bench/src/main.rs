@@ -1,11 +1,13 @@
 //! steer-bench: what steering costs, measured side by side in one run, in a
 //! network namespace the benchmark creates for itself: connection rates
 //! against a native listener, per-lookup program cost against an empty
-//! program across binding sets, and the control plane's cost.
+//! program across binding sets, the control plane's cost, and servers
+//! followed by the kernel against `steerctl watch` polling.
 
 mod bpf;
 mod control;
 mod cost;
+mod follow;
 mod rate;
 mod sandbox;
 mod sets;
@@ -39,6 +41,11 @@ const GOAL_UNRELATED: [f64; 2] = [0.99, 0.97];
 const GOAL_UNRELATED_OVER_EMPTY: f64 = 2.0;
 const GOAL_LOOKUP_NS: f64 = 120.0;
 const GOAL_FLAT: f64 = 1.5;
+/// Following: a followed server's restart fails no connection begun after
+/// its new listen() returned; an idle watch with everything followed
+/// costs at most this share of a core.
+const GOAL_FOLLOWED_FAILED: f64 = 0.0;
+const GOAL_IDLE_CPU_PERCENT: f64 = 0.1;
 
 const NATIVE_PORT: u16 = 7001;
 /// Where the steered-to sockets are bound; clients never address it.
@@ -110,6 +117,8 @@ struct Report {
     hit_spread: f64,
     miss_spread: f64,
     control_plane: Vec<control::ControlRow>,
+    /// Kernel-followed servers against watch-polled ones.
+    following: follow::FollowReport,
     skipped: Vec<Skipped>,
 }
 
@@ -247,6 +256,9 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     let bulk = sets.last().context("no sets")?;
     let control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;
     steer::ops::bindings::load_bindings(&Dispatcher::open_write(&layout)?, &BindingsFile::default())?;
+    let steerctl = control::steerctl_binary();
+    let following =
+        follow::measure(&layout, &sandbox.dir, steerctl.as_deref(), &follow::Counts::new(quick), &mut skipped)?;
     steer::ops::lifecycle::unload(steer::Dispatcher::open_repair(&layout)?)?;
 
     Ok(Report {
@@ -259,6 +271,7 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
         hit_spread,
         miss_spread,
         control_plane,
+        following,
         skipped,
     })
 }
@@ -372,6 +385,7 @@ fn print_tables(report: &Report) {
     }
     println!("\nControl plane");
     println!("{}", b.build().with(Style::sharp()));
+    print_following(&report.following);
     for s in &report.skipped {
         println!("{s}");
     }
@@ -382,4 +396,112 @@ fn print_tables(report: &Report) {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn print_following(f: &follow::FollowReport) {
+    use follow::{Restart, Way};
+    let polled_head = format!("watch polling every {} ms", f.poll_interval_ms);
+    let heads = ["followed by the kernel", polled_head.as_str()];
+    if let Some(first) = f.restarts.first() {
+        println!(
+            "\nFollowing servers: {} restarts under load, a client connecting in a loop (connect + 1-byte read; failed: refused, reset or timed out)",
+            first.restarts
+        );
+        let mut b = tabled::builder::Builder::default();
+        b.push_record(["restart", "per restart", heads[0], heads[1]]);
+        for (restart, what) in [
+            (Restart::Graceful, "graceful: a new SO_REUSEPORT listener listens, then the old one closes"),
+            (Restart::Hard, "hard: the old listener closes, then a new one binds and listens"),
+        ] {
+            let row = |way: Way| f.restarts.iter().find(|r| r.restart == restart && r.way == way);
+            let measures = [
+                "failed connections (max in one)",
+                "failed after the new listen() returned",
+                "ms from listen() to steered (median, max)",
+            ];
+            for (i, measure) in measures.into_iter().enumerate() {
+                let cell = |way: Way| row(way).map_or("skipped".to_string(), |r| restart_cell(r, i));
+                let what = if i == 0 { what } else { "" };
+                b.push_record([what, measure, &cell(Way::Followed), &cell(Way::Polled)]);
+            }
+            let tried = |way: Way| row(way).map_or("skipped".to_string(), |r| r.connections.to_string());
+            b.push_record(["", "connections tried in all", &tried(Way::Followed), &tried(Way::Polled)]);
+        }
+        println!("{}", b.build().with(Style::sharp()));
+    }
+    if let Some(first) = f.latency.first() {
+        println!(
+            "\nFollowing servers: from listen() / bind() returning to the first steered connection ({} servers each)",
+            first.samples
+        );
+        let mut b = tabled::builder::Builder::default();
+        b.push_record(["test", heads[0], heads[1]]);
+        for (protocol, what) in [
+            (Protocol::Tcp, "tcp: connect right after listen(), then every 0.1 ms"),
+            (Protocol::Udp, "udp: a datagram right after bind(), then every 0.1 ms (watch running)"),
+        ] {
+            let cell = |way: Way| {
+                let Some(r) = f.latency.iter().find(|r| r.protocol == protocol && r.way == way) else {
+                    return "skipped".to_string();
+                };
+                let times = format!("median {:.2} ms, p99 {:.2} ms, max {:.2} ms", r.median_ms, r.p99_ms, r.max_ms);
+                let missed = if r.missed > 0 { format!("; {} never steered", r.missed) } else { String::new() };
+                match (protocol, way) {
+                    (Protocol::Tcp, Way::Followed) => format!(
+                        "{} of {} steered at once (goal all){}; {times}{missed}",
+                        r.at_once,
+                        r.samples,
+                        verdict(r.at_once as f64, r.samples as f64, true)
+                    ),
+                    (Protocol::Tcp, Way::Polled) => format!("{} of {} at once; {times}{missed}", r.at_once, r.samples),
+                    (Protocol::Udp, _) => format!("{times}{missed}"),
+                }
+            };
+            b.push_record([what.to_string(), cell(Way::Followed), cell(Way::Polled)]);
+        }
+        println!("{}", b.build().with(Style::sharp()));
+    }
+    if let Some(first) = f.watch_idle.first() {
+        println!(
+            "\nFollowing servers: steerctl watch's CPU, idle for {:.1} s ({} registrations, {} unrelated TCP listeners; utime+stime from /proc/PID/stat, goal <= {GOAL_IDLE_CPU_PERCENT}% followed)",
+            first.window_s, first.registrations, first.unrelated_listeners
+        );
+        let mut b = tabled::builder::Builder::default();
+        b.push_record(["servers listening", heads[0], heads[1]]);
+        let mut listening: Vec<usize> = f.watch_idle.iter().map(|r| r.listening).collect();
+        listening.dedup();
+        for n in listening {
+            let cell = |way: Way| {
+                let Some(r) = f.watch_idle.iter().find(|r| r.listening == n && r.way == way) else {
+                    return "skipped".to_string();
+                };
+                let on_cpu = r.on_cpu_ms.map_or(String::new(), |ms| format!("; {ms:.1} ms on a CPU"));
+                let goal = if way == Way::Followed { verdict(r.cpu_percent, GOAL_IDLE_CPU_PERCENT, false) } else { "" };
+                format!("{:.2}% of a core ({} ticks{on_cpu}){goal}", r.cpu_percent, r.ticks)
+            };
+            let what = if n == first.registrations {
+                format!("all {n}")
+            } else {
+                format!("{n} of {} ({} waiting for their server)", first.registrations, first.registrations - n)
+            };
+            b.push_record([what, cell(Way::Followed), cell(Way::Polled)]);
+        }
+        println!("{}", b.build().with(Style::sharp()));
+    }
+}
+
+/// The `measure`th line of a restart row's cell.
+fn restart_cell(r: &follow::RestartRow, measure: usize) -> String {
+    match measure {
+        0 => format!("{:.2} ({})", r.failed_per_restart, r.max_failed_in_one_restart),
+        1 => {
+            let n = r.failed_after_listen as f64 / r.restarts.max(1) as f64;
+            if r.way == follow::Way::Followed {
+                format!("{n:.2} (goal {GOAL_FOLLOWED_FAILED}){}", verdict(n, GOAL_FOLLOWED_FAILED, false))
+            } else {
+                format!("{n:.2}")
+            }
+        }
+        _ => format!("{:.2}, {:.2}", r.steered_median_ms, r.steered_max_ms),
+    }
 }
