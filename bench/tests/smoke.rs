@@ -37,6 +37,22 @@ fn quick_json_run_measures_every_row() {
             assert_positive_numbers(section, row);
         }
     }
+    // Servers followed by the kernel: the followed TCP rows at least,
+    // unless the kernel cannot follow (then a skipped line says why).
+    let skipped = report["skipped"].to_string();
+    if !skipped.contains("\"following servers\"") {
+        for section in ["restarts", "latency"] {
+            let rows = report["following"][section].as_array().unwrap_or_else(|| panic!("no following.{section}"));
+            assert!(
+                rows.iter().any(|r| r["way"] == "followed" && r["protocol"] != "udp"),
+                "following.{section} has no followed TCP row: {rows:?}"
+            );
+            for row in rows {
+                let connections = row.get("connections").or(row.get("samples"));
+                assert!(connections.and_then(Value::as_u64).is_some_and(|n| n > 0), "following.{section}: {row}");
+            }
+        }
+    }
     let tests: Vec<_> =
         report["connection_rate"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap_or("")).collect();
     assert!(
