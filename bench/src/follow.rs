@@ -384,7 +384,8 @@ impl Ctx<'_> {
         let reuseport = restart == Restart::Graceful;
         let mut server = TcpServer::start(svc.server(), reuseport)?;
         wait_steered(svc.steered()).with_context(|| format!("{} {restart:?} restarts: first server", way.name()))?;
-        let most = (counts.restarts + 1) * counts.between * 100;
+        // Room for PROBE_LIMIT of failures (paced by PROBE_PAUSE) per restart.
+        let most = (counts.restarts + 1) * (counts.between + 50_000);
         let client = Client::start(svc.steered(), most, Duration::from_secs(300));
         // (began, listening): the restart's start, and the new listen() returning.
         let mut marks: Vec<(Instant, Instant)> = Vec::new();
@@ -683,8 +684,8 @@ struct Try {
     ok: bool,
 }
 
-/// Connections one after another on a thread, until stopped, `most` of
-/// them, or `limit` elapsed.
+/// Connections one after another on a thread (PROBE_PAUSE after a
+/// failure), until stopped, `most` of them, or `limit` elapsed.
 struct Client {
     stop: Arc<AtomicBool>,
     succeeded: Arc<AtomicUsize>,
@@ -704,6 +705,10 @@ impl Client {
                 out.tries.push(Try { began, ended: Instant::now(), ok: succeeded });
                 if succeeded {
                     ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    // Paced like a client retrying: failures count time
+                    // unsteered, and leave the CPU to watch meanwhile.
+                    std::thread::sleep(PROBE_PAUSE);
                 }
             }
             out

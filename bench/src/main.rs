@@ -404,7 +404,7 @@ fn print_following(f: &follow::FollowReport) {
     let heads = ["followed by the kernel", polled_head.as_str()];
     if let Some(first) = f.restarts.first() {
         println!(
-            "\nFollowing servers: {} restarts under load, a client connecting in a loop (connect + 1-byte read; failed: refused, reset or timed out)",
+            "\nFollowing servers: {} restarts under load, a client connecting in a loop (connect + 1-byte read, 0.1 ms pause after a failure; failed: refused, reset or timed out)",
             first.restarts
         );
         let mut b = tabled::builder::Builder::default();
