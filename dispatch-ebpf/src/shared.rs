@@ -9,8 +9,9 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::bindings::bpf_func_id::{
-    BPF_FUNC_get_netns_cookie, BPF_FUNC_get_socket_cookie, BPF_FUNC_map_lookup_elem, BPF_FUNC_map_update_elem,
-    BPF_FUNC_ringbuf_output, BPF_FUNC_sk_assign, BPF_FUNC_sk_release, BPF_FUNC_sock_map_update,
+    BPF_FUNC_get_netns_cookie, BPF_FUNC_get_prandom_u32, BPF_FUNC_get_socket_cookie, BPF_FUNC_ktime_get_ns,
+    BPF_FUNC_map_lookup_elem, BPF_FUNC_map_update_elem, BPF_FUNC_ringbuf_output, BPF_FUNC_sk_assign,
+    BPF_FUNC_sk_release, BPF_FUNC_sock_map_update,
 };
 use steer_common::{bpf_sk_lookup, bpf_sock_ops};
 
@@ -71,6 +72,20 @@ pub unsafe fn ringbuf_output(map: *mut c_void, data: *const c_void, size: u64, f
     unsafe { f(map, data, size, flags) }
 }
 
+#[inline(always)]
+pub fn ktime_get_ns() -> u64 {
+    // Safety: takes nothing, returns a number.
+    let f: unsafe extern "C" fn() -> u64 = unsafe { core::mem::transmute(BPF_FUNC_ktime_get_ns as usize) };
+    unsafe { f() }
+}
+
+#[inline(always)]
+pub fn prandom_u32() -> u32 {
+    // Safety: as above.
+    let f: unsafe extern "C" fn() -> u32 = unsafe { core::mem::transmute(BPF_FUNC_get_prandom_u32 as usize) };
+    unsafe { f() }
+}
+
 /// Declares steer-common's maps as BTF map definitions (libbpf's `.maps`
 /// layout) under plain struct names: the kernel rejects BTF type names with
 /// generics in them, which aya-ebpf's own `btf_maps` types produce. A map
@@ -78,22 +93,26 @@ pub unsafe fn ringbuf_output(map: *mut c_void, data: *const c_void, size: u64, f
 /// `__array(values, ...)` does.
 macro_rules! btf_maps {
     ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
-        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)? $(, ringbuf $ring:tt)?;)*) => {
+        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)? $(, inner_ringbuf $inner_ring:expr)?
+        $(, ringbuf $ring:tt)?;)*) => {
         /// The BTF map definition structs, one per map, named after the
         /// maps' statics so BTF shows which is which; inner map definitions
         /// of maps of maps under the same names in their own module.
         #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
         pub mod defs {
-            $(btf_maps!(@def $ident, $type, $key, $value, $max, $flags $(, $inner)? $(, ringbuf $ring)?);)*
+            $(btf_maps!(@def $ident, $type, $key, $value, $max, $flags $(, $inner)? $(, inner_ringbuf $inner_ring)?
+                $(, ringbuf $ring)?);)*
         }
         #[allow(non_camel_case_types, clippy::upper_case_acronyms)]
         pub mod inner_defs {
             $($(btf_maps!(@inner $ident, $inner, $inner_max, $inner_flags);)?)*
+            $($(btf_maps!(@inner_ringbuf $ident, $inner_ring);)?)*
         }
         $(
             #[unsafe(link_section = ".maps")]
             #[unsafe(export_name = $name)]
-            pub static $ident: defs::$ident = btf_maps!(@init $ident $(, $inner)? $(, ringbuf $ring)?);
+            pub static $ident: defs::$ident =
+                btf_maps!(@init $ident $(, $inner)? $(, inner_ringbuf $inner_ring)? $(, ringbuf $ring)?);
         )*
     };
     (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr) => {
@@ -118,6 +137,10 @@ macro_rules! btf_maps {
         }
         // Safety: as above.
         unsafe impl Sync for $ident {}
+    };
+    // A map of ring buffers: its inner map is described like an array's.
+    (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr, inner_ringbuf $bytes:expr) => {
+        btf_maps!(@def $ident, $type, $key, $value, $max, $flags, ());
     };
     (@def $ident:ident, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr, $inner:ty) => {
         #[repr(C)]
@@ -145,11 +168,22 @@ macro_rules! btf_maps {
             pub map_flags: *const [i32; ($inner_flags) as usize],
         }
     };
+    // A ring buffer inner map: type and size only.
+    (@inner_ringbuf $ident:ident, $bytes:expr) => {
+        #[repr(C)]
+        pub struct $ident {
+            pub r#type: *const [i32; steer_common::kernel::BPF_MAP_TYPE_RINGBUF as usize],
+            pub max_entries: *const [i32; ($bytes) as usize],
+        }
+    };
     (@init $ident:ident) => {
         defs::$ident { r#type: ptr::null(), key: ptr::null(), value: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null() }
     };
     (@init $ident:ident, ringbuf $ring:tt) => {
         defs::$ident { r#type: ptr::null(), max_entries: ptr::null() }
+    };
+    (@init $ident:ident, inner_ringbuf $bytes:expr) => {
+        btf_maps!(@init $ident, ())
     };
     (@init $ident:ident, $inner:ty) => {
         defs::$ident { r#type: ptr::null(), key: ptr::null(), max_entries: ptr::null(), map_flags: ptr::null(), values: [] }

@@ -114,6 +114,14 @@ pub const MAX_BACKFILL: u32 = 1024;
 /// Bytes of the follow event ring buffer (a power of two, pages).
 pub const FOLLOW_EVENT_BYTES: u32 = 1 << 16;
 
+/// Tracers (`steerctl trace`) that can run at once: slots of the `trace_*` maps.
+pub const MAX_TRACERS: u32 = 8;
+/// Bytes of each tracer's ring buffer (a power of two, pages): 4,096
+/// events of [`TraceEvent`] plus their headers.
+pub const TRACE_RING_BYTES: u32 = 1 << 18;
+/// Labels one tracer's kernel-side filter can name.
+pub const TRACE_FILTER_LABELS: usize = 4;
+
 /// `socket_flags` bits, per socket slot.
 pub mod socket_flag {
     /// Assign exactly the registered socket, not the SO_REUSEPORT group it
@@ -275,7 +283,11 @@ pub struct DataplaneConfig {
     pub active_half: u8,
     /// Non-zero: consult the seed's `echo_ports` when no binding applies.
     pub seed_enabled: u8,
-    pub _pad: [u8; 6],
+    /// Non-zero: a tracer may be live; the program looks at the `trace_*`
+    /// maps after each decision, and clears this when it finds no live
+    /// tracer there (layout 5; a spare byte before).
+    pub trace: u8,
+    pub _pad: [u8; 5],
 }
 
 /// Why `bpf_sk_assign` refused a label's socket.
@@ -341,6 +353,170 @@ pub struct SeedMetrics {
     pub misses: u64,
     /// bpf_sk_assign refused the socket: dropped.
     pub errors: u64,
+}
+
+/// What the program decided for one lookup, as a tracer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum TraceOutcome {
+    /// A binding matched and the label's socket was assigned.
+    Assigned = 0,
+    /// A binding matched but the label has no socket for the connection's
+    /// family and protocol: dropped.
+    Miss = 1,
+    /// A binding matched but the kernel refused the label's socket
+    /// (bpf_sk_assign's errno): dropped.
+    Error = 2,
+    /// No binding; the port is on the seed list and the seed socket was assigned.
+    Seed = 3,
+    /// No binding; the port is on the seed list but there is no seed socket: dropped.
+    SeedMiss = 4,
+    /// No binding; the port is on the seed list but the kernel refused the seed socket: dropped.
+    SeedError = 5,
+    /// No binding (and no seed port): the kernel's normal lookup decides.
+    Normal = 6,
+}
+
+impl TraceOutcome {
+    pub const ALL: [TraceOutcome; 7] = [
+        TraceOutcome::Assigned,
+        TraceOutcome::Miss,
+        TraceOutcome::Error,
+        TraceOutcome::Seed,
+        TraceOutcome::SeedMiss,
+        TraceOutcome::SeedError,
+        TraceOutcome::Normal,
+    ];
+
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(value)).copied()
+    }
+
+    /// Its bit in [`TraceFilter::outcomes`].
+    #[inline(always)]
+    pub const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceOutcome::Assigned => "assigned",
+            TraceOutcome::Miss => "miss",
+            TraceOutcome::Error => "error",
+            TraceOutcome::Seed => "seed",
+            TraceOutcome::SeedMiss => "seed-miss",
+            TraceOutcome::SeedError => "seed-error",
+            TraceOutcome::Normal => "normal",
+        }
+    }
+}
+
+/// An address prefix a tracer's filter selects, in the v4-mapped space as
+/// [`lookup::Address`] has it (big-endian halves): an address matches when
+/// its bits under `mask` are `addr`'s. A zero mask matches every address.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixMatch {
+    pub addr: [u64; 2],
+    pub mask: [u64; 2],
+}
+
+impl PrefixMatch {
+    /// The prefix of `len` bits of `addr` (v4-mapped, network order).
+    pub fn new(addr: [u8; 16], len: u8) -> Self {
+        let mask = prefix_mask(len);
+        let value = u128::from_be_bytes(addr) & mask;
+        Self { addr: [(value >> 64) as u64, value as u64], mask: [(mask >> 64) as u64, mask as u64] }
+    }
+
+    #[inline(always)]
+    pub fn matches(&self, addr: lookup::Address) -> bool {
+        (addr.hi ^ self.addr[0]) & self.mask[0] == 0 && (addr.lo ^ self.addr[1]) & self.mask[1] == 0
+    }
+}
+
+/// A tracer's kernel-side filter and sampling, in its slot of
+/// `trace_filters`. A decision is traced when every part matches.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceFilter {
+    /// Non-zero while a tracer holds the slot. The program clears it when
+    /// the tracer's socket has left `trace_tracers` (the tracer exited).
+    pub active: u8,
+    /// A bit per protocol index (1 TCP, 2 UDP).
+    pub protocols: u8,
+    /// A bit per [`TraceOutcome`].
+    pub outcomes: u8,
+    /// How many of `labels` apply; 0: any label, and decisions without one.
+    pub labels_len: u8,
+    /// Trace one in `sample` matching decisions, at random; 0 and 1: all.
+    pub sample: u32,
+    /// The tracer's process id, for `steerctl status`.
+    pub pid: u32,
+    /// The connection's local port; 0: any.
+    pub local_port: u16,
+    pub _pad: u16,
+    /// Label ids: the matched binding's label must be one of them.
+    pub labels: [u32; TRACE_FILTER_LABELS],
+    /// The connection's local (destination) and remote (source) address.
+    pub local: PrefixMatch,
+    pub remote: PrefixMatch,
+}
+
+/// One traced decision, as the program writes it to a tracer's ring buffer.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// bpf_ktime_get_ns(): CLOCK_MONOTONIC.
+    pub time_ns: u64,
+    /// The local and remote addresses in the v4-mapped space, as
+    /// [`lookup::Address`] has them (hi, lo).
+    pub local: [u64; 2],
+    pub remote: [u64; 2],
+    /// Host order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The context's AF_INET or AF_INET6.
+    pub family: u8,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u8,
+    /// A [`TraceOutcome`].
+    pub outcome: u8,
+    /// The matched binding's prefix length (v4-mapped space).
+    pub len: u8,
+    /// The matched binding's label; [`Answer::NONE`] when none matched.
+    pub label: u32,
+    /// The `sockets` key of the socket assigned or refused (`echo_socket`'s
+    /// key for the seed); [`TraceEvent::NO_MEMBER`] when there was none.
+    pub member: u32,
+    /// bpf_sk_assign's refusal as a positive errno; 0.
+    pub errno: u32,
+    /// The counter set (destination) the decision counted in.
+    pub dest: u16,
+    pub _pad: u16,
+}
+
+impl TraceEvent {
+    pub const NO_MEMBER: u32 = u32::MAX;
+}
+
+/// What one tracer's slot saw, per CPU; the last entry of `trace_metrics`
+/// sums every tracer's since the state was loaded.
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TraceMetrics {
+    /// Decisions the tracer's filter selected.
+    pub matched: u64,
+    /// Of those, left out by sampling.
+    pub sampled_out: u64,
+    /// Written to the tracer's ring buffer.
+    pub events: u64,
+    /// Not written: the ring buffer was full (bpf_ringbuf_output failed).
+    pub lost: u64,
 }
 
 /// Binding key, as the record of bindings stores it: (protocol, prefix
@@ -558,8 +734,9 @@ pub struct StateMeta {
 pub type DirSlots = [u64; DIR_SLOT_WORDS];
 pub const DIR_SLOT_WORDS: usize = (DIR_CHUNKS as usize).div_ceil(64);
 
-/// The state layout this build reads and writes.
-pub const LAYOUT_VERSION: u32 = 4;
+/// The state layout this build reads and writes. 5: `steer_config.trace`
+/// and the `trace_*` maps.
+pub const LAYOUT_VERSION: u32 = 5;
 
 // Sizes and offsets the kernel (context) or the pinned maps (keys and
 // values) fix; a change here is a change of the state format.
@@ -601,12 +778,24 @@ const _: () = {
     assert!(size_of::<FollowEvent>() == 32);
     assert!(size_of::<ScopeInfo>() == 128);
     assert!(MAX_SCOPES <= u16::MAX as u32);
+    assert!(offset_of!(DataplaneConfig, trace) == 2);
+    assert!(size_of::<PrefixMatch>() == 32);
+    assert!(size_of::<TraceFilter>() == 96);
+    assert!(offset_of!(TraceFilter, labels) == 16);
+    assert!(offset_of!(TraceFilter, local) == 32);
+    assert!(size_of::<TraceEvent>() == 64);
+    assert!(offset_of!(TraceEvent, local_port) == 40);
+    assert!(offset_of!(TraceEvent, label) == 48);
+    assert!(size_of::<TraceMetrics>() == 32);
+    assert!(TraceOutcome::ALL.len() <= 8);
+    assert!(MAX_TRACERS <= 8);
 };
 
 /// Calls `$callback!` with every map of the dispatcher, one
 /// `IDENT, "name", TYPE, Key, Value, max_entries, flags;` line each; a map
 /// of maps gives its inner map's `Value, max_entries, flags` as a fourth
-/// group after the word `inner`. The one list both the BPF program's map
+/// group after the word `inner` (an array), or its size in bytes after
+/// `inner_ringbuf` (a ring buffer); a ring buffer ends with `ringbuf()`. The one list both the BPF program's map
 /// definitions and userspace's checks are made from. Every map is pinned by
 /// name in the state directory.
 #[macro_export]
@@ -650,6 +839,15 @@ macro_rules! for_each_map {
             FOLLOW_METRICS, "follow_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::FollowMetrics, 1, 0;
             FOLLOW_EVENTS, "follow_events", BPF_MAP_TYPE_RINGBUF, u32, u32, $crate::FOLLOW_EVENT_BYTES, 0, ringbuf();
             FOLLOW_SCOPES, "follow_scopes", BPF_MAP_TYPE_ARRAY, u32, $crate::ScopeInfo, $crate::MAX_SCOPES, 0;
+            // Live tracing (`steerctl trace`), a slot per tracer: its socket
+            // (the kernel takes it out when the tracer exits, however it
+            // exits: the slot's liveness), its filter, its own ring buffer,
+            // and its counters; trace_metrics' last entry sums all tracers'.
+            TRACE_TRACERS, "trace_tracers", BPF_MAP_TYPE_SOCKMAP, u32, u64, $crate::MAX_TRACERS, 0;
+            TRACE_FILTERS, "trace_filters", BPF_MAP_TYPE_ARRAY, u32, $crate::TraceFilter, $crate::MAX_TRACERS, 0;
+            TRACE_RINGS, "trace_rings", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, $crate::MAX_TRACERS, 0,
+                inner_ringbuf $crate::TRACE_RING_BYTES;
+            TRACE_METRICS, "trace_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::TraceMetrics, $crate::MAX_TRACERS + 1, 0;
         }
     };
 }
@@ -669,6 +867,7 @@ pub struct MapSpec {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InnerSpec {
+    pub map_type: u32,
     pub value_size: u32,
     pub max_entries: u32,
     pub flags: u32,
@@ -676,7 +875,8 @@ pub struct InnerSpec {
 
 macro_rules! map_specs {
     ($($ident:ident, $name:literal, $type:ident, $key:ty, $value:ty, $max:expr, $flags:expr
-        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)? $(, ringbuf $ring:tt)?;)*) => {
+        $(, inner $inner:ty, $inner_max:expr, $inner_flags:expr)? $(, inner_ringbuf $inner_ring:expr)?
+        $(, ringbuf $ring:tt)?;)*) => {
         /// Every map of the dispatcher, in the object's order.
         pub const MAPS: &[MapSpec] = &[$(MapSpec {
             name: $name,
@@ -685,7 +885,7 @@ macro_rules! map_specs {
             value_size: map_specs!(@size $value $(, ringbuf $ring)?),
             max_entries: $max,
             flags: $flags,
-            inner: map_specs!(@inner $($inner, $inner_max, $inner_flags)?),
+            inner: map_specs!(@inner $($inner, $inner_max, $inner_flags)? $(ringbuf $inner_ring)?),
         }),*];
 
         /// Map names, for userspace.
@@ -698,7 +898,15 @@ macro_rules! map_specs {
     (@size $t:ty, ringbuf $ring:tt) => { 0 };
     (@inner) => { None };
     (@inner $inner:ty, $inner_max:expr, $inner_flags:expr) => {
-        Some(InnerSpec { value_size: size_of::<$inner>() as u32, max_entries: $inner_max, flags: $inner_flags })
+        Some(InnerSpec {
+            map_type: kernel::BPF_MAP_TYPE_ARRAY,
+            value_size: size_of::<$inner>() as u32,
+            max_entries: $inner_max,
+            flags: $inner_flags,
+        })
+    };
+    (@inner ringbuf $bytes:expr) => {
+        Some(InnerSpec { map_type: kernel::BPF_MAP_TYPE_RINGBUF, value_size: 0, max_entries: $bytes, flags: 0 })
     };
 }
 
@@ -731,6 +939,9 @@ mod pod {
     unsafe impl aya::Pod for super::FollowMetrics {}
     unsafe impl aya::Pod for super::FollowEvent {}
     unsafe impl aya::Pod for super::ScopeInfo {}
+    unsafe impl aya::Pod for super::TraceFilter {}
+    unsafe impl aya::Pod for super::TraceEvent {}
+    unsafe impl aya::Pod for super::TraceMetrics {}
 }
 
 #[cfg(test)]
@@ -765,6 +976,37 @@ mod tests {
         let ring = map_spec(map::FOLLOW_EVENTS).unwrap();
         assert_eq!((ring.key_size, ring.value_size), (0, 0));
         assert!(ring.max_entries.is_power_of_two() && ring.max_entries >= 4096);
+        let rings = map_spec(map::TRACE_RINGS).unwrap().inner.unwrap();
+        assert_eq!((rings.map_type, rings.value_size), (kernel::BPF_MAP_TYPE_RINGBUF, 0));
+        assert!(rings.max_entries.is_power_of_two() && rings.max_entries >= 4096);
+        assert_eq!(map_spec(map::TRACE_METRICS).unwrap().max_entries, MAX_TRACERS + 1);
+        for name in [map::TRACE_TRACERS, map::TRACE_FILTERS, map::TRACE_RINGS] {
+            assert_eq!(map_spec(name).unwrap().max_entries, MAX_TRACERS, "{name}");
+        }
+    }
+
+    #[test]
+    fn prefix_matches_select_their_addresses() {
+        let v4 = |a: [u8; 4]| lookup::Address::v4(u32::from_be_bytes(a));
+        let mut mapped = [0u8; 16];
+        mapped[10..12].copy_from_slice(&[0xff, 0xff]);
+        mapped[12..].copy_from_slice(&[10, 1, 2, 3]);
+        let p = PrefixMatch::new(mapped, 96 + 16);
+        assert!(p.matches(v4([10, 1, 200, 7])));
+        assert!(!p.matches(v4([10, 2, 0, 1])));
+        assert!(!p.matches(lookup::Address::v6(0x2001_0db8 << 32, 1)));
+        assert!(PrefixMatch::default().matches(lookup::Address::v6(u64::MAX, 7)));
+        let host = PrefixMatch::new(mapped, 128);
+        assert!(host.matches(v4([10, 1, 2, 3])) && !host.matches(v4([10, 1, 2, 4])));
+    }
+
+    #[test]
+    fn trace_outcomes_round_trip_and_fit_their_mask() {
+        for (i, o) in TraceOutcome::ALL.iter().enumerate() {
+            assert_eq!(TraceOutcome::from_u8(i as u8), Some(*o));
+            assert_eq!(o.bit(), 1 << i);
+        }
+        assert_eq!(TraceOutcome::from_u8(7), None);
     }
 
     #[test]
