@@ -193,6 +193,18 @@ impl MapOfMaps {
             Err(e) => Err(e).context("installing chunks"),
         }
     }
+
+    /// Empties `slot`; false when it held nothing.
+    pub fn remove(&self, slot: u32) -> Result<bool> {
+        // Safety: a map of maps has 4-byte keys.
+        unsafe { sys::map_delete(self.fd(), &slot.to_ne_bytes()) }.context("emptying a slot of a map of maps")
+    }
+}
+
+/// A new ring buffer map of `bytes` (a power of two, whole pages).
+pub fn new_ringbuf(bytes: u32, name: &str) -> Result<MapData> {
+    let obj = aya_obj::Map::new_from_params(steer_common::kernel::BPF_MAP_TYPE_RINGBUF, 0, 0, bytes, 0);
+    MapData::create(obj, name, None).context("creating a ring buffer map")
 }
 
 /// The bytes a `BPF_F_MMAPABLE` array of `entries` values of `value_size`

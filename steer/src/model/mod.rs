@@ -15,6 +15,7 @@ pub mod slot;
 #[cfg(test)]
 pub(crate) mod strategies;
 pub mod text;
+pub mod trace;
 
 pub use binding::{Binding, BindingsFile};
 pub use net::{Family, Owner, Protocol, SocketInfo, Target};

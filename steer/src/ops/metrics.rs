@@ -40,6 +40,7 @@ pub struct MetricsReport {
     pub followed: Vec<Gauge>,
     /// What the follow programs did.
     pub follow: FollowReport,
+    pub trace: TraceReport,
     pub build: BuildInfo,
 }
 
@@ -52,6 +53,17 @@ pub struct FollowReport {
     pub events: u64,
     pub lost_events: u64,
     pub backfilled: u64,
+}
+
+/// Live tracing (`steerctl trace`): tracers running now, and what every
+/// tracer was sent and lost since the state was loaded.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TraceReport {
+    pub tracers: usize,
+    /// Decisions written to a tracer's ring buffer.
+    pub events: u64,
+    /// Decisions a tracer's filter selected but its ring buffer was full for.
+    pub lost: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -92,6 +104,7 @@ pub fn report<A: Read>(d: &Dispatcher<A>) -> Result<MetricsReport> {
     let followed =
         super::follow::list(d)?.into_iter().map(|f| ((f.label, f.target.family(), f.target.protocol), 1)).collect();
     let f = super::follow::metrics(d)?;
+    let trace = d.trace_totals()?;
     Ok(MetricsReport {
         followed: gauges(followed),
         follow: FollowReport {
@@ -107,6 +120,11 @@ pub fn report<A: Read>(d: &Dispatcher<A>) -> Result<MetricsReport> {
         registered_sockets: gauges(registered),
         labels: d.labels()?.len(),
         seed: SeedReport { ports: d.ports()?.len(), lookups: seed.lookups, misses: seed.misses, errors: seed.errors },
+        trace: TraceReport {
+            tracers: d.tracers()?.iter().filter(|s| s.live()).count(),
+            events: trace.events,
+            lost: trace.lost,
+        },
         build: BuildInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             program_tag: format!("{:016x}", d.program_tag()?),
@@ -222,6 +240,18 @@ pub fn openmetrics(report: &MetricsReport) -> String {
         one_counter(f.lost_events),
     );
     registry.register("follow_backfilled", "Sockets a backfill pass inserted", one_counter(f.backfilled));
+    let trace = &report.trace;
+    registry.register("tracers", "Tracers (steerctl trace) running", one_gauge(trace.tracers));
+    registry.register(
+        "trace_events",
+        "Decisions sent to tracers (steerctl trace), all tracers since load",
+        one_counter(trace.events),
+    );
+    registry.register(
+        "trace_lost_events",
+        "Decisions a tracer selected but could not be sent: its ring buffer was full",
+        one_counter(trace.lost),
+    );
     let build: Labels =
         vec![("version", report.build.version.clone()), ("program_tag", report.build.program_tag.clone())];
     registry.register("build", "steer's version and the loaded program's tag", Info::new(build));
@@ -313,6 +343,8 @@ mod tests {
             "steer_bindings{label=\"web\",domain=\"ipv4\",protocol=\"tcp\"} 3",
             "steer_labels 1",
             "steer_seed_lookups_total 0",
+            "steer_trace_lost_events_total 0",
+            "steer_tracers 0",
             "steer_build_info{version=\"0.1.0\",program_tag=\"00ff\"} 1",
             "# EOF",
         ] {

@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod register;
 pub mod seed;
 pub mod status;
+pub mod trace;
 pub mod watch;

@@ -53,8 +53,12 @@ pub struct Status {
     pub labels: usize,
     pub bindings: usize,
     pub registered_sockets: usize,
-    /// Whether lookups run the recorded bindings, and use the seed list.
+    /// Whether lookups run the recorded bindings, use the seed list, and
+    /// look for tracers.
     pub plane: Option<PlaneStatus>,
+    /// Tracers (`steerctl trace`) running, and exited ones whose ring
+    /// buffer the next tracer frees.
+    pub tracers: Vec<super::trace::TracerStatus>,
     /// Why the state is stale (its namespace is gone), if it is.
     pub stale: Option<String>,
     /// The state's layout version.
@@ -104,6 +108,7 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
         bindings: 0,
         registered_sockets: 0,
         plane: None,
+        tracers: Vec::new(),
         stale,
         layout_version: None,
         followed: Vec::new(),
@@ -138,6 +143,7 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
             .sum::<Result<usize>>()?;
         out.followed.push(Followed { follow, held });
     }
+    out.tracers = super::trace::tracers(state)?;
     out.warnings = warnings;
     Ok(out)
 }

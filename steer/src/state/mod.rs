@@ -8,8 +8,8 @@
 //! bindings and its version protocol ([`record`]), label ids ([`labels`]),
 //! socket slots ([`slots`]), counters ([`counters`]), the published
 //! generation ([`plane`]), the seed's port list and socket ([`seed`]), the
-//! servers the kernel follows ([`follows`]), and the state's identity
-//! ([`identity`]).
+//! servers the kernel follows ([`follows`]), live tracers ([`tracing`]),
+//! and the state's identity ([`identity`]).
 
 pub mod counters;
 pub mod follows;
@@ -20,6 +20,7 @@ pub mod plane;
 pub mod record;
 pub mod seed;
 pub mod slots;
+pub mod tracing;
 
 use std::{cell::OnceCell, collections::BTreeMap, marker::PhantomData, net::IpAddr};
 
@@ -95,6 +96,7 @@ pub(crate) struct Maps {
     pub counters: counters::Counters,
     pub seed: seed::Seed,
     pub follows: follows::Follows,
+    pub tracing: tracing::Tracing,
 }
 
 impl Maps {
@@ -107,6 +109,7 @@ impl Maps {
             counters: counters::Counters::open(layout)?,
             seed: seed::Seed::open(layout)?,
             follows: follows::Follows::open(layout)?,
+            tracing: tracing::Tracing::open(layout)?,
         })
     }
 }
@@ -245,9 +248,11 @@ impl<A: Read> Dispatcher<A> {
     pub fn plane_status(&self) -> Result<PlaneStatus> {
         let plane = &self.maps()?.plane;
         let meta = plane.meta()?;
+        let config = plane.config()?;
         Ok(PlaneStatus {
             up_to_date: meta.plane_version == meta.record_version,
-            seed_list_enabled: plane.config()?.seed_enabled != 0,
+            seed_list_enabled: config.seed_enabled != 0,
+            tracing: config.trace != 0,
         })
     }
 
@@ -328,16 +333,53 @@ impl<A: Read> Dispatcher<A> {
         else {
             return Ok(None);
         };
-        let names = maps.labels.names()?;
-        let label = names.get(&answer.label).cloned().unwrap_or_else(|| format!("#{}", answer.label));
-        // The exact-port binding of that length if there is one, else the wildcard.
-        let mut key = steer_common::BindingKey::new(protocol.number(), answer.len, port, mapped_addr(addr));
-        if maps.record.get(&maps.plane.meta()?, &key)? != Some(answer.label) {
+        let label = self.label_name(answer.label)?;
+        let binding = self.answered_binding(protocol, &label, answer.label, answer.len, addr, port)?;
+        Ok(Some(Resolved { label, binding, dest: answer.dest }))
+    }
+
+    /// The name of label `id`, or `#id` when it has none (any more).
+    pub fn label_name(&self, id: u32) -> Result<String> {
+        Ok(self.maps()?.labels.names()?.remove(&id).unwrap_or_else(|| format!("#{id}")))
+    }
+
+    /// The binding behind a lookup's answer (label `id` called `label`,
+    /// prefix length `len` in the v4-mapped space) for `protocol` to
+    /// `addr`:`port`: the exact-port binding of that length if the record
+    /// has one for the label, else the wildcard.
+    pub fn answered_binding(
+        &self,
+        protocol: Protocol,
+        label: &str,
+        id: u32,
+        len: u8,
+        addr: IpAddr,
+        port: u16,
+    ) -> Result<Binding> {
+        let maps = self.maps()?;
+        let mut key = steer_common::BindingKey::new(protocol.number(), len, port, mapped_addr(addr));
+        if maps.record.get(&maps.plane.meta()?, &key)? != Some(id) {
             key.port = [0, 0];
         }
         let (protocol, prefix, port) = binding::decode_key(&key)?;
-        let binding = Binding { label: label.clone(), protocol, prefix, port };
-        Ok(Some(Resolved { label, binding, dest: answer.dest }))
+        Ok(Binding { label: label.to_string(), protocol, prefix, port })
+    }
+
+    /// The cookie of the socket at `key` of `sockets` (or, for the seed,
+    /// of `echo_socket`).
+    pub fn socket_at(&self, key: u32, seed: bool) -> Result<Option<u64>> {
+        let maps = self.maps()?;
+        if seed { maps.seed.cookie() } else { maps.slots.cookie_at(key) }
+    }
+
+    /// The tracer slots: who traces, and what tracers left behind.
+    pub fn tracers(&self) -> Result<Vec<tracing::TracerSlot>> {
+        self.maps()?.tracing.slots()
+    }
+
+    /// Every tracer's counters since the state was loaded.
+    pub fn trace_totals(&self) -> Result<steer_common::TraceMetrics> {
+        self.maps()?.tracing.totals()
     }
 
     /// The id of `label`, if it exists.

@@ -38,6 +38,9 @@ pub struct PlaneStatus {
     /// bindings: lookups still use the previous set until the next write.
     pub up_to_date: bool,
     pub seed_list_enabled: bool,
+    /// `steer_config.trace`: lookups look for tracers (until the next
+    /// lookup finds none live).
+    pub tracing: bool,
 }
 
 /// Sizes of the published generation.
@@ -152,7 +155,7 @@ fn dir_slots_of(chunks: impl IntoIterator<Item = u32>) -> DirSlots {
 /// (an RCU grace period: membarrier(MEMBARRIER_CMD_GLOBAL) is
 /// synchronize_rcu). Where that is unavailable (nohz_full CPUs), a pause
 /// far longer than any lookup.
-fn grace_period() {
+pub(crate) fn grace_period() {
     if rustix::thread::membarrier(rustix::thread::MembarrierCommand::Global).is_err() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -188,10 +191,17 @@ impl Plane {
         self.config.set(&0, &config).context("writing steer_config")
     }
 
+    /// Turns tracing on or off (one byte of `steer_config`; the program
+    /// turns it off itself when it finds no live tracer).
+    pub fn set_trace(&self, enabled: bool) -> Result<()> {
+        let mut config = self.config()?;
+        config.trace = u8::from(enabled);
+        self.config.set(&0, &config).context("writing steer_config")
+    }
+
     /// Makes `generation` the one lookups use.
     pub fn publish(&self, generation: &Generation) -> Result<PlaneStats> {
-        let mut config = self.config()?;
-        let active = u32::from(config.active_half & 1);
+        let active = u32::from(self.config()?.active_half & 1);
         let idle = 1 - active;
         let mut meta = self.meta()?;
         if meta.idle_dirty != 0 {
@@ -232,6 +242,8 @@ impl Plane {
         meta.range_slots[idle as usize] = range_chunks.len() as u16;
         meta.idle_dirty = 1;
         self.set_meta(&meta)?;
+        // Read again: the program may have turned `trace` off meanwhile.
+        let mut config = self.config()?;
         config.active_half = idle as u8;
         self.config.set(&0, &config).context("switching to the new bindings")?;
         grace_period();

@@ -46,11 +46,16 @@ impl Slots {
         Ok(self.members(slot)?.first().map(|&(_, cookie)| cookie))
     }
 
+    /// The cookie of the socket at `key` of `sockets`.
+    pub fn cookie_at(&self, key: u32) -> Result<Option<u64>> {
+        self.sockets.cookie(key)
+    }
+
     /// The slot's members, in order: (member, cookie).
     pub fn members(&self, slot: Slot) -> Result<Vec<(u32, u64)>> {
         let mut out = Vec::new();
         for member in 0..SLOT_MEMBERS {
-            if let Some(cookie) = self.sockets.cookie(member_key(slot.index(), member))? {
+            if let Some(cookie) = self.cookie_at(member_key(slot.index(), member))? {
                 out.push((member, cookie));
             }
         }
