@@ -11,6 +11,7 @@ mod seed;
 mod serve;
 mod servers;
 mod sockets;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -147,6 +148,11 @@ enum Command {
         #[arg(long, num_args = 2, value_names = ["ADDR", "PORT"])]
         from: Option<Vec<String>>,
     },
+    /// Print each steering decision as it happens, as tcpdump prints
+    /// packets: the connection, the binding that matched, and the socket
+    /// assigned, the miss, the kernel's refusal or the normal lookup.
+    /// Ctrl-C ends it with a summary line.
+    Trace(trace::TraceArgs),
     /// List registered sockets: label, cookie, owner, protocol, address.
     List,
     /// Per-label lookups, misses and errors.
@@ -231,6 +237,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Explain { protocol, addr, port, from } => {
             servers::explain(layout, protocol, addr, port, from.as_deref(), json)
         }
+        Command::Trace(args) => trace::run(layout, args, json),
         Command::List => sockets::list(layout, json),
         Command::Metrics { serve, timeout } => metrics::run(layout, serve, timeout, json),
     }

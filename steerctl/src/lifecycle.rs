@@ -119,6 +119,12 @@ impl View for StatusView {
         if let Some(why) = &s.follow_unsupported {
             rows.push(("following", format!("{why}; `steerctl watch` follows servers by polling instead")));
         }
+        let live: Vec<String> = s.tracers.iter().filter(|t| !t.exited).map(|t| format!("pid {}", t.pid)).collect();
+        match (s.plane.as_ref().is_some_and(|p| p.tracing), live.is_empty()) {
+            (_, false) => rows.push(("tracing", format!("{} tracer(s): {}", live.len(), live.join(", ")))),
+            (true, true) => rows.push(("tracing", "on until the next lookup finds no tracer live".into())),
+            (false, true) => {}
+        }
         if let Some(stale) = &s.stale {
             rows.push(("stale", format!("{stale}; remove it with `steerctl gc`")));
         }

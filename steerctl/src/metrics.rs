@@ -64,13 +64,17 @@ impl View for Report {
         let table = output::table(["LABEL", "DOMAIN", "PROTOCOL", "LOOKUPS", "MISSES", "ERRORS"], rows);
         let bindings: u64 = r.bindings.iter().map(|g| g.value).sum();
         let summary = format!(
-            "labels {}, bindings {bindings}, registered sockets {}; seed list: {} ports, {} lookups, {} misses, {} errors",
+            "labels {}, bindings {bindings}, registered sockets {}; seed list: {} ports, {} lookups, {} misses, {} errors; \
+             tracing: {} tracers, {} events sent, {} lost",
             r.labels,
             r.registered_sockets.len(),
             r.seed.ports,
             r.seed.lookups,
             r.seed.misses,
-            r.seed.errors
+            r.seed.errors,
+            r.trace.tracers,
+            r.trace.events,
+            r.trace.lost
         );
         format!("{table}\n{summary}")
     }
