@@ -18,7 +18,10 @@ use steer::{
         Protocol,
         trace::{Filter, parse_sample},
     },
-    ops::trace::{self, Decision, Ended, Limits, Line, Options, Summary, Tracer},
+    ops::{
+        explain,
+        trace::{self, Decision, Ended, Limits, Line, Options, Summary, Tracer},
+    },
 };
 
 use crate::output;
@@ -126,6 +129,13 @@ pub fn run(layout: &Layout, args: TraceArgs, json: bool) -> Result<()> {
         let state = Dispatcher::open_write(layout)?;
         Tracer::start(&state, &options)?
     };
+    if !layout.link().exists() {
+        eprintln!("steerctl: warning: steer's program is not attached (`steerctl attach`): no connection runs it");
+    }
+    match explain::other_links(&layout.link()) {
+        Ok(links) if !links.is_empty() => eprintln!("steerctl: warning: {}", explain::other_links_note(&links)),
+        _ => {}
+    }
     let sampled = if options.sample > 1 { format!(", one in {} sampled", options.sample) } else { String::new() };
     eprintln!(
         "steerctl: tracing decisions in {} ({}{sampled}; tracer slot {}); Ctrl-C to stop",
@@ -133,9 +143,6 @@ pub fn run(layout: &Layout, args: TraceArgs, json: bool) -> Result<()> {
         options.filter,
         tracer.slot()
     );
-    if !layout.link().exists() {
-        eprintln!("steerctl: warning: steer's program is not attached (`steerctl attach`): no connection runs it");
-    }
     let mut out = std::io::stdout().lock();
     let summary = trace::run(
         tracer,
