@@ -11,6 +11,7 @@ mod follow;
 mod rate;
 mod sandbox;
 mod sets;
+mod tracing;
 
 use std::os::fd::AsFd;
 
@@ -64,6 +65,11 @@ struct Args {
     /// Tiny counts, for smoke tests: finishes in seconds, numbers are noisy.
     #[arg(long)]
     quick: bool,
+    /// Another build's dispatch.bpf.o (such as `git show
+    /// REV:dispatch-ebpf/dispatch.bpf.o`): its steer_dispatch runs on the
+    /// same maps, timed interleaved with this build's on every binding set.
+    #[arg(long, value_name = "OBJECT")]
+    baseline: Option<std::path::PathBuf>,
 }
 
 struct Counts {
@@ -113,6 +119,11 @@ struct Report {
     program_cost: Vec<CostRow>,
     /// steer_dispatch across binding sets.
     program_cost_by_set: Vec<SetRow>,
+    /// The `--baseline` object timed beside this build's, if given.
+    baseline: Option<String>,
+    /// steer_dispatch with tracing off and on, on the last binding set.
+    tracing_set: String,
+    tracing: Vec<tracing::TraceRow>,
     /// Largest over smallest hit and miss cost across the sets.
     hit_spread: f64,
     miss_spread: f64,
@@ -124,10 +135,18 @@ struct Report {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Read before the sandbox's tmpfs hides the temp dir.
+    let baseline = match &args.baseline {
+        Some(path) => Some(Baseline {
+            name: path.display().to_string(),
+            object: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        }),
+        None => None,
+    };
     // First, while the process is still single-threaded.
     let sandbox = Sandbox::enter()?;
     let cpu = pin_to_one_cpu()?;
-    let report = bench(&sandbox, Counts::new(args.quick), args.quick, cpu)?;
+    let report = bench(&sandbox, Counts::new(args.quick), args.quick, cpu, baseline.as_ref())?;
     if args.json {
         for s in &report.skipped {
             eprintln!("{s}");
@@ -157,6 +176,27 @@ fn pin_to_one_cpu() -> Result<usize> {
     Ok(cpu)
 }
 
+/// Another build's object, for `--baseline`.
+struct Baseline {
+    name: String,
+    object: Vec<u8>,
+}
+
+/// The baseline's steer_dispatch, loaded on the maps pinned in `layout`:
+/// its maps must be ones the state has, of the same shapes.
+fn baseline_program(layout: &steer::Layout, baseline: &Baseline) -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
+    let mut loader = aya::EbpfLoader::new();
+    for m in steer::common::MAPS {
+        loader.map_pin_path(m.name, layout.map(m.name));
+    }
+    let mut ebpf = loader.load(&baseline.object).with_context(|| format!("loading {}", baseline.name))?;
+    let program: &mut aya::programs::SkLookup =
+        ebpf.program_mut(STEER_PROGRAM).context("no steer_dispatch in the baseline object")?.try_into()?;
+    program.load().context("loading the baseline steer_dispatch")?;
+    let fd = program.fd()?.as_fd().try_clone_to_owned()?;
+    Ok((ebpf, fd))
+}
+
 /// The object's empty program, loaded on its own as the baseline.
 fn empty_program() -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
     let mut ebpf = aya::EbpfLoader::new().load(steer::DISPATCH_OBJECT)?;
@@ -167,7 +207,7 @@ fn empty_program() -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
     Ok((ebpf, fd))
 }
 
-fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<Report> {
+fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: Option<&Baseline>) -> Result<Report> {
     let layout = steer::Layout::new(sandbox.bpffs.join("steer"));
     let (state, _) = steer::ops::lifecycle::load(&layout).context("loading steer's dispatcher")?;
     let mut tcp = TcpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
@@ -200,8 +240,20 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
     drop(state);
 
     let sets = sets::standard(quick);
-    let program_cost_by_set =
-        sets::measure(&layout, &sets, tcp.listener(), empty.as_fd(), counts.test_repeat, counts.test_samples)?;
+    let baseline_program = baseline.map(|object| baseline_program(&layout, object)).transpose()?;
+    let program_cost_by_set = sets::measure(
+        &layout,
+        &sets,
+        tcp.listener(),
+        empty.as_fd(),
+        baseline_program.as_ref().map(|(_, fd)| fd.as_fd()),
+        counts.test_repeat,
+        counts.test_samples,
+    )?;
+    drop(baseline_program);
+    // The last set is still loaded, its hit's socket registered.
+    let last = sets.last().context("no sets")?;
+    let tracing = tracing::measure(&layout, &sets::contexts(last), counts.test_repeat, counts.test_samples)?;
     let spread = |f: fn(&SetRow) -> f64| {
         let v: Vec<f64> = program_cost_by_set.iter().map(f).collect();
         v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min)
@@ -268,6 +320,9 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize) -> Result<R
         connection_rate,
         program_cost,
         program_cost_by_set,
+        baseline: baseline.map(|b| b.name.clone()),
+        tracing_set: last.name.clone(),
+        tracing,
         hit_spread,
         miss_spread,
         control_plane,
@@ -376,6 +431,44 @@ fn print_tables(report: &Report) {
         report.miss_spread,
         verdict(report.miss_spread, GOAL_FLAT, false)
     );
+
+    if let Some(object) = &report.baseline {
+        println!("\nTracing off against the baseline ({object}): ns per lookup, this build / baseline");
+        let mut b = tabled::builder::Builder::default();
+        b.push_record(["binding set", "hit", "miss in bound prefixes", "unrelated"]);
+        let vs = |now: f64, then: f64| format!("{now:.0} / {then:.0} ({:+.1}%)", (now / then - 1.0) * 100.0);
+        for r in &report.program_cost_by_set {
+            if let Some(base) = &r.baseline {
+                b.push_record([
+                    r.set.clone(),
+                    vs(r.hit_ns, base.hit_ns),
+                    vs(r.miss_ns, base.miss_ns),
+                    vs(r.unrelated_ns, base.unrelated_ns),
+                ]);
+            }
+        }
+        println!("{}", b.build().with(Style::sharp()));
+    }
+
+    println!("\nTracing (steerctl trace) on {}: ns per lookup, one tracer", report.tracing_set);
+    let mut b = tabled::builder::Builder::default();
+    b.push_record(["tracing", "hit", "miss in bound prefixes", "unrelated", "sent", "lost"]);
+    let off = report.tracing.first();
+    for r in &report.tracing {
+        let cost = |ns: f64, base: Option<f64>| match base {
+            Some(base) if r.tracing != "off" => format!("{ns:.0} ({:+.0})", ns - base),
+            _ => format!("{ns:.0}"),
+        };
+        b.push_record([
+            r.tracing.clone(),
+            cost(r.hit_ns, off.map(|o| o.hit_ns)),
+            cost(r.miss_ns, off.map(|o| o.miss_ns)),
+            cost(r.unrelated_ns, off.map(|o| o.unrelated_ns)),
+            r.sent.to_string(),
+            r.lost.to_string(),
+        ]);
+    }
+    println!("{}", b.build().with(Style::sharp()));
 
     let mut b = tabled::builder::Builder::default();
     b.push_record(["operation", "bindings", "seconds"]);

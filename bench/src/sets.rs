@@ -138,6 +138,15 @@ pub fn standard(quick: bool) -> Vec<BindingSet> {
     sets
 }
 
+/// What another build's program costs on the same set and lookups
+/// (`--baseline`), measured interleaved with this build's.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineCost {
+    pub hit_ns: f64,
+    pub miss_ns: f64,
+    pub unrelated_ns: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SetRow {
     pub set: String,
@@ -148,6 +157,8 @@ pub struct SetRow {
     pub unrelated_ns: f64,
     /// The empty program, measured interleaved with this set's runs.
     pub empty_ns: f64,
+    /// The `--baseline` program, measured interleaved too.
+    pub baseline: Option<BaselineCost>,
     pub unrelated_over_empty: f64,
     /// Kernel memory of all of steer's maps with this set loaded.
     pub memory_bytes: u64,
@@ -157,29 +168,38 @@ pub struct SetRow {
     pub load_seconds: f64,
 }
 
-fn run(fd: BorrowedFd<'_>, ctx: &SkLookupCtx, repeat: u32) -> Result<test_run::TestRun> {
+pub fn run(fd: BorrowedFd<'_>, ctx: &SkLookupCtx, repeat: u32) -> Result<test_run::TestRun> {
     test_run::run(fd, ctx, repeat).context("BPF_PROG_TEST_RUN")
 }
 
+/// The lookups timed on `set`: a hit, a miss inside bound prefixes, and
+/// unrelated traffic.
+pub fn contexts(set: &BindingSet) -> [SkLookupCtx; 3] {
+    let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
+    [
+        test_run::lookup_ctx(Protocol::Tcp, SocketAddr::new(IpAddr::V4(HIT_ADDR), HIT_PORT), remote),
+        test_run::lookup_ctx(Protocol::Tcp, SocketAddr::new(IpAddr::V4(MISS_ADDR), set.miss_port), remote),
+        test_run::lookup_ctx(Protocol::Tcp, UNRELATED, remote),
+    ]
+}
+
 /// Loads each set, registers the hit's socket, checks the program answers
-/// each context as it must, and times them beside the empty program.
+/// each context as it must, and times them beside the empty program (and
+/// the baseline program, when given).
 pub fn measure(
     layout: &Layout,
     sets: &[BindingSet],
     socket: &std::net::TcpListener,
     empty: BorrowedFd<'_>,
+    baseline: Option<BorrowedFd<'_>>,
     repeat: u32,
     samples: usize,
 ) -> Result<Vec<SetRow>> {
-    let local = |addr: IpAddr, port| SocketAddr::new(addr, port);
-    let remote = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40000);
-    let hit = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(HIT_ADDR), HIT_PORT), remote);
-    let unrelated = test_run::lookup_ctx(Protocol::Tcp, UNRELATED, remote);
     let info = steer::kernel::socket::inspect(socket.as_fd())?;
     let program = crate::bpf::obj_get(&layout.program())?;
     let mut rows = Vec::new();
     for set in sets {
-        let miss = test_run::lookup_ctx(Protocol::Tcp, local(IpAddr::V4(MISS_ADDR), set.miss_port), remote);
+        let [hit, miss, unrelated] = contexts(set);
         let state: Dispatcher<ReadWrite> = Dispatcher::open_write(layout)?;
         let start = std::time::Instant::now();
         let plane = steer::ops::bindings::load_bindings(&state, &set.file)?;
@@ -187,27 +207,23 @@ pub fn measure(
         register(&state, HIT_LABEL, &Source::Socket(socket.as_fd()), &Options::default())?;
         let memory: u64 = steer::state::plane::memory(state.layout())?.values().sum();
         drop(state);
-        let h = run(program.as_fd(), &hit, 1)?;
-        if h.retval != SK_PASS || h.cookie != info.cookie {
-            bail!("{}: the hit returned {} with cookie {}, not the bench socket", set.name, h.retval, h.cookie);
+        check(program.as_fd(), &set.name, [&hit, &miss, &unrelated], info.cookie)?;
+        if let Some(fd) = baseline {
+            check(fd, &format!("{} (baseline)", set.name), [&hit, &miss, &unrelated], info.cookie)?;
         }
-        for (what, ctx) in [("miss", &miss), ("unrelated", &unrelated)] {
-            let r = run(program.as_fd(), ctx, 1)?;
-            if r.retval != SK_PASS || r.cookie != 0 {
-                bail!("{}: the {what} returned {} with cookie {}", set.name, r.retval, r.cookie);
-            }
-        }
-        let mut times: [Vec<f64>; 4] = Default::default();
+        let mut runs =
+            vec![(program.as_fd(), &hit), (program.as_fd(), &miss), (program.as_fd(), &unrelated), (empty, &unrelated)];
+        runs.extend(baseline.iter().flat_map(|fd| [(*fd, &hit), (*fd, &miss), (*fd, &unrelated)]));
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
         for _ in 0..samples {
-            for (i, (fd, ctx)) in
-                [(program.as_fd(), &hit), (program.as_fd(), &miss), (program.as_fd(), &unrelated), (empty, &unrelated)]
-                    .into_iter()
-                    .enumerate()
-            {
-                times[i].push(f64::from(run(fd, ctx, repeat)?.duration_ns));
+            for (i, (fd, ctx)) in runs.iter().enumerate() {
+                times[i].push(f64::from(run(*fd, ctx, repeat)?.duration_ns));
             }
         }
-        let [hit_ns, miss_ns, unrelated_ns, empty_ns] = times.map(median);
+        let times: Vec<f64> = times.into_iter().map(median).collect();
+        let (hit_ns, miss_ns, unrelated_ns, empty_ns) = (times[0], times[1], times[2], times[3]);
+        let baseline =
+            (times.len() == 7).then(|| BaselineCost { hit_ns: times[4], miss_ns: times[5], unrelated_ns: times[6] });
         rows.push(SetRow {
             set: set.name.clone(),
             bindings: set.file.bindings.len(),
@@ -216,6 +232,7 @@ pub fn measure(
             miss_ns,
             unrelated_ns,
             empty_ns,
+            baseline,
             unrelated_over_empty: unrelated_ns / empty_ns,
             memory_bytes: memory,
             chunk_bytes: plane.chunk_bytes as u64,
@@ -224,6 +241,28 @@ pub fn measure(
         });
     }
     Ok(rows)
+}
+
+/// Fails unless `program` answers the hit with the bench socket
+/// (`cookie`) and the miss and unrelated lookups with no socket: else the
+/// timings would be of some other path.
+pub fn check(
+    program: BorrowedFd<'_>,
+    name: &str,
+    [hit, miss, unrelated]: [&SkLookupCtx; 3],
+    cookie: u64,
+) -> Result<()> {
+    let h = run(program, hit, 1)?;
+    if h.retval != SK_PASS || h.cookie != cookie {
+        bail!("{name}: the hit returned {} with cookie {}, not the bench socket", h.retval, h.cookie);
+    }
+    for (what, ctx) in [("miss", miss), ("unrelated", unrelated)] {
+        let r = run(program, ctx, 1)?;
+        if r.retval != SK_PASS || r.cookie != 0 {
+            bail!("{name}: the {what} returned {} with cookie {}", r.retval, r.cookie);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -53,6 +53,15 @@ fn quick_json_run_measures_every_row() {
             }
         }
     }
+    let tracing = report["tracing"].as_array().unwrap_or_else(|| panic!("no tracing array in {report}"));
+    assert_eq!(tracing.len(), 4, "{report}");
+    for row in tracing {
+        for field in ["hit_ns", "miss_ns", "unrelated_ns"] {
+            assert!(row[field].as_f64().is_some_and(|v| v > 0.0), "tracing row {row}: {field} is not positive");
+        }
+    }
+    // Every decision sent: three lookups a run.
+    assert!(tracing[1]["sent"].as_u64().is_some_and(|n| n > 0) && tracing[1]["lost"] == 0, "{}", tracing[1]);
     let tests: Vec<_> =
         report["connection_rate"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap_or("")).collect();
     assert!(
