@@ -26,7 +26,7 @@ use steer_common::{
     Answer, BPF_SK_LOOKUP_F_NO_REUSEPORT, CHUNK_ENTRIES, DataplaneConfig, DestMetrics, DirEntry, ErrorReason,
     MAX_TRACERS, Range, SLOT_MEMBERS, SeedMetrics, TRACE_FILTER_LABELS, TraceEvent, TraceFilter, TraceMetrics,
     TraceOutcome, bpf_sk_lookup, dir_slot,
-    kernel::{AF_INET6, EAFNOSUPPORT, ESOCKTNOSUPPORT, IPPROTO_TCP, IPPROTO_UDP, SK_DROP, SK_PASS},
+    kernel::{AF_INET6, EAFNOSUPPORT, ESOCKTNOSUPPORT, SK_DROP, SK_PASS},
     lookup::{self, Address, Tables},
     member_key, range_slot, socket_flag, socket_slot,
 };
@@ -60,8 +60,9 @@ impl Tables for Maps {
 }
 
 /// What the program decided for one lookup: the verdict it returns, and
-/// what a tracer is told.
-#[derive(Clone, Copy)]
+/// what a tracer is told. In declaration order, as BTF (the kernel checks
+/// it) wants the members of the trace function's argument.
+#[repr(C)]
 struct Decision {
     verdict: u32,
     outcome: TraceOutcome,
@@ -86,14 +87,25 @@ impl Decision {
     }
 }
 
+/// `decision`'s verdict, after handing the decision to the tracers while
+/// tracing is on. Called where each decision is made, so the details stay
+/// unbuilt when nobody traces.
+#[inline(always)]
+fn decided(ctx: *mut bpf_sk_lookup, tracing: bool, decision: Decision) -> u32 {
+    if tracing {
+        trace(ctx, &decision);
+    }
+    decision.verdict
+}
+
 /// The seed's logic: listed ports go to the one socket in `echo_socket`.
 #[inline(always)]
-fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> Decision {
+fn seed_dispatch(ctx: *mut bpf_sk_lookup, tracing: bool) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let port = unsafe { (*ctx).local_port } as u16;
     let listed: *const u8 = get(map_ptr(&ECHO_PORTS), &port);
     if listed.is_null() {
-        return Decision::normal();
+        return decided(ctx, tracing, Decision::normal());
     }
     let metrics: *mut SeedMetrics = get(map_ptr(&SEED_METRICS), &0u32);
     // Per-CPU values: no other CPU writes them. Safety for all the derefs
@@ -108,7 +120,7 @@ fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> Decision {
         if !metrics.is_null() {
             unsafe { (*metrics).misses += 1 };
         }
-        return Decision::seed(SK_DROP, TraceOutcome::SeedMiss, TraceEvent::NO_MEMBER, 0);
+        return decided(ctx, tracing, Decision::seed(SK_DROP, TraceOutcome::SeedMiss, TraceEvent::NO_MEMBER, 0));
     }
     // Safety: sk came from the sockmap lookup above and is released once.
     let err = unsafe { sk_assign(ctx, sk, 0) };
@@ -117,9 +129,9 @@ fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> Decision {
         if !metrics.is_null() {
             unsafe { (*metrics).errors += 1 };
         }
-        return Decision::seed(SK_DROP, TraceOutcome::SeedError, 0, err);
+        return decided(ctx, tracing, Decision::seed(SK_DROP, TraceOutcome::SeedError, 0, err));
     }
-    Decision::seed(SK_PASS, TraceOutcome::Seed, 0, 0)
+    decided(ctx, tracing, Decision::seed(SK_PASS, TraceOutcome::Seed, 0, 0))
 }
 
 /// Does nothing: the baseline steer-bench measures the others against.
@@ -132,7 +144,7 @@ pub extern "C" fn steer_pass(_ctx: *mut bpf_sk_lookup) -> u32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "sk_lookup")]
 pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
-    seed_dispatch(ctx).verdict
+    seed_dispatch(ctx, false)
 }
 
 /// Reads a context word with a 4-byte load, the width the verifier allows.
@@ -173,7 +185,7 @@ fn assign_slot(ctx: *mut bpf_sk_lookup, slot: u32) -> (i64, u32) {
 /// Hands the connection to the answer's label's socket for this family
 /// and protocol (for IPv4, a dual-stack IPv6 socket will do), counting it.
 #[inline(always)]
-fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_index: u32) -> Decision {
+fn assign(ctx: *mut bpf_sk_lookup, tracing: bool, answer: Answer, family_index: u32, protocol_index: u32) -> u32 {
     let metrics: *mut DestMetrics = get(map_ptr(&METRICS), &u32::from(answer.dest));
     // Per-CPU values: no other CPU writes them. Safety for all the derefs
     // below: non-null map values are valid for the program's run.
@@ -184,9 +196,12 @@ fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_i
     if err == -EAFNOSUPPORT && family_index == 0 {
         (err, member) = assign_slot(ctx, socket_slot(answer.label, 1, protocol_index));
     }
-    let mut decision = Decision { verdict: SK_PASS, outcome: TraceOutcome::Assigned, answer, member, err };
     if err == 0 {
-        return decision;
+        return decided(
+            ctx,
+            tracing,
+            Decision { verdict: SK_PASS, outcome: TraceOutcome::Assigned, answer, member, err },
+        );
     }
     if !metrics.is_null() {
         let m = unsafe { &mut *metrics };
@@ -201,9 +216,8 @@ fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_i
         }
     }
     // Drop rather than let another socket on this address take it.
-    decision.verdict = SK_DROP;
-    decision.outcome = if err == -EAFNOSUPPORT { TraceOutcome::Miss } else { TraceOutcome::Error };
-    decision
+    let outcome = if err == -EAFNOSUPPORT { TraceOutcome::Miss } else { TraceOutcome::Error };
+    decided(ctx, tracing, Decision { verdict: SK_DROP, outcome, answer, member, err })
 }
 
 /// Whether `filter` selects a decision of `outcome` for `label` (the
@@ -247,23 +261,19 @@ fn trace_count(slot: u32, f: impl FnOnce(&mut TraceMetrics)) {
     }
 }
 
-/// Hands `decision` on a lookup of `protocol_index` to `local`:`port` to
-/// every live tracer whose filter selects it. A slot counts while its
-/// tracer's socket is in `trace_tracers`, where the kernel takes it out
-/// when the tracer exits, however it exits: a slot found without one is
-/// turned off, and with no live slot left, so is `steer_config.trace`.
-#[inline(always)]
-fn trace(
-    ctx: *mut bpf_sk_lookup,
-    config: *mut DataplaneConfig,
-    decision: &Decision,
-    protocol_index: u32,
-    port: u32,
-    local: Address,
-) {
+/// Hands `decision` to every live tracer whose filter selects it. A slot
+/// counts while its tracer's socket is in `trace_tracers`, where the
+/// kernel takes it out when the tracer exits, however it exits: a slot
+/// found without one is turned off, and with no live slot left, so is
+/// `steer_config.trace`. A function of its own (a BPF-to-BPF call), so
+/// the lookup itself carries nothing for it.
+#[inline(never)]
+fn trace(ctx: *mut bpf_sk_lookup, decision: &Decision) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context;
     // every word is read at a constant offset, as in steer_dispatch.
-    let family = unsafe { (*ctx).family };
+    let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
+    let Some(protocol_index) = lookup::protocol_index(protocol) else { return 0 };
+    let (local, _) = local_address(ctx);
     let remote = if family == AF_INET6 {
         let w = [
             ctx_word(unsafe { &raw const (*ctx).remote_ip6[0] }),
@@ -286,7 +296,7 @@ fn trace(
         local_port: port as u16,
         remote_port,
         family: family as u8,
-        protocol: if protocol_index == 0 { IPPROTO_TCP as u8 } else { IPPROTO_UDP as u8 },
+        protocol: protocol as u8,
         outcome: decision.outcome as u8,
         len: answer.len,
         label: answer.label,
@@ -339,17 +349,20 @@ fn trace(
         }
     }
     if live == 0 {
-        // Safety: as above; one byte, which only this and tracers write.
-        unsafe { (*config).trace = 0 };
+        let config: *mut DataplaneConfig = get(map_ptr(&STEER_CONFIG), &0u32);
+        if !config.is_null() {
+            // Safety: as above; one byte, which only this and tracers write.
+            unsafe { (*config).trace = 0 };
+        }
     }
+    0
 }
 
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "sk_lookup")]
-pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
+/// The lookup's local address (v4-mapped) and family index (1: IPv6).
+#[inline(always)]
+fn local_address(ctx: *mut bpf_sk_lookup) -> (Address, u32) {
     // Safety: the kernel hands every sk_lookup program a valid context.
-    let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
-    let Some(protocol_index) = lookup::protocol_index(protocol) else { return SK_PASS };
+    let family = unsafe { (*ctx).family };
     // All five address words are read up front, each at a constant offset:
     // the verifier rejects a ctx pointer the compiler would otherwise
     // compute from the family.
@@ -366,22 +379,25 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     } else {
         Address::v6(u64::from(ip6[0]) << 32 | u64::from(ip6[1]), u64::from(ip6[2]) << 32 | u64::from(ip6[3]))
     };
-    let config_ptr: *mut DataplaneConfig = get(map_ptr(&STEER_CONFIG), &0u32);
-    // An array's entry is always there; the verifier wants the check.
-    if config_ptr.is_null() {
-        return SK_PASS;
-    }
+    (addr, family_index)
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "sk_lookup")]
+pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
+    // Safety: the kernel hands every sk_lookup program a valid context.
+    let (protocol, port) = unsafe { ((*ctx).protocol, (*ctx).local_port) };
+    let Some(protocol_index) = lookup::protocol_index(protocol) else { return SK_PASS };
+    let (addr, family_index) = local_address(ctx);
+    let config: *const DataplaneConfig = get(map_ptr(&STEER_CONFIG), &0u32);
     // Safety: non-null map values are valid for the program's run.
-    let config = unsafe { *config_ptr };
-    let decision = match lookup::lookup(&Maps, u32::from(config.active_half & 1), protocol_index, port, addr) {
-        Some(answer) => assign(ctx, answer, family_index, protocol_index),
-        None if config.seed_enabled != 0 => seed_dispatch(ctx),
-        None => Decision::normal(),
-    };
-    if config.trace != 0 {
-        trace(ctx, config_ptr, &decision, protocol_index, port, addr);
+    let config = if config.is_null() { DataplaneConfig::default() } else { unsafe { *config } };
+    let tracing = config.trace != 0;
+    match lookup::lookup(&Maps, u32::from(config.active_half & 1), protocol_index, port, addr) {
+        Some(answer) => assign(ctx, tracing, answer, family_index, protocol_index),
+        None if config.seed_enabled != 0 => seed_dispatch(ctx, tracing),
+        None => decided(ctx, tracing, Decision::normal()),
     }
-    decision.verdict
 }
 
 #[cfg(not(test))]
