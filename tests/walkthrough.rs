@@ -105,6 +105,10 @@ fn unload_leaves_no_pins() {
             "steer/steer_dispatch_link",
             "steer/steer_meta",
             "steer/steer_ranges",
+            "steer/trace_filters",
+            "steer/trace_metrics",
+            "steer/trace_rings",
+            "steer/trace_tracers",
         ]
     );
     ns.steerctl_ok(&["unload"]);
