@@ -116,8 +116,8 @@ pub const FOLLOW_EVENT_BYTES: u32 = 1 << 16;
 
 /// Tracers (`steerctl trace`) that can run at once: slots of the `trace_*` maps.
 pub const MAX_TRACERS: u32 = 8;
-/// Bytes of each tracer's ring buffer (a power of two, pages): 4,096
-/// events of [`TraceEvent`] plus their headers.
+/// Bytes of each tracer's ring buffer (a power of two, pages): 3,640
+/// events of [`TraceEvent`] (64 bytes) with their 8-byte headers.
 pub const TRACE_RING_BYTES: u32 = 1 << 18;
 /// Labels one tracer's kernel-side filter can name.
 pub const TRACE_FILTER_LABELS: usize = 4;
@@ -734,8 +734,9 @@ pub struct StateMeta {
 pub type DirSlots = [u64; DIR_SLOT_WORDS];
 pub const DIR_SLOT_WORDS: usize = (DIR_CHUNKS as usize).div_ceil(64);
 
-/// The state layout this build reads and writes. 5: `steer_config.trace`
-/// and the `trace_*` maps.
+/// The state layout this build reads and writes. 4: slot members and the
+/// follow maps; 5: `steer_config.trace` and the `trace_*` maps (see
+/// [`for_each_map!`]).
 pub const LAYOUT_VERSION: u32 = 5;
 
 // Sizes and offsets the kernel (context) or the pinned maps (keys and
@@ -795,9 +796,11 @@ const _: () = {
 /// `IDENT, "name", TYPE, Key, Value, max_entries, flags;` line each; a map
 /// of maps gives its inner map's `Value, max_entries, flags` as a fourth
 /// group after the word `inner` (an array), or its size in bytes after
-/// `inner_ringbuf` (a ring buffer); a ring buffer ends with `ringbuf()`. The one list both the BPF program's map
-/// definitions and userspace's checks are made from. Every map is pinned by
-/// name in the state directory.
+/// `inner_ringbuf` (a ring buffer); a ring buffer ends with `ringbuf()`.
+/// The one list both the BPF program's map definitions and userspace's
+/// checks are made from. Every map is pinned by name in the state
+/// directory. A map added or changed here is a new [`LAYOUT_VERSION`];
+/// the comments say which layout brought which maps.
 #[macro_export]
 macro_rules! for_each_map {
     ($callback:ident) => {
@@ -830,7 +833,7 @@ macro_rules! for_each_map {
             LABELS, "labels", BPF_MAP_TYPE_HASH, $crate::LabelName, u32, $crate::MAX_LABELS, 0;
             DESTINATIONS, "destinations", BPF_MAP_TYPE_HASH, $crate::DestKey, u32, $crate::MAX_DESTINATIONS, 0;
             STEER_META, "steer_meta", BPF_MAP_TYPE_ARRAY, u32, $crate::StateMeta, 1, 0;
-            // Servers followed by the kernel: listening addresses -> the
+            // Layout 4: servers followed by the kernel: listening addresses -> the
             // registrations they serve (read inside listen() and bind()),
             // the sockets a backfill pass inserts (by cookie), what the
             // follow programs did, and the binds they report (UDP).
@@ -839,7 +842,7 @@ macro_rules! for_each_map {
             FOLLOW_METRICS, "follow_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::FollowMetrics, 1, 0;
             FOLLOW_EVENTS, "follow_events", BPF_MAP_TYPE_RINGBUF, u32, u32, $crate::FOLLOW_EVENT_BYTES, 0, ringbuf();
             FOLLOW_SCOPES, "follow_scopes", BPF_MAP_TYPE_ARRAY, u32, $crate::ScopeInfo, $crate::MAX_SCOPES, 0;
-            // Live tracing (`steerctl trace`), a slot per tracer: its socket
+            // Layout 5: live tracing (`steerctl trace`), a slot per tracer: its socket
             // (the kernel takes it out when the tracer exits, however it
             // exits: the slot's liveness), its filter, its own ring buffer,
             // and its counters; trace_metrics' last entry sums all tracers'.
