@@ -23,7 +23,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 source scripts/vm-common.sh
 
-tests=(walkthrough bad_input control_plane lookup security diag metrics follow)
+tests=(walkthrough bad_input control_plane lookup security diag metrics follow trace)
 # Arguments for a test executable in the guest.
 declare -A test_args=([follow]="--skip nginx")
 kernels=()
