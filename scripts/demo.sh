@@ -27,6 +27,10 @@ ip netns exec "$ns" bash -s <<'DEMO'
 set -euo pipefail
 run() { echo "\$ $*"; "$@"; echo; }
 mount -t bpf bpf /sys/fs/bpf
+# Its fresh /sys also hides the host's cgroup v2 hierarchy, where following
+# attaches; mounted back as a systemd host has it, so steerctl runs as
+# steer.service would (without it, steerctl mounts one of its own).
+grep -q ' - cgroup2 ' /proc/self/mountinfo || mount -t cgroup2 none /sys/fs/cgroup
 
 run steerctl load
 ncat -4kle /bin/cat 127.0.0.1 7777 2>/dev/null &
