@@ -99,6 +99,9 @@ export steer_set metrics_set watch_set metrics_exec tmp
 cat >"$tmp/units.sh" <<'UNITS'
 set -euo pipefail
 mount -t bpf bpf /sys/fs/bpf
+# ip netns exec's fresh /sys hides the cgroup v2 hierarchy a unit sees on a
+# systemd host (following attaches there): mounted back, as scripts/demo.sh does.
+grep -q ' - cgroup2 ' /proc/self/mountinfo || mount -t cgroup2 none /sys/fs/cgroup
 n=0
 for round in 1 2; do
     while read -r cmd; do

@@ -80,8 +80,10 @@ fn remove_state(dir: &Path) -> Result<()> {
 /// into place (RENAME_NOREPLACE): a load killed half way leaves no
 /// half-built state, and of concurrent loads exactly one wins.
 pub fn load(layout: &Layout) -> Result<(Dispatcher<ReadWrite>, u32)> {
-    caps::require_kernel()?;
+    // Capabilities first: without CAP_SYS_RESOURCE the memlock check would
+    // fail too, with a message about limits rather than privileges.
     caps::require_load()?;
+    caps::require_kernel()?;
     let (parent, name) = bpffs::split(&layout.dir)?;
     if layout.owned >= 2 {
         // `<bpffs>/steer`: made here, 0700, the first time.
