@@ -21,8 +21,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 /// The objects built, each from the dispatch-ebpf binary of its name.
-const OBJECTS: [(&str, &str); 2] =
-    [("dispatch", "dispatch-ebpf/dispatch.bpf.o"), ("follow", "dispatch-ebpf/follow.bpf.o")];
+const OBJECTS: [(&str, &str); 3] = [
+    ("dispatch", "dispatch-ebpf/dispatch.bpf.o"),
+    ("follow", "dispatch-ebpf/follow.bpf.o"),
+    ("migrate", "dispatch-ebpf/migrate.bpf.o"),
+];
 
 #[derive(Parser)]
 struct Cli {
@@ -32,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Rebuild dispatch-ebpf/dispatch.bpf.o and follow.bpf.o from source.
+    /// Rebuild dispatch-ebpf/dispatch.bpf.o, follow.bpf.o and migrate.bpf.o from source.
     BuildEbpf {
         /// Do not write: fail if the committed object differs from a fresh build.
         #[arg(long)]
