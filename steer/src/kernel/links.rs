@@ -42,6 +42,17 @@ impl Link {
         Ok(NetnsLinkInfo { id: info.id, program_id: info.prog_id, netns_inode: info.netns_ino })
     }
 
+    /// The link's id and the id of the program it runs (a link of any kind).
+    pub fn ids(&self) -> Result<(u32, u32)> {
+        sys::link_ids(self.fd.as_fd()).context("reading the link's info")
+    }
+
+    /// Pins the link at `path` too: one more reference, which removing
+    /// that pin drops again (the link stays attached while one is left).
+    pub fn pin(&self, path: &Path) -> Result<()> {
+        sys::obj_pin(self.fd.as_fd(), path).with_context(|| format!("pinning the link at {}", path.display()))
+    }
+
     /// Detaches the link even if other holders keep it open.
     pub fn detach(&self) -> Result<()> {
         sys::link_detach(self.fd.as_fd()).context("detaching the link")
@@ -52,6 +63,13 @@ impl Link {
     pub fn update(&self, program: BorrowedFd<'_>) -> Result<()> {
         sys::link_update(self.fd.as_fd(), program).context("switching the link to the new program")
     }
+}
+
+/// The id of the program pinned at `pin`.
+pub fn program_id(pin: &Path) -> Result<u32> {
+    Ok(aya::programs::ProgramInfo::from_pin(pin)
+        .with_context(|| format!("opening the pinned program {}", pin.display()))?
+        .id())
 }
 
 /// Opens the program pinned at `pin`, failing unless it is a program.

@@ -130,6 +130,91 @@ impl<K: Pod, V: Pod> RawMap<K, V> {
     }
 }
 
+/// Opens a pinned map whatever its shape: for reading a map of an older
+/// layout whose spec the caller checks itself.
+pub fn open_any(path: &Path, what: &str) -> Result<(MapData, MapInfo)> {
+    open_pinned(path, what)
+}
+
+/// The value at u32 `key` of the map `data`, whatever its size; None when
+/// absent. For a map whose value layout differs between layouts
+/// (`steer_meta`), read by its common prefix.
+pub fn raw_value(data: &MapData, key: u32) -> Result<Option<Vec<u8>>> {
+    let info = data.info()?;
+    if info.key_size() != 4 {
+        fail!(Pin, "map {} has {}-byte keys, not 4", info.name_as_str().unwrap_or("?"), info.key_size());
+    }
+    let mut value = vec![0u8; info.value_size() as usize];
+    // Safety: a 4-byte key and a buffer of the map's value size.
+    let found = unsafe { sys::map_lookup(data.fd().as_fd(), &key.to_ne_bytes(), &mut value) }
+        .context("looking up a map element")?;
+    Ok(found.then_some(value))
+}
+
+fn is_per_cpu(map_type: u32) -> bool {
+    use steer_common::kernel::BPF_MAP_TYPE_PERCPU_ARRAY;
+    // PERCPU_HASH (5), LRU_PERCPU_HASH (10) too.
+    matches!(map_type, BPF_MAP_TYPE_PERCPU_ARRAY | 5 | 10)
+}
+
+/// Copies every element of `from` into `to`, maps of one type with equal
+/// key and value sizes (per-CPU values whole, every CPU's): one batch read
+/// and one batch write (element by element where the kernel has no batch
+/// updates). Array elements that are all zero are skipped (a new array
+/// holds zeros already). Fails, writing nothing, when `to` is too small.
+/// Returns the number of elements written.
+pub fn copy_entries(from: &MapData, to: &MapData) -> Result<usize> {
+    let (src, dst) = (from.info()?, to.info()?);
+    let kind = |i: &MapInfo| i.map_type().ok().map(|t| t as u32);
+    let name = src.name_as_str().unwrap_or("?").to_string();
+    if kind(&src) != kind(&dst) || src.key_size() != dst.key_size() || src.value_size() != dst.value_size() {
+        fail!(Pin, "map {name}: cannot copy between maps of different shapes");
+    }
+    let map_type = kind(&src).unwrap_or(0);
+    let key_size = src.key_size() as usize;
+    let value_size = if is_per_cpu(map_type) {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        (src.value_size() as usize).next_multiple_of(8) * cpus
+    } else {
+        src.value_size() as usize
+    };
+    // Safety: the sizes are the map's own (per-CPU values for every possible CPU).
+    let mut entries = unsafe { sys::map_entries_batch(from.fd().as_fd(), key_size, value_size) }
+        .with_context(|| format!("reading map {name}"))?;
+    let is_array = matches!(map_type, BPF_MAP_TYPE_ARRAY | steer_common::kernel::BPF_MAP_TYPE_PERCPU_ARRAY);
+    if is_array {
+        entries.retain(|(_, v)| v.iter().any(|&b| b != 0));
+    }
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    if entries.len() > dst.max_entries() as usize {
+        fail!(Full, "map {name}: {} elements do not fit the new map's {}", entries.len(), dst.max_entries());
+    }
+    let keys: Vec<u8> = entries.iter().flat_map(|(k, _)| k.iter().copied()).collect();
+    let values: Vec<u8> = entries.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    // Safety: `entries.len()` keys and values of the map's sizes.
+    match unsafe { sys::map_update_batch(to.fd().as_fd(), &keys, &values, entries.len() as u32) } {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) => {
+            for (key, value) in &entries {
+                // Safety: one key and one value of the map's sizes.
+                unsafe { sys::map_update(to.fd().as_fd(), key, value, 0) }
+                    .with_context(|| format!("writing map {name}"))?;
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("writing map {name}")),
+    }
+    Ok(entries.len())
+}
+
+/// A new, unpinned map of `spec`'s type and shape with room for
+/// `max_entries` (a record that grew past its spec's size).
+pub fn create_like(spec: &MapSpec, max_entries: u32) -> Result<MapData> {
+    let obj = aya_obj::Map::new_from_params(spec.map_type, spec.key_size, spec.value_size, max_entries, spec.flags);
+    MapData::create(obj, spec.name, None).with_context(|| format!("creating a {} map", spec.name))
+}
+
 /// Kernel memory of one map fd, as /proc reports it (`memlock`; the bytes
 /// in use since Linux 6.2, the bytes reserved before).
 pub fn memlock(fd: BorrowedFd<'_>) -> Result<u64> {
@@ -367,6 +452,19 @@ impl SocketMap {
         let found = unsafe { sys::map_lookup(self.fd(), &key.to_ne_bytes(), &mut value) }
             .context("looking up the socket map")?;
         Ok(found.then(|| u64::from_ne_bytes(value)))
+    }
+
+    /// Every socket of the map, as (key, cookie): one lookup per key (a
+    /// socket map has no batch reads). Empty for 4-byte values.
+    pub fn cookies(&self) -> Result<Vec<(u32, u64)>> {
+        let max = self.data.info()?.max_entries();
+        let mut out = Vec::new();
+        for key in 0..max {
+            if let Some(cookie) = self.cookie(key)? {
+                out.push((key, cookie));
+            }
+        }
+        Ok(out)
     }
 
     /// Removes the socket at `key`; false when there was none.

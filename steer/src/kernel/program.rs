@@ -7,7 +7,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{SkLookup, links::FdLink},
 };
-use steer_common::{MAPS, names};
+use steer_common::{MAPS, migrate::MigratePlan, names};
 
 use super::{
     bpffs, caps,
@@ -25,6 +25,12 @@ pub static DISPATCH_OBJECT: &[u8] =
 /// object of their own, built and committed the same way.
 pub static FOLLOW_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../dispatch-ebpf/follow.bpf.o"));
+
+/// The programs `upgrade` runs once to carry sockets into a state of a new
+/// layout (iterators over the old socket maps), built and committed the
+/// same way. Not part of [`object_hash`]: nothing of it stays loaded.
+pub static MIGRATE_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("CARGO_MANIFEST_DIR"), "/../dispatch-ebpf/migrate.bpf.o"));
 
 /// FNV-1a of the embedded objects: which build a loaded program came from.
 pub fn object_hash() -> u64 {
@@ -159,6 +165,68 @@ fn load_follow_object(pin: &impl Fn(&str) -> std::path::PathBuf, scope: u16, net
     loader.load(FOLLOW_OBJECT).context("loading the follow object")
 }
 
+/// `hook`'s program for `scope` (serving the namespace with
+/// `netns_cookie`), loaded into the kernel with the maps pinned at
+/// `pin(name)`; the object it lives in comes with it.
+pub struct FollowProgram {
+    ebpf: Ebpf,
+    hook: FollowHook,
+}
+
+impl FollowProgram {
+    pub fn load(
+        pin: impl Fn(&str) -> std::path::PathBuf,
+        hook: FollowHook,
+        scope: u16,
+        netns_cookie: u64,
+    ) -> Result<Self> {
+        use aya::programs::{CgroupSock, SockOps};
+        if let Some(why) = follow_unsupported() {
+            fail!(Kernel, "{why}");
+        }
+        let mut ebpf = load_follow_object(&pin, scope, netns_cookie)?;
+        let program = ebpf
+            .program_mut(hook.program())
+            .ok_or_else(|| Error::Pin(format!("the follow object has no {} program", hook.program())))?;
+        let what = || format!("loading {} into the kernel", hook.program());
+        match hook {
+            FollowHook::Tcp => <&mut SockOps>::try_from(program)?.load().with_context(what)?,
+            FollowHook::Udp4 | FollowHook::Udp6 => <&mut CgroupSock>::try_from(program)?.load().with_context(what)?,
+        }
+        Ok(Self { ebpf, hook })
+    }
+
+    /// The loaded program's fd.
+    pub fn fd(&self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let program = self.ebpf.program(self.hook.program()).expect("checked by load");
+        Ok(program.fd()?.as_fd())
+    }
+
+    /// Attaches the program to `cgroup` and pins the link at `link_pin`.
+    /// Returns the link id.
+    pub fn attach(mut self, cgroup: &std::os::fd::OwnedFd, link_pin: &Path) -> Result<u32> {
+        use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
+        let program = self.ebpf.program_mut(self.hook.program()).expect("checked by load");
+        // A cgroup link takes no attach flags: links always run beside others.
+        let link: FdLink = match self.hook {
+            FollowHook::Tcp => {
+                let p: &mut SockOps = program.try_into()?;
+                let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
+                p.take_link(id)?.try_into()?
+            }
+            FollowHook::Udp4 | FollowHook::Udp6 => {
+                let p: &mut CgroupSock = program.try_into()?;
+                let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
+                p.take_link(id)?.try_into()?
+            }
+        };
+        let id = link.info()?.id();
+        link.pin(link_pin).with_context(|| format!("pinning the link at {}", link_pin.display()))?;
+        Ok(id)
+    }
+}
+
 /// Loads `hook`'s program for `scope` (which serves the namespace with
 /// `netns_cookie`), attaches it to `cgroup` and pins the link at
 /// `link_pin`. The maps are the ones pinned at `pin(name)`.
@@ -170,33 +238,16 @@ pub fn attach_follow(
     cgroup: &std::os::fd::OwnedFd,
     link_pin: &Path,
 ) -> Result<u32> {
-    use aya::programs::{CgroupAttachMode, CgroupSock, SockOps};
-    if let Some(why) = follow_unsupported() {
-        fail!(Kernel, "{why}");
-    }
-    let mut ebpf = load_follow_object(&pin, scope, netns_cookie)?;
-    let program = ebpf
-        .program_mut(hook.program())
-        .ok_or_else(|| Error::Pin(format!("the dispatcher object has no {} program", hook.program())))?;
-    let what = || format!("loading {} into the kernel", hook.program());
-    // A cgroup link takes no attach flags: links always run beside others.
-    let link: FdLink = match hook {
-        FollowHook::Tcp => {
-            let p: &mut SockOps = program.try_into()?;
-            p.load().with_context(what)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
-            p.take_link(id)?.try_into()?
-        }
-        FollowHook::Udp4 | FollowHook::Udp6 => {
-            let p: &mut CgroupSock = program.try_into()?;
-            p.load().with_context(what)?;
-            let id = p.attach(cgroup, CgroupAttachMode::Single).context("attaching to the cgroup")?;
-            p.take_link(id)?.try_into()?
-        }
-    };
-    let id = link.info()?.id();
-    link.pin(link_pin).with_context(|| format!("pinning the link at {}", link_pin.display()))?;
-    Ok(id)
+    FollowProgram::load(pin, hook, scope, netns_cookie)?.attach(cgroup, link_pin)
+}
+
+/// The follow hook and scope a link pin's name (`follow_tcp_3`) stands for.
+pub fn parse_follow_pin(name: &str) -> Option<(FollowHook, u16)> {
+    FollowHook::ALL.into_iter().find_map(|hook| {
+        let prefix = hook.pin_name(0);
+        let scope = name.strip_prefix(prefix.strip_suffix('0')?)?;
+        Some((hook, scope.parse().ok()?))
+    })
 }
 
 /// The iterator kinds a backfill pass walks.
@@ -238,6 +289,63 @@ pub fn pin_backfill(pin: impl Fn(&str) -> std::path::PathBuf, kind: Backfill, li
     let id = p.attach()?;
     let link: FdLink = p.take_link(id)?.try_into()?;
     link.pin(link_pin).with_context(|| format!("pinning the link at {}", link_pin.display()))?;
+    Ok(())
+}
+
+/// Puts sockets of this namespace into the new state whose maps are
+/// pinned at `pin(name)`, by cookie: `plan` says, for each, the `sockets`
+/// keys it goes to and whether it is the seed socket (`echo_socket`). The
+/// migration object's iterators over TCP and UDP sockets do it in the
+/// kernel; no process's file descriptor is taken. Sockets not found (closed
+/// meanwhile) are passed over: the caller checks what arrived.
+pub fn carry_sockets(
+    pin: impl Fn(&str) -> std::path::PathBuf,
+    plan: &std::collections::BTreeMap<u64, MigratePlan>,
+) -> Result<()> {
+    use std::io::Read;
+
+    use aya::{maps::HashMap, programs::Iter};
+    if plan.is_empty() {
+        return Ok(());
+    }
+    if let Some(why) = follow_unsupported() {
+        fail!(Kernel, "{why}; upgrade carries sockets with the same iterators");
+    }
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| Error::Kernel(format!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}")))?;
+    let mut loader = EbpfLoader::new();
+    for m in MAPS {
+        loader.map_pin_path(m.name, pin(m.name));
+    }
+    let mut ebpf = loader.load(MIGRATE_OBJECT).context("loading the migration object")?;
+    const PROGRAMS: [(&str, &str); 2] = [("steer_migrate_tcp", "tcp"), ("steer_migrate_udp", "udp")];
+    for (name, target) in PROGRAMS {
+        let p: &mut Iter = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Pin(format!("the migration object has no {name} program")))?
+            .try_into()?;
+        p.load(target, &btf).with_context(|| format!("loading {name} into the kernel"))?;
+    }
+    let entries: Vec<(&u64, &MigratePlan)> = plan.iter().collect();
+    for pass in entries.chunks(steer_common::migrate::MAX_PLAN as usize) {
+        let mut map: HashMap<_, u64, MigratePlan> = HashMap::try_from(
+            ebpf.map_mut(steer_common::migrate::PLAN_MAP)
+                .ok_or_else(|| Error::Pin("the migration object has no plan map".into()))?,
+        )?;
+        for key in map.keys().collect::<Result<Vec<_>, _>>()? {
+            map.remove(&key)?;
+        }
+        for (cookie, entry) in pass {
+            map.insert(**cookie, **entry, 0).context("writing the migration plan")?;
+        }
+        for (name, _) in PROGRAMS {
+            let p: &mut Iter = ebpf.program_mut(name).expect("loaded above").try_into()?;
+            let id = p.attach().with_context(|| format!("linking {name}"))?;
+            let mut file = p.take_link(id)?.into_file()?;
+            let mut sink = Vec::new();
+            file.read_to_end(&mut sink).with_context(|| format!("running {name}"))?;
+        }
+    }
     Ok(())
 }
 

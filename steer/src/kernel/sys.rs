@@ -10,7 +10,9 @@
 //!   maps one RCU grace period instead of one per element;
 //! * `SIOCGSKNS`, a socket's network namespace;
 //! * walking every BPF link (`BPF_LINK_GET_NEXT_ID`) for the netns ones:
-//!   aya's `LinkInfo` hides a link's namespace and attach type.
+//!   aya's `LinkInfo` hides a link's namespace and attach type;
+//! * pinning a link opened from a pin (`BPF_OBJ_PIN`): aya pins only the
+//!   links it made.
 
 use std::{
     ffi::CString,
@@ -26,6 +28,7 @@ use std::{
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -210,6 +213,22 @@ pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Pins the BPF object `fd` (a map, program or link) at `path`: one more
+/// reference to it, which unlinking the pin drops again.
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    #[repr(C)]
+    struct ObjPinAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let mut attr = ObjPinAttr { pathname: c_path.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0 };
+    // Safety: attr is BPF_OBJ_PIN's part of bpf_attr; c_path outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
+}
+
 /// The anon-inode kind of a BPF fd ("bpf-map", "bpf-prog", "bpf_link").
 pub(super) fn bpf_fd_kind(fd: BorrowedFd<'_>) -> Option<String> {
     let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
@@ -223,6 +242,12 @@ pub(super) struct NetnsLinkInfo {
     pub prog_id: u32,
     /// 0 once the link is detached or its namespace is gone.
     pub netns_ino: u32,
+}
+
+/// The id of a link of any kind and of the program it runs.
+pub(super) fn link_ids(link: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let info = link_info_words(link)?;
+    Ok((info[1], info[2]))
 }
 
 pub(super) fn netns_link_info(link: BorrowedFd<'_>) -> io::Result<NetnsLinkInfo> {
