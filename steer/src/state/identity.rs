@@ -5,9 +5,9 @@
 //! writes; `gc` removes state whose namespace no longer exists.
 
 use aya::programs::ProgramInfo;
-use steer_common::{LAYOUT_VERSION, StateMeta, map};
+use steer_common::{LAYOUT_VERSION, StateMeta};
 
-use super::{Access, Dispatcher, ReadWrite, plane::Plane};
+use super::{Access, Dispatcher, ReadWrite, layouts, plane::Plane};
 use crate::{
     error::{Context, Result, fail},
     kernel::{netns, program},
@@ -33,11 +33,10 @@ pub(crate) fn record_identity<A: Access>(state: &Dispatcher<A>, program: &Progra
 /// it has no `steer_meta` to tell (a half-made state).
 pub(crate) fn staleness<A: Access>(state: &Dispatcher<A>) -> Result<Option<String>> {
     let layout = state.layout();
-    if !layout.map(map::STEER_META).exists() {
-        return Ok(None);
-    }
+    // Read by the prefix every layout's steer_meta shares: an older
+    // layout's state can be stale too.
+    let layouts::Found::Tagged(meta) = layouts::detect(layout)? else { return Ok(None) };
     let dir = layout.dir.display();
-    let meta = Plane::open(layout)?.meta()?;
     if meta.netns_cookie != 0 {
         if let Some(now) = netns::cookie()? {
             if now != meta.netns_cookie {
@@ -69,15 +68,33 @@ pub(crate) fn check_usable(state: &Dispatcher<ReadWrite>) -> Result<()> {
     if let Some(stale) = staleness(state)? {
         fail!(Conflict, "{stale}; writes are refused: remove it with `steerctl gc`");
     }
-    let meta = state.maps()?.plane.meta()?;
-    if meta.layout_version != LAYOUT_VERSION {
+    if let Some(staging) = super::layout::upgrade_staging(state.layout()).filter(|s| s.exists()) {
         fail!(
             Conflict,
-            "{} has layout version {} but this steerctl uses {LAYOUT_VERSION}: `steerctl unload` and load again",
+            "an upgrade of {} was interrupted ({} is left): run `steerctl upgrade` to finish it; writes are refused \
+             until then",
             state.layout().dir.display(),
-            meta.layout_version
+            staging.display()
         );
     }
+    match state.layout_version() {
+        Some(LAYOUT_VERSION) => {}
+        Some(version) => fail!(
+            Conflict,
+            "{} has {}, an older steer's; this steerctl writes {}: run `steerctl upgrade` to migrate it in place \
+             (steering goes on meanwhile)",
+            state.layout().dir.display(),
+            layouts::describe(version),
+            layouts::current().describe()
+        ),
+        None => fail!(
+            Conflict,
+            "{} has no steer_meta: it is a state from before layout versions, or half made; `steerctl unload` and \
+             load again",
+            state.layout().dir.display()
+        ),
+    }
+    let meta = state.maps()?.plane.meta()?;
     let pinned = ProgramInfo::from_pin(state.layout().program())
         .with_context(|| format!("opening {}", state.layout().program().display()))?;
     if pinned.tag() != meta.program_tag {

@@ -21,6 +21,28 @@ pub struct Layout {
 /// The directory under a bpffs that holds the per-namespace state directories.
 pub const STATE_ROOT: &str = "steer";
 
+/// Suffix of the directory `upgrade` builds a state of a new layout in,
+/// beside the state directory: `<dir>-upgrade`.
+pub const UPGRADE_SUFFIX: &str = "-upgrade";
+/// Suffix an old state is moved to where the kernel cannot exchange two
+/// directories in one rename (before Linux 5.12 on bpffs).
+pub const RETIRED_SUFFIX: &str = "-retired";
+
+/// `<dir>-upgrade`, beside `layout`'s directory.
+pub fn upgrade_staging(layout: &Layout) -> Option<PathBuf> {
+    sibling(layout, UPGRADE_SUFFIX)
+}
+
+/// `<dir>-retired`, beside `layout`'s directory.
+pub fn upgrade_retired(layout: &Layout) -> Option<PathBuf> {
+    sibling(layout, RETIRED_SUFFIX)
+}
+
+fn sibling(layout: &Layout, suffix: &str) -> Option<PathBuf> {
+    let name = layout.dir.file_name()?.to_str()?;
+    Some(layout.dir.with_file_name(format!("{name}{suffix}")))
+}
+
 impl Layout {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into(), owned: 1 }

@@ -16,6 +16,7 @@ pub mod follows;
 pub mod identity;
 pub mod labels;
 pub mod layout;
+pub mod layouts;
 pub mod plane;
 pub mod record;
 pub mod seed;
@@ -119,6 +120,8 @@ pub struct Dispatcher<A: Access = ReadOnly> {
     layout: Layout,
     lock: StateLock,
     maps: OnceCell<Maps>,
+    /// The state's layout version, read when opened (None: no steer_meta).
+    version: Option<u32>,
     _access: PhantomData<A>,
 }
 
@@ -148,7 +151,7 @@ impl Dispatcher<ReadWrite> {
 
     /// A state this process just made and locked (`load`).
     pub(crate) fn made(layout: Layout, lock: StateLock) -> Self {
-        Self { layout, lock, maps: OnceCell::new(), _access: PhantomData }
+        Self { layout, lock, maps: OnceCell::new(), version: Some(steer_common::LAYOUT_VERSION), _access: PhantomData }
     }
 
     /// The lock, to carry over to the handle of the renamed directory.
@@ -170,33 +173,71 @@ impl<A: Access> Dispatcher<A> {
     fn open(layout: &Layout) -> Result<Self> {
         // Every pin is root's; say so before any EPERM can.
         caps::require_bpf()?;
-        bpffs::require_dir(&layout.dir)?;
-        let dir = bpffs::open_checked_bpffs(&layout.dir, layout.owned)?;
-        if A::MODE == LockMode::Exclusive {
-            bpffs::require_writable(&dir, &layout.dir)?;
+        // An upgrade replaces the directory with another (one rename) while
+        // this may wait for its lock: then the lock is taken again on the
+        // new one. Three replacements in a row are not an upgrade.
+        for _attempt in 0..3 {
+            bpffs::require_dir(&layout.dir)?;
+            let dir = bpffs::open_checked_bpffs(&layout.dir, layout.owned)?;
+            if A::MODE == LockMode::Exclusive {
+                bpffs::require_writable(&dir, &layout.dir)?;
+            }
+            let inode = nix::sys::stat::fstat(&dir).map_err(std::io::Error::from)?.st_ino;
+            let lock = StateLock::acquire(dir, &layout.dir, A::MODE)?;
+            match std::fs::metadata(&layout.dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)) {
+                Ok(now) if now == inode => {
+                    // A newer steer's state is refused before anything reads it.
+                    layouts::refuse_newer(layout)?;
+                    let version = match layouts::detect(layout) {
+                        Ok(layouts::Found::Tagged(meta)) => Some(meta.layout_version),
+                        _ => None,
+                    };
+                    return Ok(Self {
+                        layout: layout.clone(),
+                        lock,
+                        maps: OnceCell::new(),
+                        version,
+                        _access: PhantomData,
+                    });
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
         }
-        let inode = nix::sys::stat::fstat(&dir).map_err(std::io::Error::from)?.st_ino;
-        let lock = StateLock::acquire(dir, &layout.dir, A::MODE)?;
-        // An unload may have removed the directory while this waited, or a
-        // load put another in its place.
-        if std::fs::metadata(&layout.dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok() != Some(inode) {
-            fail!(
-                Conflict,
-                "the state at {} was unloaded while this command waited for it; run it again",
-                layout.dir.display()
-            );
-        }
-        Ok(Self { layout: layout.clone(), lock, maps: OnceCell::new(), _access: PhantomData })
+        // An unload removed the directory while this waited, or loads and
+        // unloads keep replacing it.
+        fail!(
+            Conflict,
+            "the state at {} was unloaded while this command waited for it; run it again",
+            layout.dir.display()
+        )
     }
 
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
+    /// The layout version `steer_meta` records (None: it has none).
+    pub fn layout_version(&self) -> Option<u32> {
+        self.version
+    }
+
     /// The state's maps, opened on first use and kept for the handle's life.
+    /// A state of an older layout has maps of other shapes: refused, saying
+    /// that `upgrade` migrates it.
     pub(crate) fn maps(&self) -> Result<&Maps> {
         if let Some(maps) = self.maps.get() {
             return Ok(maps);
+        }
+        if let Some(version) = self.version.filter(|v| *v < steer_common::LAYOUT_VERSION) {
+            fail!(
+                Conflict,
+                "{} has {}, an older steer's; this steerctl reads {}: run `steerctl upgrade` to migrate it in place \
+                 (steering goes on meanwhile)",
+                self.layout.dir.display(),
+                layouts::describe(version),
+                layouts::current().describe()
+            );
         }
         let maps = Maps::open(&self.layout)?;
         Ok(self.maps.get_or_init(|| maps))
