@@ -165,8 +165,19 @@ enum Command {
         #[arg(long, value_name = "SECONDS", default_value_t = 5.0, requires = "serve")]
         timeout: f64,
     },
-    /// Replace the BPF program with this build's, keeping maps, link and sockets.
-    Upgrade,
+    /// Make the loaded state this build's without a refused connection: the same
+    /// layout gets this build's programs on its live links (maps, link and
+    /// sockets kept); an older layout is migrated in place (see docs/layouts.md).
+    Upgrade {
+        /// Succeed without changing anything when nothing is loaded or the state
+        /// runs this build's programs already (for steer.service).
+        #[arg(long)]
+        if_needed: bool,
+        /// Build a new state and switch to it even when the layout is current
+        /// (the path an older layout takes).
+        #[arg(long, hide = true)]
+        rebuild: bool,
+    },
     /// Remove state left by network namespaces that no longer exist (and by
     /// killed loads) under BPFFS/steer.
     Gc {
@@ -201,7 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Unload => lifecycle::unload(layout),
         Command::Attach { if_needed } => lifecycle::attach(layout, if_needed),
         Command::Detach => lifecycle::detach(layout),
-        Command::Upgrade => lifecycle::upgrade(layout),
+        Command::Upgrade { if_needed, rebuild } => lifecycle::upgrade(layout, if_needed, rebuild, json),
         Command::Gc { dry_run } => lifecycle::gc(&cli.bpffs, dry_run, json),
         Command::Status => lifecycle::status(layout, json),
         Command::Ports { command } => seed::ports(layout, command, json),

@@ -9,7 +9,9 @@ use steer::{
         explain::other_links,
         lifecycle::{self, GcEntry},
         status::{self, Status},
+        upgrade::{self, Action, Planned},
     },
+    state::layouts,
 };
 
 use crate::output::{self, View};
@@ -55,9 +57,55 @@ pub fn detach(layout: &Layout) -> Result<()> {
     Ok(())
 }
 
-pub fn upgrade(layout: &Layout) -> Result<()> {
-    let (old, new) = lifecycle::upgrade(&Dispatcher::open_repair(layout)?)?;
-    println!("upgraded: program {old} replaced by {new}; maps, link and sockets kept");
+pub fn upgrade(layout: &Layout, if_needed: bool, rebuild: bool, json: bool) -> Result<()> {
+    let done = upgrade::upgrade(layout, upgrade::Options { if_needed, rebuild })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+        return Ok(());
+    }
+    for note in &done.notes {
+        println!("{note}");
+    }
+    let dir = done.dir.display();
+    let id = |p: Option<u32>| p.map_or("none".into(), |id| id.to_string());
+    let to = layouts::describe(done.to_layout);
+    match done.action {
+        Action::NotLoaded => println!("nothing to upgrade: no state at {dir}"),
+        Action::UpToDate => println!("up to date: {dir} runs this build's programs ({to})"),
+        Action::Swapped => {
+            let follows = match done.follow_links {
+                0 => String::new(),
+                n => format!("; {n} follow link(s) switched to this build's programs"),
+            };
+            println!(
+                "upgraded: program {} replaced by {}; maps, link and sockets kept{follows}",
+                id(done.old_program),
+                id(done.new_program)
+            );
+        }
+        Action::Migrated => {
+            let from = done.from_layout.map_or("?".into(), layouts::describe);
+            let c = done.carried.clone().unwrap_or_default();
+            println!(
+                "upgraded: migrated {dir} from {from} to {to}; program {} replaced by {} on the live link",
+                id(done.old_program),
+                id(done.new_program)
+            );
+            println!(
+                "carried: {} labels, {} bindings, {} registered sockets, {} seed ports, {}, {} counter sets, {} follow links",
+                c.labels,
+                c.bindings,
+                c.sockets,
+                c.seed_ports,
+                if c.seed_socket { "the seed socket" } else { "no seed socket" },
+                c.counter_sets,
+                c.follow_links
+            );
+        }
+        Action::Finished => {
+            println!("upgraded: finished an interrupted upgrade of {dir} (program {} serves)", id(done.new_program))
+        }
+    }
     Ok(())
 }
 
@@ -94,8 +142,18 @@ impl View for StatusView {
                 output::joined(sock.owners.iter().map(ToString::to_string), ", ", "no process (held by the map only)");
             format!("cookie {} owned by {owners}", sock.cookie)
         });
-        let mut rows = vec![
-            ("pin dir", s.pin_dir.clone()),
+        let mut rows = vec![("pin dir", s.pin_dir.clone())];
+        // The layout is said when `upgrade` has something to do (--json
+        // always has it): the usual table stays as the walkthrough shows it.
+        if let Some(l) = s.layout.as_ref().filter(|l| l.upgrade != Planned::Nothing) {
+            let name = match (l.version, l.name) {
+                (Some(v), Some(name)) => format!("{v} ({name})"),
+                (Some(v), None) => v.to_string(),
+                (None, _) => "none (from before layout versions)".into(),
+            };
+            rows.push(("layout", format!("{name}: {}", l.note)));
+        }
+        rows.extend([
             ("netns inode", s.current_netns_inode.to_string()),
             ("program", program),
             ("link", link),
@@ -108,7 +166,7 @@ impl View for StatusView {
                     s.labels, s.bindings, s.registered_sockets
                 ),
             ),
-        ];
+        ]);
         if !s.followed.is_empty() {
             let each = s.followed.iter().map(|f| {
                 let scope = if f.follow.cgroup.is_empty() { String::new() } else { format!(" in {}", f.follow.cgroup) };

@@ -161,6 +161,17 @@ pub fn open_checked(path: &Path, ours: usize) -> Result<OwnedFd> {
             ));
         }
         if i + ours >= names.len() {
+            if uid == me && mode & 0o077 != 0 && mode & 0o022 == 0 {
+                // Readable by others but theirs to change: how steer
+                // releases before b2bce37 made their directories.
+                return Err(unsafe_dir(
+                    &at,
+                    uid,
+                    mode,
+                    "must be closed to other users (0700); an older steer made it so",
+                    &format!("`steerctl upgrade` closes it (and migrates the state), or chmod 700 {}", at.display()),
+                ));
+            }
             if uid != me || mode & 0o077 != 0 {
                 return Err(unsafe_dir(
                     &at,
@@ -251,7 +262,10 @@ mod tests {
         open_checked(&ours, 1).unwrap();
         std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755)).unwrap();
         let err = open_checked(&ours, 1).unwrap_err().to_string();
-        assert!(err.contains("mode 0755") && err.contains("must be this user's and closed to others"), "{err}");
+        assert!(err.contains("mode 0755") && err.contains("`steerctl upgrade` closes it"), "{err}");
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let err = open_checked(&ours, 1).unwrap_err().to_string();
+        assert!(err.contains("mode 0775") && err.contains("must be this user's and closed to others"), "{err}");
         assert!(matches!(open_checked(&base.join("missing"), 1), Err(Error::NotLoaded { .. })));
         std::fs::remove_dir_all(base).unwrap();
     }

@@ -24,7 +24,7 @@ use crate::{
 
 /// Compiles `entries` (the recorded bindings) and makes them the generation
 /// lookups use; marks the record published.
-fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
+pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
     let maps = state.maps()?;
     let inputs: Vec<Input> = entries.iter().map(|(key, label)| Input::from_key(key, *label)).collect();
     let mut table = maps.counters.table()?;

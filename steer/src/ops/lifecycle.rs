@@ -1,28 +1,29 @@
 //! A state's life: load (made beside and renamed into place), attach and
-//! detach, upgrade (the program swapped on the live link), unload, and gc
-//! of state whose namespace is gone.
+//! detach, unload, and gc of state whose namespace is gone. `upgrade` has
+//! a module of its own ([`super::upgrade`]).
 
 use std::{
     collections::BTreeSet,
-    os::{fd::AsFd, unix::fs::MetadataExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
-use aya::programs::ProgramInfo;
 use serde::Serialize;
-use steer_common::MAPS;
 
 use crate::{
-    error::{Context, Error, Result, fail},
+    error::{Context, Error, Result},
     kernel::{
         bpffs, caps,
         links::Link,
         lock::StateLock,
-        maps::open_spec,
         netns,
         program::{self, Loaded},
     },
-    state::{Dispatcher, Layout, ReadWrite, Repair, identity, plane::Plane},
+    state::{
+        Dispatcher, Layout, ReadWrite, Repair, identity,
+        layout::{RETIRED_SUFFIX, UPGRADE_SUFFIX, upgrade_retired, upgrade_staging},
+        plane::Plane,
+    },
 };
 
 /// Removes already-made pins when a multi-step operation fails half way,
@@ -180,6 +181,14 @@ pub fn unload(state: Dispatcher<Repair>) -> Result<Vec<PathBuf>> {
     if let Err(e) = std::fs::remove_dir(&layout.dir) {
         log::warn!("{} stays: {e} (it holds pins steer did not make)", layout.dir.display());
     }
+    // What an interrupted upgrade left beside it goes too: steering is
+    // being removed, including a state an upgrade had switched to.
+    for leftover in [upgrade_staging(&layout), upgrade_retired(&layout)].into_iter().flatten() {
+        if leftover.exists() {
+            remove_state(&leftover).with_context(|| format!("removing {}", leftover.display()))?;
+            removed.push(leftover);
+        }
+    }
     Ok(removed)
 }
 
@@ -191,41 +200,6 @@ pub fn attach(state: &Dispatcher<ReadWrite>) -> Result<u32> {
 /// Removes the link; false when nothing was attached.
 pub fn detach(state: &Dispatcher<Repair>) -> Result<bool> {
     program::detach(&state.layout().link())
-}
-
-/// Replaces the pinned program with this build's, keeping maps, link and
-/// sockets. The link switches programs atomically, so no lookup in
-/// between misses. Returns the old and new program ids.
-pub fn upgrade(state: &Dispatcher<Repair>) -> Result<(u32, u32)> {
-    caps::require_load()?;
-    let layout = state.layout();
-    bpffs::require_pin(&layout.program(), "steer program")?;
-    if let Some(missing) = MAPS.iter().map(|m| layout.map(m.name)).find(|p| !p.exists()) {
-        fail!(Pin, "{} is missing: this state predates the current maps; unload and load again", missing.display());
-    }
-    // The new program reuses the pinned maps as they are: they must be
-    // the shapes it was built for.
-    for m in MAPS {
-        open_spec(&layout.map(m.name), m)?;
-    }
-    let old_id = ProgramInfo::from_pin(layout.program())?.id();
-    let mut loaded = Loaded::load(|name| layout.map(name))?;
-    let program = loaded.program();
-    let new_id = program.info()?.id();
-    // Pin beside the old one first (bpffs names take no dots), so a failure
-    // before the switch leaves everything as it was.
-    let staged = layout.staged_pins().remove(0);
-    let _ = std::fs::remove_file(&staged);
-    program.pin(&staged).context("pinning the new program")?;
-    let staged_guard = Rollback { paths: vec![staged.clone()], dir: None };
-    if layout.link().exists() {
-        Link::open(&layout.link())?.update(program.fd()?.as_fd())?;
-    }
-    std::fs::rename(&staged, layout.program()).context("replacing the program pin")?;
-    staged_guard.disarm();
-    identity::record_identity(state, &program.info()?)?;
-    log::info!("upgraded program {old_id} -> {new_id}");
-    Ok((old_id, new_id))
 }
 
 /// A state directory `gc` looked at.
@@ -324,6 +298,14 @@ pub fn gc(bpffs: &Path, dry_run: bool) -> Result<Vec<GcEntry>> {
     names.sort();
     for dir in names {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // An interrupted upgrade's directories: the next `upgrade` of the
+        // state beside them finishes or removes them; gc leaves them while
+        // that state exists.
+        let main = [UPGRADE_SUFFIX, RETIRED_SUFFIX].iter().find_map(|s| name.strip_suffix(s));
+        if main.is_some_and(|main| root.join(main).exists()) {
+            out.push(GcEntry { dir, stale: None, removed: false, error: None });
+            continue;
+        }
         let loading = name.rsplit_once("-tmp-").map(|(_, pid)| pid.to_string());
         // A load's staging directory: stale once its process is gone.
         if let Some(pid) = &loading {

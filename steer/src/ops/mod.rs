@@ -11,4 +11,5 @@ pub mod register;
 pub mod seed;
 pub mod status;
 pub mod trace;
+pub mod upgrade;
 pub mod watch;

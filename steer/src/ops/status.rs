@@ -8,7 +8,8 @@ use crate::{
     error::Result,
     kernel::{netns, program},
     model::Owner,
-    state::{Dispatcher, PlaneStatus, Read},
+    ops::upgrade::{self, Planned},
+    state::{Dispatcher, PlaneStatus, Read, layouts},
 };
 
 #[derive(Debug, Serialize)]
@@ -42,9 +43,24 @@ pub struct Followed {
     pub held: usize,
 }
 
+/// The state's layout, and what `upgrade` would do with it.
+#[derive(Debug, Serialize)]
+pub struct LayoutStatus {
+    /// `steer_meta`'s layout version; None for a state from before layouts
+    /// were numbered.
+    pub version: Option<u32>,
+    pub name: Option<&'static str>,
+    /// Whether it is this steerctl's layout.
+    pub current: bool,
+    pub upgrade: Planned,
+    /// What `upgrade` would do, in a sentence.
+    pub note: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub pin_dir: String,
+    pub layout: Option<LayoutStatus>,
     pub current_netns_inode: u64,
     pub program: Option<ProgramStatus>,
     pub link: Option<LinkStatus>,
@@ -97,8 +113,23 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
     });
     let stale = state.staleness()?;
     let missing: Vec<&str> = MAPS.iter().map(|m| m.name).filter(|name| !layout.map(name).exists()).collect();
+    let version = state.layout_version();
+    let layout_status = match upgrade::plan(layout) {
+        Ok((planned, note)) => Some(LayoutStatus {
+            version,
+            name: version.and_then(layouts::find).map(|l| l.name),
+            current: version == Some(steer_common::LAYOUT_VERSION),
+            upgrade: planned,
+            note,
+        }),
+        Err(e) => {
+            warnings.push(format!("what `steerctl upgrade` would do is unknown: {}", e.chain()));
+            None
+        }
+    };
     let mut out = Status {
         pin_dir: layout.dir.display().to_string(),
+        layout: layout_status,
         current_netns_inode: netns::current_inode()?,
         program,
         link,
@@ -110,14 +141,30 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
         plane: None,
         tracers: Vec::new(),
         stale,
-        layout_version: None,
+        layout_version: version,
         followed: Vec::new(),
         follow_unsupported: super::follow::unsupported(),
         warnings: Vec::new(),
     };
+    if let Some(old) = version.filter(|v| *v != steer_common::LAYOUT_VERSION) {
+        // An older layout's state: what its own maps say.
+        match upgrade::read_old(layout, old) {
+            Ok((read, _)) => {
+                out.ports = read.ports;
+                out.socket = read.seed_cookie.map(|cookie| SocketStatus { key: 0, cookie, owners: Vec::new() });
+                out.labels = read.labels;
+                out.bindings = read.bindings;
+                out.registered_sockets = read.registered_sockets;
+            }
+            Err(e) => warnings.push(format!("reading the {} state: {}", layouts::describe(old), e.chain())),
+        }
+        seed_owners(&mut out, &mut warnings);
+        out.warnings = warnings;
+        return Ok(out);
+    }
     if !missing.is_empty() {
         warnings.push(format!(
-            "the state is incomplete ({} missing): `steerctl upgrade` if it is an older steer's, else `steerctl unload` and load again",
+            "the state is incomplete ({} missing): `steerctl unload` and load again",
             missing.join(", ")
         ));
         out.warnings = warnings;
@@ -125,17 +172,11 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
     }
     out.ports = state.ports()?;
     out.socket = state.seed_cookie()?.map(|cookie| SocketStatus { key: 0, cookie, owners: Vec::new() });
-    if let Some(socket) = &mut out.socket {
-        match owners::sockets_and_owners(&[socket.cookie]) {
-            Ok(mut found) => socket.owners = found.remove(&socket.cookie).map(|(_, o)| o).unwrap_or_default(),
-            Err(e) => warnings.push(format!("the seed socket's owners are unknown: {}", e.chain())),
-        }
-    }
+    seed_owners(&mut out, &mut warnings);
     out.labels = state.labels()?.len();
     out.bindings = state.bindings()?.len();
     out.registered_sockets = state.registered()?.len();
     out.plane = Some(state.plane_status()?);
-    out.layout_version = Some(state.meta()?.layout_version);
     for follow in super::follow::list(state)? {
         let held = crate::model::Family::ALL
             .iter()
@@ -146,4 +187,14 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
     out.tracers = super::trace::tracers(state)?;
     out.warnings = warnings;
     Ok(out)
+}
+
+/// Who holds the seed socket, or a warning saying why that is unknown.
+fn seed_owners(out: &mut Status, warnings: &mut Vec<String>) {
+    if let Some(socket) = &mut out.socket {
+        match owners::sockets_and_owners(&[socket.cookie]) {
+            Ok(mut found) => socket.owners = found.remove(&socket.cookie).map(|(_, o)| o).unwrap_or_default(),
+            Err(e) => warnings.push(format!("the seed socket's owners are unknown: {}", e.chain())),
+        }
+    }
 }
