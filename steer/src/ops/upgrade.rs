@@ -168,11 +168,11 @@ fn run(state: &Dispatcher<Repair>, options: Options) -> Result<Upgraded> {
             return Ok(out);
         }
         log::info!("removing {}, left by an upgrade that did not switch", staging.dir.display());
-        remove_retired(&staging.dir)?;
+        remove_retired(&staging.dir, staging.owned)?;
         drop(lock);
     }
     if staging.retired.exists() {
-        remove_retired(&staging.retired)?;
+        remove_retired(&staging.retired, staging.owned)?;
     }
     let meta = match layouts::detect(layout)? {
         Found::Tagged(meta) => meta,
@@ -328,10 +328,16 @@ impl Staging {
     }
 }
 
-/// Removes a state that no longer serves: every pin in it, unpinned, never
-/// detached (its dispatcher link, if pinned here too, is the live one), then
-/// the directory. Links only it held go with their last reference.
-fn remove_retired(dir: &Path) -> Result<()> {
+/// Removes a state that does not serve: its follow links detached from
+/// their cgroups (the serving state has its own on the same cgroups: the
+/// old state's after a switch, the new one's before it), every other pin
+/// unpinned, never detached (its dispatcher link, if pinned here too, is
+/// the live one), then the directory. Detached, not only unpinned: the
+/// kernel frees an unpinned link later, and until then its program runs.
+fn remove_retired(dir: &Path, owned: usize) -> Result<()> {
+    for pin in (Layout { dir: dir.to_path_buf(), owned }).follow_hook_links() {
+        program::detach(&pin)?;
+    }
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
@@ -353,7 +359,7 @@ fn finish(state: &Dispatcher<Repair>, staging: &Staging, lock: StateLock) -> Res
     let parent_fd = bpffs::open_checked_bpffs(parent, layout.owned - 1)?;
     let staged = staging.dir.file_name().expect("a sibling has a name");
     match nix::fcntl::renameat2(&parent_fd, staged, &parent_fd, name, nix::fcntl::RenameFlags::RENAME_EXCHANGE) {
-        Ok(()) => remove_retired(&staging.dir)?,
+        Ok(()) => remove_retired(&staging.dir, staging.owned)?,
         // bpffs exchanges directories since Linux 5.12: before, two renames.
         Err(nix::errno::Errno::EINVAL) => {
             let retired = staging.retired.file_name().expect("a sibling has a name");
@@ -363,7 +369,7 @@ fn finish(state: &Dispatcher<Repair>, staging: &Staging, lock: StateLock) -> Res
             nix::fcntl::renameat2(&parent_fd, staged, &parent_fd, name, nix::fcntl::RenameFlags::RENAME_NOREPLACE)
                 .map_err(std::io::Error::from)
                 .context("moving the upgraded state into place")?;
-            remove_retired(&staging.retired)?;
+            remove_retired(&staging.retired, staging.owned)?;
         }
         Err(e) => return Err(std::io::Error::from(e)).context("putting the upgraded state in place"),
     }
@@ -518,6 +524,39 @@ fn migrate(
         }
     }
     let rules = MAPS.iter().map(|m| Ok((m.name, carry(from, m)?))).collect::<Result<BTreeMap<_, _>>>()?;
+    let (carried, new_id, old_id) = match build_and_switch(old, from, meta, &staging, &rules) {
+        Ok(done) => done,
+        Err(e) => {
+            // Not switched (the switch is the last step that can fail): the
+            // old state serves; what was built goes, its follow links too.
+            if staging.dir.exists() && !staging.is_live(old).unwrap_or(true) {
+                if let Err(cleanup) = remove_retired(&staging.dir, staging.owned) {
+                    log::warn!("removing {}: {}; the next upgrade removes it", staging.dir.display(), cleanup.chain());
+                }
+            }
+            return Err(e);
+        }
+    };
+    finish(state, &staging, staging.lock()?)?;
+    log::info!("migrated {} from {} to {}", old.dir.display(), from.describe(), layouts::current().describe());
+    let mut out = Upgraded::new(old, Action::Migrated);
+    out.from_layout = Some(from.version);
+    out.old_program = old_id;
+    out.new_program = Some(new_id);
+    out.carried = Some(carried);
+    Ok(out)
+}
+
+/// Builds the new state in `staging` from the old one and switches the
+/// live link to its program: the module's steps up to the switch. Returns
+/// what was carried, and the new and old programs' ids.
+fn build_and_switch(
+    old: &Layout,
+    from: &'static LayoutVersion,
+    meta: &MetaPrefix,
+    staging: &Staging,
+    rules: &BTreeMap<&str, Carry>,
+) -> Result<(Carried, u32, Option<u32>)> {
     let new = staging.layout();
     // The new directory, made and locked like a load's.
     let (parent, _) = bpffs::split(&old.dir)?;
@@ -575,7 +614,7 @@ fn migrate(
     if from.map(map::FOLLOWS).is_some() {
         carried.follow_links = follow_like(old, &new, &new_state)?;
     }
-    let (carried_sockets, seed_socket) = carry_sockets(old, from, &new, &rules)?;
+    let (carried_sockets, seed_socket) = carry_sockets(old, from, &new, rules)?;
     carried.sockets = carried_sockets;
     carried.seed_socket = seed_socket;
     carried.labels = maps.labels.all()?.len();
@@ -588,15 +627,7 @@ fn migrate(
     if old.link().exists() {
         Link::open(&old.link())?.update(program.fd()?.as_fd())?;
     }
-    drop(new_state);
-    finish(state, &staging, staging.lock()?)?;
-    log::info!("migrated {} from {} to {}", old.dir.display(), from.describe(), layouts::current().describe());
-    let mut out = Upgraded::new(old, Action::Migrated);
-    out.from_layout = Some(from.version);
-    out.old_program = old_id;
-    out.new_program = Some(new_id);
-    out.carried = Some(carried);
-    Ok(out)
+    Ok((carried, new_id, old_id))
 }
 
 fn state_spec(name: &str) -> &'static MapSpec {
