@@ -149,6 +149,10 @@ pub fn load(layout: &Layout) -> Result<(Dispatcher<ReadWrite>, u32)> {
 }
 
 fn loaded_already(layout: &Layout) -> Error {
+    // A newer steer's state is not "loaded already" to `load --if-needed`.
+    if let Err(e) = crate::state::layouts::refuse_newer(layout) {
+        return e;
+    }
     if let Ok(state) = Dispatcher::open_read(layout) {
         if let Ok(Some(stale)) = state.staleness() {
             return Error::Conflict(format!("{stale}; remove it with `steerctl gc`, then load again"));
