@@ -143,15 +143,15 @@ impl View for StatusView {
             format!("cookie {} owned by {owners}", sock.cookie)
         });
         let mut rows = vec![("pin dir", s.pin_dir.clone())];
-        // The layout is said when `upgrade` has something to do (--json
-        // always has it): the usual table stays as the walkthrough shows it.
-        if let Some(l) = s.layout.as_ref().filter(|l| l.upgrade != Planned::Nothing) {
+        // The layout, and what `upgrade` would do when it has something to do.
+        if let Some(l) = &s.layout {
             let name = match (l.version, l.name) {
                 (Some(v), Some(name)) => format!("{v} ({name})"),
                 (Some(v), None) => v.to_string(),
                 (None, _) => "none (from before layout versions)".into(),
             };
-            rows.push(("layout", format!("{name}: {}", l.note)));
+            let note = if l.upgrade == Planned::Nothing { "this steerctl's".to_string() } else { l.note.clone() };
+            rows.push(("layout", format!("{name}: {note}")));
         }
         rows.extend([
             ("netns inode", s.current_netns_inode.to_string()),
