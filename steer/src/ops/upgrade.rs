@@ -473,8 +473,11 @@ fn carry(from: &LayoutVersion, new: &MapSpec) -> Result<Carry> {
     Ok(match new.name {
         map::STEER_META => Carry::Meta,
         map::STEER_CONFIG | map::STEER_DIRS | map::STEER_RANGES => Carry::Derived,
-        // Transient: sockets named for one backfill pass, unread events.
-        map::BACKFILL | map::FOLLOW_EVENTS => Carry::Empty,
+        // Transient: sockets named for one backfill pass, unread events;
+        // live tracers' sockets, filters and ring buffers (a tracer keeps
+        // its slot across a swap, not across a migration: it ends, and
+        // runs again on the new state).
+        map::BACKFILL | map::FOLLOW_EVENTS | map::TRACE_TRACERS | map::TRACE_FILTERS | map::TRACE_RINGS => Carry::Empty,
         // Layout 4 made each slot SLOT_MEMBERS keys wide: a layout 3 slot's
         // one socket becomes its first member.
         map::SOCKETS => Carry::Sockets { stride: if from.version < 4 { SLOT_MEMBERS } else { 1 } },
@@ -871,6 +874,11 @@ mod tests {
         let current = layouts::current();
         assert_eq!(carry(current, state_spec(map::SOCKETS)).unwrap(), Carry::Sockets { stride: 1 });
         assert_eq!(carry(current, state_spec(map::FOLLOWS)).unwrap(), Carry::Copy);
+        // Tracers are not carried; their counters are.
+        let l4 = layouts::find(4).unwrap();
+        assert_eq!(carry(l4, state_spec(map::TRACE_RINGS)).unwrap(), Carry::Empty);
+        assert_eq!(carry(current, state_spec(map::TRACE_TRACERS)).unwrap(), Carry::Empty);
+        assert_eq!(carry(current, state_spec(map::TRACE_METRICS)).unwrap(), Carry::Copy);
     }
 
     #[test]
