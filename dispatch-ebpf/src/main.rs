@@ -265,9 +265,11 @@ fn trace_count(slot: u32, f: impl FnOnce(&mut TraceMetrics)) {
 /// counts while its tracer's socket is in `trace_tracers`, where the
 /// kernel takes it out when the tracer exits, however it exits: a slot
 /// found without one is turned off, and with no live slot left, so is
-/// `steer_config.trace`. A function of its own (a BPF-to-BPF call), so
-/// the lookup itself carries nothing for it.
-#[inline(never)]
+/// `steer_config.trace`. Inlined, though only a flag check reaches it: a
+/// BPF-to-BPF call would be a mangled symbol whose crate hash depends on
+/// the clone's path, and the committed object must build byte-identical
+/// anywhere (`cargo xtask build-ebpf --check`).
+#[inline(always)]
 fn trace(ctx: *mut bpf_sk_lookup, decision: &Decision) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context;
     // every word is read at a constant offset, as in steer_dispatch.
