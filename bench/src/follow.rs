@@ -382,7 +382,8 @@ impl Ctx<'_> {
         let svc = restart_service(restart, way);
         let Some(_keeper) = self.keep(&svc.label, vec![svc.wanted(way)], way)? else { return Ok(None) };
         let reuseport = restart == Restart::Graceful;
-        let mut server = TcpServer::start(svc.server(), reuseport)?;
+        let mut server = TcpServer::start(svc.server(), reuseport)
+            .with_context(|| format!("{} {restart:?} restarts: starting the first server", way.name()))?;
         wait_steered(svc.steered()).with_context(|| format!("{} {restart:?} restarts: first server", way.name()))?;
         // Room for PROBE_LIMIT of failures (paced by PROBE_PAUSE) per restart.
         let most = (counts.restarts + 1) * (counts.between + 50_000);
@@ -395,7 +396,8 @@ impl Ctx<'_> {
                 let began = Instant::now();
                 let listening = match restart {
                     Restart::Graceful => {
-                        let new = TcpServer::start(svc.server(), true)?;
+                        let new = TcpServer::start(svc.server(), true)
+                            .with_context(|| format!("{} graceful restart {r}", way.name()))?;
                         let listening = Instant::now();
                         std::mem::replace(&mut server, new).stop();
                         listening

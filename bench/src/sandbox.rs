@@ -43,6 +43,10 @@ impl Sandbox {
         // ends sit in TIME_WAIT; this namespace's setting only.
         std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535")
             .context("widening ip_local_port_range in the benchmark namespace")?;
+        // Except the ports servers bind again and again (the followed rows'
+        // restarts): a client's TIME_WAIT on one would make that bind fail.
+        std::fs::write("/proc/sys/net/ipv4/ip_local_reserved_ports", "8000-8999,31000-31999")
+            .context("reserving the servers' ports in the benchmark namespace")?;
         Ok(sandbox)
     }
 
