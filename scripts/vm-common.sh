@@ -11,7 +11,7 @@
 # Environment:
 #   STEER_VM_CACHE    the cache above
 #   STEER_VM_ACCEL    kvm | tcg | auto (default: KVM if a probe boot works)
-#   STEER_VM_TIMEOUT  seconds one guest may run before it is killed (900)
+#   STEER_VM_TIMEOUT  seconds one guest may run before it is killed (1800)
 #   STEER_VM_MEMORY   guest memory in MiB (2048)
 #   STEER_VM_CPUS     guest CPUs (2)
 # shellcheck shell=bash

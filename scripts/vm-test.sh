@@ -23,7 +23,8 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 source scripts/vm-common.sh
 
-tests=(walkthrough bad_input control_plane lookup security diag metrics follow trace)
+# STEER_VM_TESTS="trace follow" runs only those suites.
+tests=(${STEER_VM_TESTS:-walkthrough bad_input control_plane lookup security diag metrics follow trace})
 # Arguments for a test executable in the guest.
 declare -A test_args=([follow]="--skip nginx")
 kernels=()
@@ -89,7 +90,7 @@ for k in "${kernels[@]}"; do
     echo "== Linux ${release[$k]} ($vm_accel): booting and running ${tests[*]}"
     start=$(date +%s)
     status=0
-    vm_qemu "${STEER_VM_TIMEOUT:-900}" "${kdir[$k]}" "${initrd[$k]}" steer.mode=test \
+    vm_qemu "${STEER_VM_TIMEOUT:-1800}" "${kdir[$k]}" "${initrd[$k]}" steer.mode=test \
         -serial "file:$console" -serial "file:$out" || status=$?
     secs[$k]=$(($(date +%s) - start))
     touch "$out"
@@ -105,7 +106,7 @@ for k in "${kernels[@]}"; do
     nskip[$k]=$s
     why=""
     if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
-        why="timed out after ${STEER_VM_TIMEOUT:-900} s"
+        why="timed out after ${STEER_VM_TIMEOUT:-1800} s"
     elif ! grep -q '^@@done' "$out"; then
         why="guest stopped before the tests finished (qemu exit $status; see $console)"
     elif grep -q '^@@end .* rc=[1-9]' "$out"; then
