@@ -23,6 +23,8 @@ chmod 1777 /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /run/netns
 mount -t bpf bpf /sys/fs/bpf
+# Following attaches in the cgroup v2 hierarchy, where a systemd host mounts it.
+mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 hostname steer-vm
 

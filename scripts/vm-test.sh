@@ -26,7 +26,9 @@ source scripts/vm-common.sh
 # STEER_VM_TESTS="trace follow" runs only those suites.
 tests=(${STEER_VM_TESTS:-walkthrough bad_input control_plane lookup security diag metrics follow trace})
 # Arguments for a test executable in the guest.
-declare -A test_args=([follow]="--skip nginx")
+# The guests carry no nginx. Under TCG a member leaving its reuseport group
+# has reset one connection in 12,000 (6.12): that test runs natively only.
+declare -A test_args=([follow]="--skip nginx --skip reuseport_members_leaving")
 kernels=()
 for arg in "$@"; do
     case $arg in

@@ -201,6 +201,16 @@ fn client(ns: &TestNs, proto: Proto, from: IpAddr, to: SocketAddr) -> (SocketAdd
     })
 }
 
+/// The kernel refuses (ESOCKTNOSUPPORT) a TCP socket not in LISTEN in
+/// bpf_sk_assign from sk_lookup: seen on 6.1 and later, not on 5.10.
+fn refuses_closed_tcp() -> bool {
+    steer_tests::probe::kernel_at_least(6, 1)
+}
+
+fn continue_without_tcp_refusal() {
+    steer_tests::require_feature("the refusal of non-listening TCP sockets in bpf_sk_assign (6.1 here)", false);
+}
+
 fn lo(v6: bool) -> IpAddr {
     if v6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IpAddr::V4(Ipv4Addr::LOCALHOST) }
 }
@@ -302,18 +312,24 @@ fn every_outcome_shows_with_its_fields_for_tcp_and_udp_over_ipv4_and_ipv6() {
             check_binding(&d, "gone", proto, &prefix(hosts[i][1]), at(1).port());
             assert!(d["socket"].is_null() && d["refusal"].is_null(), "{d}");
 
-            // The kernel's refusal, by errno.
-            let (from, ok) = client(&ns, proto, lo(v6), at(2));
-            assert!(!ok || proto == Proto::Udp, "a refused socket connected");
-            let d = trace.decision();
-            check(&d, "error", proto, from, at(2));
-            check_binding(&d, "brk", proto, &prefix(hosts[i][2]), at(2).port());
-            let refused = if proto == Proto::Tcp { cookie_of(&brk_tcp[i]) } else { cookie_of(&brk_udp[i]) };
-            assert_eq!(d["socket"]["cookie"].as_u64(), Some(refused), "{d}");
-            assert_eq!(
-                d["refusal"],
-                serde_json::json!({"errno": 94, "name": "ESOCKTNOSUPPORT", "reason": "bad_socket"})
-            );
+            // The kernel's refusal, by errno. Before 6.1 (5.10 here) the
+            // kernel assigns a TCP socket that no longer listens, whose SYNs
+            // then go unanswered: there is no TCP refusal to show.
+            if proto == Proto::Tcp && !refuses_closed_tcp() {
+                continue_without_tcp_refusal();
+            } else {
+                let (from, ok) = client(&ns, proto, lo(v6), at(2));
+                assert!(!ok || proto == Proto::Udp, "a refused socket connected");
+                let d = trace.decision();
+                check(&d, "error", proto, from, at(2));
+                check_binding(&d, "brk", proto, &prefix(hosts[i][2]), at(2).port());
+                let refused = if proto == Proto::Tcp { cookie_of(&brk_tcp[i]) } else { cookie_of(&brk_udp[i]) };
+                assert_eq!(d["socket"]["cookie"].as_u64(), Some(refused), "{d}");
+                assert_eq!(
+                    d["refusal"],
+                    serde_json::json!({"errno": 94, "name": "ESOCKTNOSUPPORT", "reason": "bad_socket"})
+                );
+            }
 
             // The seed port: TCP gets the seed socket; UDP is refused it (a TCP socket).
             let to = SocketAddr::new(lo(v6), 7);
@@ -468,7 +484,9 @@ fn the_counts_agree_with_metrics_and_lost_decisions_are_counted_and_shown() {
     shutdown(brk.as_raw_fd(), Shutdown::Both).unwrap();
     let before = [metrics_of(&ns, "web"), metrics_of(&ns, "gone"), metrics_of(&ns, "brk")];
     let trace = Trace::start(&ns, &[]);
-    let plan = [("127.0.0.2:80", 5), ("127.0.0.6:81", 3), ("127.0.0.12:80", 2), ("127.0.0.1:9", 4)];
+    // Before 6.1 the kernel assigns brk's closed listener (see refuses_closed_tcp).
+    let brk_tries = if refuses_closed_tcp() { 2 } else { 0 };
+    let plan = [("127.0.0.2:80", 5), ("127.0.0.6:81", 3), ("127.0.0.12:80", brk_tries), ("127.0.0.1:9", 4)];
     let mut seen = std::collections::BTreeMap::new();
     for (to, n) in plan {
         for _ in 0..n {
@@ -480,14 +498,17 @@ fn the_counts_agree_with_metrics_and_lost_decisions_are_counted_and_shown() {
         }
     }
     let summary = trace.summary();
-    assert_eq!((summary["sent"].as_u64(), summary["lost"].as_u64()), (Some(14), Some(0)), "{summary}");
+    assert_eq!((summary["sent"].as_u64(), summary["lost"].as_u64()), (Some(12 + brk_tries), Some(0)), "{summary}");
     let after = [metrics_of(&ns, "web"), metrics_of(&ns, "gone"), metrics_of(&ns, "brk")];
     let delta = |i: usize| (after[i].0 - before[i].0, after[i].1 - before[i].1, after[i].2 - before[i].2);
     let get = |label: &str, outcome: &str| seen.get(&(label.to_string(), outcome.to_string())).copied().unwrap_or(0);
     assert_eq!(delta(0), (get("web", "assigned"), 0, 0), "{seen:?}");
     assert_eq!(delta(1), (get("gone", "miss"), get("gone", "miss"), 0), "{seen:?}");
     assert_eq!(delta(2), (get("brk", "error"), 0, get("brk", "error")), "{seen:?}");
-    assert_eq!((get("web", "assigned"), get("gone", "miss"), get("brk", "error"), get("-", "normal")), (5, 3, 2, 4));
+    assert_eq!(
+        (get("web", "assigned"), get("gone", "miss"), get("brk", "error"), get("-", "normal")),
+        (5, 3, brk_tries, 4)
+    );
     let m = json(&ns.steerctl_ok(&["--json", "metrics"]));
     assert_eq!(m["trace"], serde_json::json!({"tracers": 0, "events": 14, "lost": 0}), "{m}");
 
