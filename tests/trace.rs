@@ -363,7 +363,9 @@ fn every_outcome_shows_with_its_fields_for_tcp_and_udp_over_ipv4_and_ipv6() {
         assert!(d["socket"].is_null(), "{d}");
     }
     let summary = trace.summary();
-    assert_eq!((summary["shown"].as_u64(), summary["sent"].as_u64()), (Some(22), Some(22)), "{summary}");
+    // 22 decisions, less the two TCP refusals a kernel before 6.1 cannot show.
+    let decisions = if refuses_closed_tcp() { 22 } else { 20 };
+    assert_eq!((summary["shown"].as_u64(), summary["sent"].as_u64()), (Some(decisions), Some(decisions)), "{summary}");
     assert_eq!((summary["lost"].as_u64(), summary["ended"].as_str()), (Some(0), Some("interrupted")), "{summary}");
 }
 
@@ -510,7 +512,7 @@ fn the_counts_agree_with_metrics_and_lost_decisions_are_counted_and_shown() {
         (5, 3, brk_tries, 4)
     );
     let m = json(&ns.steerctl_ok(&["--json", "metrics"]));
-    assert_eq!(m["trace"], serde_json::json!({"tracers": 0, "events": 14, "lost": 0}), "{m}");
+    assert_eq!(m["trace"], serde_json::json!({"tracers": 0, "events": 12 + brk_tries, "lost": 0}), "{m}");
 
     // A tracer that does not read (stopped): its ring fills, and what did
     // not fit is counted, shown when it reads again, and in metrics.
