@@ -39,9 +39,12 @@ use crate::{
     state::{Dispatcher, Read, ReadWrite},
 };
 
-/// Why this kernel cannot follow servers, if it cannot.
+/// Why servers cannot be followed here, if they cannot: the kernel, or no
+/// cgroup v2 hierarchy to attach to (a container may show none and may
+/// not mount one). Registrations that do not ask to be followed then fall
+/// back to polling.
 pub fn unsupported() -> Option<String> {
-    program::follow_unsupported()
+    program::follow_unsupported().or_else(|| Cgroup::root().err().map(|e| e.to_string()))
 }
 
 /// What a change of the followed registrations did.
