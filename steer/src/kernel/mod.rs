@@ -20,3 +20,5 @@ pub mod program;
 pub mod socket;
 mod sys;
 pub mod test_run;
+
+pub use sys::rename_in;

@@ -387,3 +387,21 @@ pub(super) fn program_name(id: u32) -> io::Result<String> {
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     Ok(String::from_utf8_lossy(&name[..end]).into_owned())
 }
+
+/// renameat2(2) of `old` to `new` inside the directory `dir`, with
+/// `flags` (libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE). nix offers it
+/// on glibc only, and the container image is built against musl.
+pub fn rename_in<P1, P2>(dir: impl AsFd, old: &P1, new: &P2, flags: libc::c_uint) -> nix::Result<()>
+where
+    P1: ?Sized + nix::NixPath,
+    P2: ?Sized + nix::NixPath,
+{
+    let dirfd = dir.as_fd().as_raw_fd();
+    let res = old.with_nix_path(|old| {
+        new.with_nix_path(|new| {
+            // Safety: both paths are NUL-terminated and live for the call.
+            unsafe { libc::syscall(libc::SYS_renameat2, dirfd, old.as_ptr(), dirfd, new.as_ptr(), flags) }
+        })
+    })??;
+    nix::errno::Errno::result(res).map(drop)
+}

@@ -124,13 +124,7 @@ pub fn load(layout: &Layout) -> Result<(Dispatcher<ReadWrite>, u32)> {
         let id = program.info()?.id();
         program.pin(staged.program()).context("pinning the program")?;
         identity::record_identity(&state, &program.info()?)?;
-        match nix::fcntl::renameat2(
-            &parent_fd,
-            staged_name.as_str(),
-            &parent_fd,
-            name,
-            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-        ) {
+        match crate::kernel::rename_in(&parent_fd, staged_name.as_str(), name, libc::RENAME_NOREPLACE) {
             Ok(()) => {
                 rollback.disarm();
                 log::info!("loaded program id {id} under {}", layout.dir.display());

@@ -275,7 +275,7 @@ fn recover_missing(layout: &Layout) -> Result<bool> {
     let (parent, name) = bpffs::split(&layout.dir)?;
     let parent_fd = bpffs::open_checked_bpffs(parent, layout.owned - 1)?;
     let staged = staging.file_name().expect("a sibling has a name");
-    match nix::fcntl::renameat2(&parent_fd, staged, &parent_fd, name, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+    match crate::kernel::rename_in(&parent_fd, staged, name, libc::RENAME_NOREPLACE) {
         Ok(()) => {
             log::info!("moved {} into place (an interrupted upgrade)", staging.display());
             Ok(true)
@@ -358,15 +358,15 @@ fn finish(state: &Dispatcher<Repair>, staging: &Staging, lock: StateLock) -> Res
     let (parent, name) = bpffs::split(&layout.dir)?;
     let parent_fd = bpffs::open_checked_bpffs(parent, layout.owned - 1)?;
     let staged = staging.dir.file_name().expect("a sibling has a name");
-    match nix::fcntl::renameat2(&parent_fd, staged, &parent_fd, name, nix::fcntl::RenameFlags::RENAME_EXCHANGE) {
+    match crate::kernel::rename_in(&parent_fd, staged, name, libc::RENAME_EXCHANGE) {
         Ok(()) => remove_retired(&staging.dir, staging.owned)?,
         // bpffs exchanges directories since Linux 5.12: before, two renames.
         Err(nix::errno::Errno::EINVAL) => {
             let retired = staging.retired.file_name().expect("a sibling has a name");
-            nix::fcntl::renameat2(&parent_fd, name, &parent_fd, retired, nix::fcntl::RenameFlags::RENAME_NOREPLACE)
+            crate::kernel::rename_in(&parent_fd, name, retired, libc::RENAME_NOREPLACE)
                 .map_err(std::io::Error::from)
                 .context("moving the old state aside")?;
-            nix::fcntl::renameat2(&parent_fd, staged, &parent_fd, name, nix::fcntl::RenameFlags::RENAME_NOREPLACE)
+            crate::kernel::rename_in(&parent_fd, staged, name, libc::RENAME_NOREPLACE)
                 .map_err(std::io::Error::from)
                 .context("moving the upgraded state into place")?;
             remove_retired(&staging.retired, staging.owned)?;
