@@ -652,6 +652,7 @@ impl Default for BackfillValue {
 
 /// What the follow programs did, per CPU.
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FollowMetrics {

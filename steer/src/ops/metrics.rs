@@ -39,20 +39,10 @@ pub struct MetricsReport {
     /// Registrations the kernel follows per (label, family of the address, protocol).
     pub followed: Vec<Gauge>,
     /// What the follow programs did.
-    pub follow: FollowReport,
+    /// The follow programs' counters.
+    pub follow: steer_common::FollowMetrics,
     pub trace: TraceReport,
     pub build: BuildInfo,
-}
-
-/// The follow programs' counters.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FollowReport {
-    pub inserted: u64,
-    pub full: u64,
-    pub errors: u64,
-    pub events: u64,
-    pub lost_events: u64,
-    pub backfilled: u64,
 }
 
 /// Live tracing (`steerctl trace`): tracers running now, and what every
@@ -103,18 +93,10 @@ pub fn report<A: Read>(d: &Dispatcher<A>) -> Result<MetricsReport> {
     let seed = d.seed_metrics()?;
     let followed =
         super::follow::list(d)?.into_iter().map(|f| ((f.label, f.target.family(), f.target.protocol), 1)).collect();
-    let f = super::follow::metrics(d)?;
     let trace = d.trace_totals()?;
     Ok(MetricsReport {
         followed: gauges(followed),
-        follow: FollowReport {
-            inserted: f.inserted,
-            full: f.full,
-            errors: f.errors,
-            events: f.events,
-            lost_events: f.lost_events,
-            backfilled: f.backfilled,
-        },
+        follow: super::follow::metrics(d)?,
         destinations: d.metrics()?,
         bindings: gauges(bindings),
         registered_sockets: gauges(registered),
