@@ -24,6 +24,7 @@ last_of_layout() {
     case $1 in
         3) echo e14b16b ;; # the last release of layout 3 (dir-slots)
         4) echo abdec9f ;; # main just before layout 5 (the trace flag, 23c922e)
+        5) echo cef26ee ;; # main just before layout 6 (incremental writes)
         *) return 1 ;;
     esac
 }

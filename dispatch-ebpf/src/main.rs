@@ -43,8 +43,15 @@ impl Tables for Maps {
             return None;
         }
         let entry: *const DirEntry = get(chunk, &(key % CHUNK_ENTRIES));
-        // Safety: non-null map values are valid for the program's run.
-        if entry.is_null() { None } else { Some(unsafe { *entry }) }
+        if entry.is_null() {
+            return None;
+        }
+        // Two 8-byte loads, (start, count) and the default: a write of one
+        // binding changes either in place with one 8-byte store, so a
+        // lookup sees it whole, old or new. Safety: non-null map values are
+        // valid for the program's run, and 8-byte aligned.
+        let words = entry.cast::<u64>();
+        Some(unsafe { DirEntry::from_words([core::ptr::read_volatile(words), core::ptr::read_volatile(words.add(1))]) })
     }
 
     #[inline(always)]

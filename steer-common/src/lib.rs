@@ -273,6 +273,23 @@ pub struct DirEntry {
     pub default: Answer,
 }
 
+impl DirEntry {
+    /// The entry as two 8-byte words: (start, count) and the default, each
+    /// written and read with one access (a write of one binding changes one
+    /// of them in place while lookups run).
+    #[inline(always)]
+    pub fn from_words(words: [u64; 2]) -> Self {
+        // Safety: 16 bytes of plain integers either way (size asserted below).
+        unsafe { core::mem::transmute::<[u64; 2], DirEntry>(words) }
+    }
+
+    #[inline(always)]
+    pub fn words(self) -> [u64; 2] {
+        // Safety: as above.
+        unsafe { core::mem::transmute::<DirEntry, [u64; 2]>(self) }
+    }
+}
+
 /// `steer_config`'s single value, read by every lookup. Each field is one
 /// byte, so a write that changes one of them is seen whole or not at all.
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -728,7 +745,21 @@ pub struct StateMeta {
     /// per chunk number (the rest are empty), so a write changes only
     /// those: where the kernel has no batch updates for maps of maps (5.10
     /// and 6.1 among the tested), each slot changed costs a grace period.
+    /// Layout 6: each half's chunks are its own, written in place while
+    /// the half is idle.
     pub dir_slots: [DirSlots; 2],
+    /// Layout 6: bindings in the record in use, so nothing counts them.
+    pub bindings: u32,
+    /// Layout 6: ranges in use in `steer_ranges`' chunks, which both halves
+    /// share (an arena: a segment a write changes is written anew past
+    /// `arena_top`, its old ranges left until the next full publish).
+    pub arena_top: u32,
+    /// Of those, the ranges directory entries refer to.
+    pub arena_live: u32,
+    /// Non-zero from a write's first change of the idle half's directory
+    /// until it made the other half the same: a write killed in between
+    /// leaves the halves different, and the next write publishes anew.
+    pub halves_differ: u32,
 }
 
 /// A bit per directory chunk number (`DIR_CHUNKS` of them).
@@ -737,8 +768,9 @@ pub const DIR_SLOT_WORDS: usize = (DIR_CHUNKS as usize).div_ceil(64);
 
 /// The state layout this build reads and writes. 4: slot members and the
 /// follow maps; 5: `steer_config.trace` and the `trace_*` maps (see
-/// [`for_each_map!`]).
-pub const LAYOUT_VERSION: u32 = 5;
+/// [`for_each_map!`]); 6: incremental writes (`steer_meta`'s arena and
+/// counts, range chunks shared by both halves, `dest_bindings`).
+pub const LAYOUT_VERSION: u32 = 6;
 
 // Sizes and offsets the kernel (context) or the pinned maps (keys and
 // values) fix; a change here is a change of the state format.
@@ -760,6 +792,7 @@ const _: () = {
     assert!(size_of::<Range>() == 24);
     assert!(offset_of!(Range, answer) == 16);
     assert!(size_of::<DirEntry>() == 16);
+    assert!(offset_of!(DirEntry, default) == 8);
     assert!(size_of::<DataplaneConfig>() == 8);
     assert!(size_of::<DestMetrics>() == 48);
     assert!(size_of::<SeedMetrics>() == 24);
@@ -768,7 +801,7 @@ const _: () = {
     assert!(offset_of!(BindingKey, addr) == 4);
     assert!(size_of::<DestKey>() == 8);
     assert!(size_of::<LabelName>() == 64);
-    assert!(size_of::<StateMeta>() == 64 + 2 * 8 * DIR_SLOT_WORDS);
+    assert!(size_of::<StateMeta>() == 64 + 2 * 8 * DIR_SLOT_WORDS + 16);
     assert!(DIR_KEYS.is_multiple_of(CHUNK_ENTRIES));
     assert!(1u64 << MAX_SEARCH_STEPS > MAX_RANGES as u64);
     assert!(MAX_DESTINATIONS <= u16::MAX as u32 + 1);
@@ -814,7 +847,8 @@ macro_rules! for_each_map {
             ECHO_SOCKET, "echo_socket", BPF_MAP_TYPE_SOCKMAP, u32, u64, 1, 0;
             // Which generation half lookups use, and whether the seed list is on.
             STEER_CONFIG, "steer_config", BPF_MAP_TYPE_ARRAY, u32, $crate::DataplaneConfig, 1, 0;
-            // The compiled bindings: two halves of directory and range chunks.
+            // The compiled bindings: two halves of directory and range chunks
+            // (from layout 6 both halves' range slots hold the same chunks).
             STEER_DIRS, "steer_dirs", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, 2 * $crate::DIR_CHUNKS, 0,
                 inner $crate::DirEntry, $crate::CHUNK_ENTRIES, $crate::kernel::BPF_F_MMAPABLE;
             STEER_RANGES, "steer_ranges", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, 2 * $crate::RANGE_CHUNKS, 0,
@@ -852,6 +886,10 @@ macro_rules! for_each_map {
             TRACE_RINGS, "trace_rings", BPF_MAP_TYPE_ARRAY_OF_MAPS, u32, u32, $crate::MAX_TRACERS, 0,
                 inner_ringbuf $crate::TRACE_RING_BYTES;
             TRACE_METRICS, "trace_metrics", BPF_MAP_TYPE_PERCPU_ARRAY, u32, $crate::TraceMetrics, $crate::MAX_TRACERS + 1, 0;
+            // Layout 6 (only userspace reads it): how many bindings reach
+            // each counter set (by destination id), so a write that removes
+            // the last one drops it without reading the record.
+            DEST_BINDINGS, "dest_bindings", BPF_MAP_TYPE_ARRAY, u32, u32, $crate::MAX_DESTINATIONS, $crate::kernel::BPF_F_MMAPABLE;
         }
     };
 }

@@ -299,30 +299,110 @@ pub fn mmap_bytes(entries: u32, value_size: usize) -> usize {
     (entries as usize * value_size).next_multiple_of(page)
 }
 
+/// A `BPF_F_MMAPABLE` array of T mapped into this process: reads and
+/// writes are memory accesses, no system call per entry. Writes are seen
+/// by BPF programs at once, so only write what no lookup reads.
+pub struct MappedArray<T: Pod> {
+    map: MapData,
+    area: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+    entries: usize,
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T: Pod> MappedArray<T> {
+    /// Maps `map`, an mmapable array of `entries` T.
+    pub fn new(map: MapData, entries: u32) -> Result<Self> {
+        let len = mmap_bytes(entries, size_of::<T>());
+        // Safety: a shared mapping of the map's value area, which is `len`
+        // bytes; it lives as long as this value, which unmaps it on drop.
+        let area = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                NonZeroUsize::new(len).expect("arrays are never empty"),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
+        }
+        .context("mapping an array map")?;
+        Ok(Self { map, area, len, entries: entries as usize, _values: std::marker::PhantomData })
+    }
+
+    /// A new array of `capacity` T holding `entries` (the rest zero).
+    pub fn create(entries: &[T], capacity: u32, name: &str) -> Result<Self> {
+        assert!(entries.len() <= capacity as usize);
+        let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<T>() as u32, capacity, BPF_F_MMAPABLE);
+        let map = MapData::create(obj, name, None).context("creating an array map")?;
+        let mut array = Self::new(map, capacity)?;
+        array.write(0, entries);
+        Ok(array)
+    }
+
+    pub fn map(&self) -> &MapData {
+        &self.map
+    }
+
+    pub fn into_map(self) -> MapData {
+        // Unmapped by drop; the map itself lives on in the returned value.
+        let this = std::mem::ManuallyDrop::new(self);
+        // Safety: `this` is never used or dropped again but for its area.
+        let map = unsafe { std::ptr::read(&this.map) };
+        // Safety: the area this value mapped, `len` bytes.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(this.area, this.len) } {
+            log::warn!("unmapping an array map: {e}");
+        }
+        map
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        // Safety: `entries` T fit in the mapped area, and any bit pattern is
+        // a valid T (Pod).
+        unsafe { std::slice::from_raw_parts(self.area.as_ptr().cast::<T>(), self.entries) }
+    }
+
+    /// The entries as 8-byte words that lookups may be reading while they
+    /// change: each store is seen whole.
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        assert!(size_of::<T>().is_multiple_of(8), "entries of whole words");
+        // Safety: the area is page-aligned and holds `entries` T, a whole
+        // number of words; AtomicU64 has u64's layout, and every access to
+        // it through this slice is atomic.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.area.as_ptr().cast::<std::sync::atomic::AtomicU64>(),
+                self.entries * size_of::<T>() / 8,
+            )
+        }
+    }
+
+    /// Writes `values` from entry `at` on.
+    pub fn write(&mut self, at: usize, values: &[T]) {
+        assert!(at + values.len() <= self.entries, "writing past the end of an array map");
+        // Safety: in bounds (above) of the mapped area, which only this
+        // value's `&mut` writes through in this process.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.area.as_ptr().cast::<T>().add(at), values.len()) };
+    }
+}
+
+// Safety: the mapping belongs to this value alone (like a Vec's buffer);
+// moving it to another thread moves that ownership.
+unsafe impl<T: Pod> Send for MappedArray<T> {}
+
+impl<T: Pod> Drop for MappedArray<T> {
+    fn drop(&mut self) {
+        // Safety: the area this value mapped, `len` bytes, used no more.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.area, self.len) } {
+            log::warn!("unmapping an array map: {e}");
+        }
+    }
+}
+
 /// A new `BPF_F_MMAPABLE` array of `capacity` T holding `entries` (the rest
 /// zero), written through mmap: one copy, no system call per entry.
 pub fn filled_array<T: Pod>(entries: &[T], capacity: u32, name: &str) -> Result<MapData> {
-    assert!(entries.len() <= capacity as usize);
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<T>() as u32, capacity, BPF_F_MMAPABLE);
-    let map = MapData::create(obj, name, None).context("creating an array map")?;
-    let len = mmap_bytes(capacity, size_of::<T>());
-    let bytes: &[u8] = bytemuck::cast_slice(entries);
-    // Safety: a fresh shared mapping of the map's value area, which is `len`
-    // bytes; nothing else maps it, and it is unmapped before returning.
-    unsafe {
-        let area = nix::sys::mman::mmap(
-            None,
-            NonZeroUsize::new(len).expect("arrays are never empty"),
-            nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-            nix::sys::mman::MapFlags::MAP_SHARED,
-            map.fd().as_fd(),
-            0,
-        )
-        .context("mapping an array map")?;
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), area.as_ptr().cast::<u8>(), bytes.len());
-        nix::sys::mman::munmap(area, len).context("unmapping an array map")?;
-    }
-    Ok(map)
+    Ok(MappedArray::create(entries, capacity, name)?.into_map())
 }
 
 /// A new hash map for `spec`'s keys and values with room for `capacity`.

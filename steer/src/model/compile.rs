@@ -167,6 +167,102 @@ fn ranges(
         .collect()
 }
 
+/// Where a binding lives in a generation (see steer-common's `lookup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// In the exact-port segment of (protocol, port).
+    Exact { protocol_index: u32, port: u16 },
+    /// In the segment of a wildcard bucket: /16 or longer in its family.
+    Long { protocol_index: u32, family_index: u32, bucket: u32 },
+    /// Shorter than a bucket: the default of buckets `first..=last`.
+    Short { protocol_index: u32, family_index: u32, first: u32, last: u32 },
+}
+
+impl Placement {
+    /// The directory key of the segment a placement names (for `Short`,
+    /// its first bucket's).
+    pub fn dir_key(&self) -> u32 {
+        match *self {
+            Placement::Exact { protocol_index, port } => lookup::port_key(protocol_index, u32::from(port)),
+            Placement::Long { protocol_index, family_index, bucket }
+            | Placement::Short { protocol_index, family_index, first: bucket, .. } => {
+                lookup::bucket_key(protocol_index, family_index, bucket)
+            }
+        }
+    }
+}
+
+/// The span of addresses a segment covers, and what its gaps answer.
+fn segment_span(placement: &Placement) -> ((u128, u128), Answer) {
+    match *placement {
+        Placement::Exact { .. } => ((0, u128::MAX), Answer::none()),
+        Placement::Long { family_index: 0, bucket, .. } => {
+            let start = V4_START | u128::from(bucket) << 16;
+            ((start, start | 0xffff), Answer::new(Answer::DEFAULT, 0, 0))
+        }
+        Placement::Long { bucket, .. } => {
+            let start = u128::from(bucket) << 112;
+            ((start, start | !prefix_mask(16)), Answer::new(Answer::DEFAULT, 0, 0))
+        }
+        Placement::Short { .. } => unreachable!("short prefixes have no segment"),
+    }
+}
+
+impl Input {
+    /// Where this binding lives: one place, or two for a wildcard prefix
+    /// that covers the IPv4 region from outside it (the IPv4 buckets'
+    /// default, and its IPv6 place).
+    pub fn placements(&self) -> Vec<Placement> {
+        let protocol_index = self.protocol_index;
+        if self.port != 0 {
+            return vec![Placement::Exact { protocol_index, port: self.port }];
+        }
+        let in_v4 = self.len >= V4_LEN && self.addr & prefix_mask(V4_LEN) == V4_START;
+        let covers_v4 = self.len <= V4_LEN && V4_START & prefix_mask(self.len) == self.addr;
+        if in_v4 {
+            let v4_len = self.len - V4_LEN;
+            let bucket = ((self.addr >> 16) & 0xffff) as u32;
+            return vec![if v4_len >= 16 {
+                Placement::Long { protocol_index, family_index: 0, bucket }
+            } else {
+                Placement::Short { protocol_index, family_index: 0, first: bucket, last: bucket | (0xffff >> v4_len) }
+            }];
+        }
+        let mut out = Vec::with_capacity(2);
+        if covers_v4 {
+            out.push(Placement::Short { protocol_index, family_index: 0, first: 0, last: 0xffff });
+        }
+        let bucket = (self.addr >> 112) as u32;
+        out.push(if self.len >= 16 {
+            Placement::Long { protocol_index, family_index: 1, bucket }
+        } else {
+            Placement::Short { protocol_index, family_index: 1, first: bucket, last: bucket | (0xffff >> self.len) }
+        });
+        out
+    }
+
+    /// The traffic families (0 IPv4, 1 IPv6) whose addresses the prefix
+    /// holds: the counter sets a binding may count in.
+    pub fn families(&self) -> [bool; 2] {
+        let in_v4 = self.len >= V4_LEN && self.addr & prefix_mask(V4_LEN) == V4_START;
+        let covers_v4 = self.len <= V4_LEN && V4_START & prefix_mask(self.len) == self.addr;
+        [in_v4 || covers_v4, !in_v4]
+    }
+
+    /// Whether this binding answers where `placement` decides: in the same
+    /// segment, or among the same family's bucket defaults (a parent found
+    /// for an unbind may be short where the binding is long).
+    fn shares(&self, placement: &Placement) -> bool {
+        self.placements().iter().any(|mine| match (mine, placement) {
+            (
+                Placement::Short { protocol_index: p, family_index: f, .. },
+                Placement::Short { protocol_index, family_index, .. },
+            ) => (p, f) == (protocol_index, family_index),
+            _ => mine == placement,
+        })
+    }
+}
+
 /// Compiles bindings into a generation. `dests` names each (label, family,
 /// protocol) the bindings can reach.
 pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Generation> {
@@ -179,30 +275,18 @@ pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Gene
     let mut short: BTreeMap<(u32, u32), Vec<BucketRun>> = BTreeMap::new();
     for b in bindings {
         let answer = Answer::new(b.label, 0, b.len);
-        if b.port != 0 {
-            exact.entry((b.protocol_index, b.port)).or_default().push((b.addr, b.end(), answer));
-            continue;
-        }
-        let in_v4 = b.len >= V4_LEN && b.addr & prefix_mask(V4_LEN) == V4_START;
-        let covers_v4 = b.len <= V4_LEN && V4_START & prefix_mask(b.len) == b.addr;
-        if in_v4 {
-            let v4_len = b.len - V4_LEN;
-            let bucket = ((b.addr >> 16) & 0xffff) as u32;
-            if v4_len >= 16 {
-                long.entry((b.protocol_index, 0, bucket)).or_default().push((b.addr, b.end(), answer));
-            } else {
-                short.entry((b.protocol_index, 0)).or_default().push((bucket, bucket | (0xffff >> v4_len), answer));
+        for placement in b.placements() {
+            match placement {
+                Placement::Exact { protocol_index, port } => {
+                    exact.entry((protocol_index, port)).or_default().push((b.addr, b.end(), answer))
+                }
+                Placement::Long { protocol_index, family_index, bucket } => {
+                    long.entry((protocol_index, family_index, bucket)).or_default().push((b.addr, b.end(), answer))
+                }
+                Placement::Short { protocol_index, family_index, first, last } => {
+                    short.entry((protocol_index, family_index)).or_default().push((first, last, answer))
+                }
             }
-            continue;
-        }
-        if covers_v4 {
-            short.entry((b.protocol_index, 0)).or_default().push((0, 0xffff, answer));
-        }
-        let bucket = (b.addr >> 112) as u32;
-        if b.len >= 16 {
-            long.entry((b.protocol_index, 1, bucket)).or_default().push((b.addr, b.end(), answer));
-        } else {
-            short.entry((b.protocol_index, 1)).or_default().push((bucket, bucket | (0xffff >> b.len), answer));
         }
     }
 
@@ -238,14 +322,8 @@ pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Gene
             let segment = match long.get_mut(&(protocol_index, family_index, bucket)) {
                 None => Vec::new(),
                 Some(prefixes) => {
-                    let span = if family_index == 0 {
-                        let start = V4_START | u128::from(bucket) << 16;
-                        (start, start | 0xffff)
-                    } else {
-                        let start = u128::from(bucket) << 112;
-                        (start, start | !prefix_mask(16))
-                    };
-                    let parts = partition(span, prefixes, Answer::new(Answer::DEFAULT, 0, 0));
+                    let (span, base) = segment_span(&Placement::Long { protocol_index, family_index, bucket });
+                    let parts = partition(span, prefixes, base);
                     ranges(parts, span.1, protocol_index, dests)?
                 }
             };
@@ -261,6 +339,176 @@ pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Gene
         );
     }
     Ok(generation)
+}
+
+/// A change of one binding, for [`delta`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    Add,
+    /// Removing it: `parent` is the longest recorded binding of the same
+    /// protocol and port whose prefix holds this one's, whose answer the
+    /// addresses it leaves get back.
+    Remove {
+        parent: Option<Input>,
+    },
+}
+
+/// What adding or removing one binding changes in a generation: the
+/// segments it rewrites and the bucket defaults it changes, keyed by
+/// directory key. Applied, the generation answers as [`compile`] of the
+/// changed set would (tests: `deltas_agree_with_compiling_anew`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Each rewritten segment's ranges (none: the segment is gone).
+    pub segments: Vec<(u32, Vec<Range>)>,
+    /// New bucket defaults.
+    pub defaults: Vec<(u32, Answer)>,
+}
+
+impl Delta {
+    pub fn ranges(&self) -> usize {
+        self.segments.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    /// The directory entries after the change, each from its current one
+    /// (`current`; absent reads as empty): a rewritten segment's at
+    /// `place(count)`, which says where its ranges will lie.
+    pub fn entries(
+        &self,
+        mut current: impl FnMut(u32) -> DirEntry,
+        mut place: impl FnMut(u32) -> u32,
+    ) -> BTreeMap<u32, DirEntry> {
+        let mut out: BTreeMap<u32, DirEntry> = BTreeMap::new();
+        for (key, ranges) in &self.segments {
+            let entry = out.entry(*key).or_insert_with(|| current(*key));
+            let count = ranges.len() as u32;
+            entry.start = if count == 0 { 0 } else { place(count) };
+            entry.count = count;
+        }
+        for &(key, default) in &self.defaults {
+            out.entry(key).or_insert_with(|| current(key)).default = default;
+        }
+        out
+    }
+}
+
+/// The answers of a segment's ranges with their counter sets taken off and
+/// equal neighbours merged: the partition it was compiled from.
+fn parts_of(ranges: &[Range]) -> Vec<(u128, Answer)> {
+    let mut out: Vec<(u128, Answer)> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let answer = Answer { dest: 0, ..r.answer };
+        if out.last().is_none_or(|last| last.1 != answer) {
+            out.push((u128::from(r.start[0]) << 64 | u128::from(r.start[1]), answer));
+        }
+    }
+    out
+}
+
+/// `parts` with the answers of `start..=end` passed through `change`
+/// (the rest unchanged), equal neighbours merged.
+fn patch(
+    parts: &[(u128, Answer)],
+    span_end: u128,
+    start: u128,
+    end: u128,
+    change: impl Fn(Answer) -> Answer,
+) -> Vec<(u128, Answer)> {
+    let at = |addr: u128| parts[parts.partition_point(|p| p.0 <= addr) - 1].1;
+    let mut out: Vec<(u128, Answer)> = Vec::with_capacity(parts.len() + 2);
+    let mut push = |at: u128, answer: Answer| {
+        if out.last().is_none_or(|last| last.1 != answer) {
+            out.push((at, answer));
+        }
+    };
+    for &(from, answer) in parts.iter().take_while(|p| p.0 < start) {
+        push(from, answer);
+    }
+    push(start, change(at(start)));
+    for &(from, answer) in parts.iter().filter(|p| p.0 > start && p.0 <= end) {
+        push(from, change(answer));
+    }
+    if end < span_end {
+        push(end + 1, at(end + 1));
+        for &(from, answer) in parts.iter().filter(|p| p.0 > end + 1) {
+            push(from, answer);
+        }
+    }
+    out
+}
+
+/// What `edit` of binding `b` changes in the generation `tables` holds in
+/// half `half`. Reads only the segments and bucket entries `b` lies in;
+/// `dests` must already name `b`'s counter sets (and the parent's).
+pub fn delta(tables: &impl Tables, half: u32, b: &Input, edit: Edit, dests: &mut impl Destinations) -> Result<Delta> {
+    let mine = Answer::new(b.label, 0, b.len);
+    // What the addresses `b` holds answer after the edit, given what they
+    // answered before; `base` is what a segment answers where nothing covers.
+    let change = |answer: Answer, base: Answer, placement: &Placement| match edit {
+        Edit::Add if answer.label == Answer::NONE || answer.label == Answer::DEFAULT || answer.len < b.len => mine,
+        Edit::Remove { parent } if answer == mine => match parent {
+            Some(p) if p.shares(placement) => Answer::new(p.label, 0, p.len),
+            _ => base,
+        },
+        _ => answer,
+    };
+    let mut out = Delta::default();
+    for placement in b.placements() {
+        let key = placement.dir_key();
+        let entry = tables.dir(half, key).unwrap_or(DirEntry { start: 0, count: 0, default: Answer::none() });
+        if let Placement::Short { protocol_index, family_index, first, last } = placement {
+            for bucket in first..=last {
+                let key = lookup::bucket_key(protocol_index, family_index, bucket);
+                let old = tables.dir(half, key).map_or(Answer::none(), |e| e.default);
+                let mut new = change(Answer { dest: 0, ..old }, Answer::none(), &placement);
+                if new.label != Answer::NONE {
+                    new.dest = dests.dest(new.label, family_index, protocol_index)?;
+                }
+                if new != old {
+                    out.defaults.push((key, new));
+                }
+            }
+            continue;
+        }
+        let (span, base) = segment_span(&placement);
+        let current: Vec<Range> = (entry.start..entry.start + entry.count)
+            .map(|i| tables.range(half, i))
+            .collect::<Option<_>>()
+            .ok_or_else(|| crate::error::Error::Pin(format!("segment {key} reads past the published ranges")))?;
+        let parts = if current.is_empty() { vec![(span.0, base)] } else { parts_of(&current) };
+        let parts = patch(&parts, span.1, b.addr, b.end(), |a| change(a, base, &placement));
+        let protocol_index = match placement {
+            Placement::Exact { protocol_index, .. } | Placement::Long { protocol_index, .. } => protocol_index,
+            Placement::Short { .. } => unreachable!(),
+        };
+        let segment =
+            if parts == [(span.0, base)] { Vec::new() } else { ranges(parts, span.1, protocol_index, dests)? };
+        out.segments.push((key, segment));
+    }
+    Ok(out)
+}
+
+impl Generation {
+    /// Applies `delta` as the plane does: rewritten segments appended to
+    /// the ranges (their old ranges left where they are), entries
+    /// replaced.
+    pub fn apply(&mut self, delta: &Delta) {
+        let empty = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let mut top = self.ranges.len() as u32;
+        let entries = delta.entries(
+            |key| self.dir(0, key).unwrap_or(empty),
+            |count| {
+                top += count;
+                top - count
+            },
+        );
+        for (_, ranges) in &delta.segments {
+            self.ranges.extend_from_slice(ranges);
+        }
+        for (key, entry) in entries {
+            self.set_dir(key, entry);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -475,12 +723,102 @@ mod tests {
         }
     }
 
+    /// Counter sets numbered by what they are, so that every way of
+    /// compiling names them alike.
+    struct Fixed;
+
+    impl Destinations for Fixed {
+        fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16> {
+            Ok((label * 4 + family_index * 2 + protocol_index) as u16)
+        }
+    }
+
+    /// Every non-empty directory entry with its segment's ranges, wherever
+    /// they lie.
+    fn by_key(generation: &Generation) -> BTreeMap<u32, (u32, Answer, Vec<Range>)> {
+        let mut out = BTreeMap::new();
+        for (chunk, entries) in &generation.dir_chunks {
+            for (i, e) in entries.iter().enumerate() {
+                if e.count > 0 || e.default.label != Answer::NONE {
+                    let ranges = generation.ranges[e.start as usize..(e.start + e.count) as usize].to_vec();
+                    out.insert(chunk * CHUNK_ENTRIES + i as u32, (e.count, e.default, ranges));
+                }
+            }
+        }
+        out
+    }
+
+    /// Fails naming the first entries that differ.
+    fn same(got: &Generation, want: &Generation, what: &str) -> Result<(), TestCaseError> {
+        let (got, want) = (by_key(got), by_key(want));
+        for key in got.keys().chain(want.keys()) {
+            prop_assert_eq!(got.get(key), want.get(key), "{}: directory key {}", what, key);
+        }
+        Ok(())
+    }
+
+    /// The longest of `set` holding `b`'s prefix on its protocol and port.
+    fn parent_in(set: &[Input], b: &Input) -> Option<Input> {
+        set.iter()
+            .filter(|p| {
+                (p.protocol_index, p.port) == (b.protocol_index, b.port)
+                    && p.len < b.len
+                    && b.addr & prefix_mask(p.len) == p.addr
+            })
+            .max_by_key(|p| p.len)
+            .copied()
+    }
+
+    /// Adds the `pick`th binding of `set` to the rest, then removes it
+    /// again, one delta each: both generations match compiling anew, entry
+    /// for entry and range for range.
+    fn check_deltas(set: &[Binding], pick: usize) -> Result<(), TestCaseError> {
+        let mut labels: Vec<String> = set.iter().map(|b| b.label.clone()).collect();
+        labels.sort();
+        labels.dedup();
+        let all: Vec<Input> = set.iter().map(|b| input(b, &labels)).collect();
+        let b = all[pick % all.len()];
+        let rest: Vec<Input> = all.iter().filter(|i| **i != b).copied().collect();
+        let compiled = |inputs: &[Input]| compile(inputs, &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()));
+        let mut generation = compiled(&rest)?;
+        let added = delta(&generation, 0, &b, Edit::Add, &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        generation.apply(&added);
+        same(&generation, &compiled(&all)?, &format!("adding {b:?}"))?;
+        let edit = Edit::Remove { parent: parent_in(&rest, &b) };
+        let removed = delta(&generation, 0, &b, edit, &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        generation.apply(&removed);
+        same(&generation, &compiled(&rest)?, &format!("removing {b:?}"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn deltas_of_the_precedence_examples() {
+        let set = crate::model::binding::tests::precedence_examples();
+        for pick in 0..set.len() {
+            check_deltas(&set, pick).unwrap();
+        }
+        use Protocol::{Tcp, Udp};
+        let covers = [b("all", Udp, "::/0", 0), b("v4", Udp, "10.0.0.0/8", 0), b("in", Udp, "10.1.0.0/16", 0)];
+        let covers = [&covers[..], &[b("mapped", Udp, "::ffff:0:0/96", 0), b("h", Tcp, "::/0", 443)]].concat();
+        for pick in 0..covers.len() {
+            check_deltas(&covers, pick).unwrap();
+        }
+    }
+
     proptest! {
         #![proptest_config(strategies::config(4))]
 
         /// The same for large sets: many segments and long ones, many
         /// labels and counter sets. A case costs about 0.4 s (a hundred
         /// of the others).
+        /// One binding added to or removed from a random set, as a delta,
+        /// gives what compiling the changed set anew gives.
+        #[test]
+        fn deltas_agree_with_compiling_anew(set in strategies::binding_set(60), pick in 0usize..1000) {
+            prop_assume!(!set.is_empty());
+            check_deltas(&set, pick)?;
+        }
+
         #[test]
         fn large_sets_agree_with_the_model(
             set in strategies::binding_set(1500),

@@ -15,40 +15,72 @@ use crate::{
     kernel::netns,
     model::{
         Binding, BindingsFile, binding,
-        compile::{self, Input},
+        compile::{self, Edit, Input},
         label::label_key,
         text::grouped,
     },
     state::{Dispatcher, PlaneStats, ReadWrite, record::Record},
 };
 
-/// Compiles `entries` (the recorded bindings) and makes them the generation
-/// lookups use; marks the record published.
+/// Compiles `entries` (the whole record) and makes them the generation
+/// lookups use, every chunk anew; marks the record published.
 pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
     let maps = state.maps()?;
     let inputs: Vec<Input> = entries.iter().map(|(key, label)| Input::from_key(key, *label)).collect();
-    let mut table = maps.counters.table()?;
-    let generation = compile::compile(&inputs, &mut table)?;
-    maps.counters.add_new(&table)?;
+    let mut plan = maps.counters.plan(entries)?;
+    let generation = compile::compile(&inputs, &mut plan)?;
+    drop(inputs);
+    maps.counters.add_new(&plan)?;
     let stats = maps.plane.publish(&generation)?;
     let meta = maps.plane.meta()?;
-    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, ..meta })?;
-    maps.counters.drop_unused(&table)?;
+    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings: entries.len() as u32, ..meta })?;
+    maps.counters.drop_unused(&plan)?;
     Ok(stats)
 }
 
+/// Publishes the change of one binding, already recorded (and counted in
+/// its counter sets when added): in place where the plane allows, else the
+/// whole record anew. True when in place.
+fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added: i64) -> Result<bool> {
+    let maps = state.maps()?;
+    let delta = maps.plane.delta(binding, edit, &mut maps.counters.lookup())?;
+    if !maps.plane.patch(&delta)? {
+        log::debug!("publishing every binding anew (the range arena is full, or a write died half way)");
+        publish(state, &maps.record.entries(&maps.plane.meta()?)?)?;
+        return Ok(false);
+    }
+    let meta = maps.plane.meta()?;
+    let bindings = (i64::from(meta.bindings) + added) as u32;
+    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings, ..meta })?;
+    Ok(true)
+}
+
 /// Publishes the record when a write died between changing it and
-/// publishing it, so the command run again finds the plane current
-/// whatever it then decides (a repeated bind has nothing to add, a
-/// repeated unbind nothing to remove).
+/// publishing it (or half way through publishing), so the command run
+/// again finds the plane current whatever it then decides (a repeated bind
+/// has nothing to add, a repeated unbind nothing to remove); then forgets
+/// the labels such a write left without bindings or sockets.
 fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
     let maps = state.maps()?;
     let meta = maps.plane.meta()?;
-    if Record::interrupted(&meta) {
+    if Record::interrupted(&meta) || meta.halves_differ != 0 {
         log::info!("publishing the bindings an interrupted write recorded");
         publish(state, &maps.record.entries(&meta)?)?;
+        collect_labels(state)?;
     }
     Ok(())
+}
+
+/// The longest recorded binding of `key`'s protocol and port whose prefix
+/// holds `key`'s: at most one record lookup per shorter length.
+fn parent(record: &Record, meta: &StateMeta, key: &BindingKey) -> Result<Option<Input>> {
+    for len in (0..key.prefixlen).rev() {
+        let shorter = BindingKey::new(key.protocol, len, key.port(), key.addr);
+        if let Some(label) = record.get(meta, &shorter)? {
+            return Ok(Some(Input::from_key(&shorter, label)));
+        }
+    }
+    Ok(None)
 }
 
 /// Label ids that hold a socket, or that the kernel follows servers for.
@@ -76,11 +108,11 @@ fn forget_labels(state: &Dispatcher<ReadWrite>, keep: impl Fn(&str, u32) -> bool
     Ok(forgotten)
 }
 
-/// Forgets labels with neither bindings nor sockets: the ones the last
-/// unbind or unregister freed, and ones an interrupted write left behind.
+/// Forgets labels with neither bindings nor sockets: ones an interrupted
+/// write or a replaced set left behind.
 pub(crate) fn collect_labels(state: &Dispatcher<ReadWrite>) -> Result<()> {
     let maps = state.maps()?;
-    let bound: BTreeSet<u32> = maps.record.entries(&maps.plane.meta()?)?.into_iter().map(|(_, id)| id).collect();
+    let bound = maps.counters.bound_labels(maps.labels.all()?.into_values())?;
     let forgotten = forget_labels(state, |_, id| bound.contains(&id))?;
     if forgotten > 0 {
         log::debug!("forgot {forgotten} label(s) with neither bindings nor sockets");
@@ -120,11 +152,11 @@ fn check_sockets_serve(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()>
     Ok(())
 }
 
-/// Adds a binding; false when it was already there.
+/// Adds a binding; false when it was already there. Reads and writes only
+/// what the binding touches (see [`crate::state::plane`]).
 pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
     label_key(&b.label)?;
     finish_interrupted(state)?;
-    collect_labels(state)?;
     let maps = state.maps()?;
     let meta = maps.plane.meta()?;
     let key = b.key();
@@ -141,32 +173,48 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         }
         return Ok(false);
     }
-    let mut entries = maps.record.entries(&meta)?;
-    if entries.len() >= MAX_BINDINGS as usize {
-        fail!(Full, "bindings map full: {} bindings, the most a set holds", grouped(MAX_BINDINGS.into()));
+    if meta.bindings >= MAX_BINDINGS {
+        fail!(Full, "{} bindings are recorded, the most a set holds; unbind some first", grouped(meta.bindings.into()));
     }
     check_sockets_serve(state, b)?;
-    let id = maps.labels.ensure([b.label.as_str()])?[&b.label];
+    let id = match maps.labels.id(&b.label)? {
+        Some(id) => id,
+        None => maps.labels.ensure([b.label.as_str()])?[&b.label],
+    };
     let meta = Record::begin_change(&maps.plane, &meta)?;
-    maps.record.insert(&meta, key, id)?;
-    entries.push((key, id));
-    publish(state, &entries)?;
+    if let Some(every) = maps.record.insert(&meta, key, id)? {
+        // The record grew: read whole for that, so published whole.
+        publish(state, &every)?;
+        return Ok(true);
+    }
+    let input = Input::from_key(&key, id);
+    maps.counters.add_binding(&input)?;
+    publish_one(state, &input, Edit::Add, 1)?;
     Ok(true)
 }
 
+/// Removes a binding, and its label when nothing else holds it.
 pub fn unbind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
     finish_interrupted(state)?;
     let maps = state.maps()?;
     let meta = maps.plane.meta()?;
     let key = b.key();
-    match (maps.record.get(&meta, &key)?, maps.labels.id(&b.label)?) {
-        (Some(bound), Some(id)) if bound == id => {}
+    let id = match (maps.record.get(&meta, &key)?, maps.labels.id(&b.label)?) {
+        (Some(bound), Some(id)) if bound == id => id,
         _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
-    }
+    };
     let meta = Record::begin_change(&maps.plane, &meta)?;
     maps.record.remove(&meta, &key)?;
-    publish(state, &maps.record.entries(&meta)?)?;
-    collect_labels(state)
+    let input = Input::from_key(&key, id);
+    let parent = parent(&maps.record, &meta, &key)?;
+    // A full publish counts the record anew, this binding no longer in it.
+    if publish_one(state, &input, Edit::Remove { parent }, -1)? {
+        maps.counters.remove_binding(&input)?;
+    }
+    if maps.counters.bound_labels([id])?.is_empty() && with_sockets(state, [id])?.is_empty() {
+        maps.labels.remove(&b.label)?;
+    }
+    Ok(())
 }
 
 /// Replaces every binding with `file`'s: recorded in the idle record set,

@@ -174,7 +174,7 @@ pub fn status<A: Read>(state: &Dispatcher<A>) -> Result<Status> {
     out.socket = state.seed_cookie()?.map(|cookie| SocketStatus { key: 0, cookie, owners: Vec::new() });
     seed_owners(&mut out, &mut warnings);
     out.labels = state.labels()?.len();
-    out.bindings = state.bindings()?.len();
+    out.bindings = state.binding_count()?;
     out.registered_sockets = state.registered()?.len();
     out.plane = Some(state.plane_status()?);
     for follow in super::follow::list(state)? {

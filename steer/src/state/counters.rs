@@ -1,6 +1,8 @@
 //! Counters: a counter set (destination) per (label, traffic family,
 //! protocol) some binding can reach. `destinations` maps each to its id,
 //! `metrics` holds its per-CPU counters; `seed_metrics` the seed list's.
+//! `dest_bindings` counts the bindings that reach each id, so a write of
+//! one binding adds or drops counter sets without reading the record.
 
 use std::{
     cell::RefCell,
@@ -9,13 +11,16 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use serde::Serialize;
-use steer_common::{DestKey, DestMetrics, ErrorReason, MAX_DESTINATIONS, SeedMetrics, map};
+use steer_common::{BindingKey, DestKey, DestMetrics, ErrorReason, MAX_DESTINATIONS, SeedMetrics, map};
 
 use super::{Layout, spec};
 use crate::{
     error::{Result, fail},
-    kernel::maps::{RawMap, open_typed},
-    model::{Family, Protocol, compile::Destinations},
+    kernel::maps::{MappedArray, RawMap, open_spec, open_typed},
+    model::{
+        Family, Protocol,
+        compile::{Destinations, Input},
+    },
 };
 
 /// The counters of one destination: a label's traffic of one family
@@ -36,6 +41,20 @@ pub struct Counters {
     dests: RawMap<DestKey, u32>,
     metrics: RefCell<PerCpuArray<MapData, DestMetrics>>,
     seed: PerCpuArray<MapData, SeedMetrics>,
+    /// Bindings per destination id (`dest_bindings`), mapped on first use.
+    counts: RefCell<Option<MappedArray<u32>>>,
+    layout: Layout,
+}
+
+fn dest_key(label: u32, family_index: u32, protocol_index: u32) -> DestKey {
+    DestKey { label, family_index: family_index as u8, protocol_index: protocol_index as u8, _pad: [0; 2] }
+}
+
+/// The counter sets a binding reaches: its label's, for each family its
+/// prefix holds addresses of, on its protocol.
+fn dest_keys(binding: &Input) -> impl Iterator<Item = DestKey> + '_ {
+    let families = binding.families();
+    (0..2u32).filter(move |f| families[*f as usize]).map(|f| dest_key(binding.label, f, binding.protocol_index))
 }
 
 impl Counters {
@@ -45,7 +64,83 @@ impl Counters {
             dests: RawMap::open(&path(map::DESTINATIONS), spec(map::DESTINATIONS))?,
             metrics: RefCell::new(open_typed(&path(map::METRICS), spec(map::METRICS))?),
             seed: open_typed(&path(map::SEED_METRICS), spec(map::SEED_METRICS))?,
+            counts: RefCell::new(None),
+            layout: layout.clone(),
         })
+    }
+
+    fn with_counts<T>(&self, f: impl FnOnce(&mut MappedArray<u32>) -> T) -> Result<T> {
+        let mut counts = self.counts.borrow_mut();
+        if counts.is_none() {
+            let data = open_spec(&self.layout.map(map::DEST_BINDINGS), spec(map::DEST_BINDINGS))?;
+            *counts = Some(MappedArray::new(data, MAX_DESTINATIONS)?);
+        }
+        Ok(f(counts.as_mut().expect("set above")))
+    }
+
+    /// Counts `binding` in its counter sets, making the missing ones (from
+    /// zero, before any lookup can count in them).
+    pub fn add_binding(&self, binding: &Input) -> Result<()> {
+        for key in dest_keys(binding) {
+            let id = match self.dests.get(&key)? {
+                Some(id) => id,
+                None => {
+                    let free = self.with_counts(|c| c.as_slice().iter().position(|n| *n == 0))?;
+                    let Some(id) = free else {
+                        fail!(Full, "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use")
+                    };
+                    self.zero(id as u32)?;
+                    self.dests.set(&key, &(id as u32))?;
+                    id as u32
+                }
+            };
+            self.with_counts(|c| {
+                let n = c.as_slice()[id as usize];
+                c.write(id as usize, &[n + 1]);
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Uncounts `binding`, dropping the counter sets no binding reaches now.
+    pub fn remove_binding(&self, binding: &Input) -> Result<()> {
+        for key in dest_keys(binding) {
+            let Some(id) = self.dests.get(&key)? else { continue };
+            let left = self.with_counts(|c| {
+                let n = c.as_slice()[id as usize].saturating_sub(1);
+                c.write(id as usize, &[n]);
+                n
+            })?;
+            if left == 0 {
+                self.dests.remove(&key)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The labels among `labels` that some binding reaches.
+    pub fn bound_labels(&self, labels: impl IntoIterator<Item = u32>) -> Result<BTreeSet<u32>> {
+        let mut out = BTreeSet::new();
+        for label in labels {
+            for (family, protocol) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                if self.dests.get(&dest_key(label, family, protocol))?.is_some() {
+                    out.insert(label);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Looks counter sets up one by one, for a write of one binding.
+    pub fn lookup(&self) -> Lookup<'_> {
+        Lookup { counters: self, known: BTreeMap::new() }
+    }
+
+    fn zero(&self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        self.metrics.borrow_mut().set(id, PerCpuValues::try_from(vec![DestMetrics::default(); cpus])?, 0)?;
+        Ok(())
     }
 
     /// Every destination's counters; `names` is label id -> name.
@@ -87,63 +182,106 @@ impl Counters {
         Ok(sum)
     }
 
-    /// The ids a compile will use: the recorded ones, and new ones
-    /// allocated lowest-free.
-    pub fn table(&self) -> Result<DestTable> {
+    /// The counter sets `entries` (the whole record) reach, by id: the
+    /// recorded ids, and new ones allocated lowest-free.
+    pub fn plan(&self, entries: &[(BindingKey, u32)]) -> Result<DestPlan> {
         let known: BTreeMap<DestKey, u32> = self.dests.entries()?.into_iter().collect();
-        let taken = known.values().copied().collect();
-        Ok(DestTable { known, taken, used: BTreeSet::new(), new: Vec::new() })
+        let mut counts: BTreeMap<DestKey, u32> = BTreeMap::new();
+        for (key, label) in entries {
+            for dest in dest_keys(&Input::from_key(key, *label)) {
+                *counts.entry(dest).or_default() += 1;
+            }
+        }
+        let taken: BTreeSet<u32> = counts.keys().filter_map(|k| known.get(k)).copied().collect();
+        let mut free = (0..MAX_DESTINATIONS).filter(|id| !taken.contains(id));
+        let mut ids = BTreeMap::new();
+        let mut new = Vec::new();
+        for (key, count) in counts {
+            let id = match known.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let Some(id) = free.next() else {
+                        fail!(Full, "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use")
+                    };
+                    new.push(id);
+                    id
+                }
+            };
+            ids.insert(key, (id, count));
+        }
+        Ok(DestPlan { known, ids, new })
     }
 
-    /// Records the counter sets `table` made, from zero, before any lookup
+    /// Records the counter sets `plan` makes, from zero, before any lookup
     /// can count in them.
-    pub fn add_new(&self, table: &DestTable) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        let mut metrics = self.metrics.borrow_mut();
-        for &(key, id) in &table.new {
-            metrics.set(id, PerCpuValues::try_from(vec![DestMetrics::default(); cpus])?, 0)?;
-            self.dests.set(&key, &id)?;
+    pub fn add_new(&self, plan: &DestPlan) -> Result<()> {
+        for (key, &(id, _)) in &plan.ids {
+            if plan.new.contains(&id) {
+                self.zero(id)?;
+                self.dests.set(key, &id)?;
+            }
         }
         Ok(())
     }
 
-    /// Forgets the counter sets the published generation no longer uses.
-    pub fn drop_unused(&self, table: &DestTable) -> Result<()> {
-        for (key, id) in &table.known {
-            if !table.used.contains(id) {
+    /// Forgets the counter sets the published generation no longer uses,
+    /// and records how many bindings reach each.
+    pub fn drop_unused(&self, plan: &DestPlan) -> Result<()> {
+        for (key, id) in &plan.known {
+            if plan.ids.get(key).is_none_or(|(now, _)| now != id) {
                 self.dests.remove(key)?;
             }
         }
-        Ok(())
+        let mut counts = vec![0u32; MAX_DESTINATIONS as usize];
+        for &(id, count) in plan.ids.values() {
+            counts[id as usize] = count;
+        }
+        self.with_counts(|c| c.write(0, &counts))
     }
 }
 
-/// Counter-set ids for a compile: the recorded ones, new ones allocated
-/// lowest-free.
-pub struct DestTable {
+/// Counter-set ids for compiling a whole record, and how many bindings
+/// reach each.
+pub struct DestPlan {
     known: BTreeMap<DestKey, u32>,
-    taken: BTreeSet<u32>,
-    used: BTreeSet<u32>,
-    new: Vec<(DestKey, u32)>,
+    ids: BTreeMap<DestKey, (u32, u32)>,
+    new: Vec<u32>,
 }
 
-impl Destinations for DestTable {
+impl Destinations for DestPlan {
     fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16> {
-        let key =
-            DestKey { label, family_index: family_index as u8, protocol_index: protocol_index as u8, _pad: [0; 2] };
-        let id = match self.known.get(&key) {
-            Some(&id) => id,
-            None => {
-                let Some(id) = (0..MAX_DESTINATIONS).find(|id| !self.taken.contains(id)) else {
-                    fail!(Full, "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use")
-                };
-                self.taken.insert(id);
-                self.known.insert(key, id);
-                self.new.push((key, id));
-                id
+        match self.ids.get(&dest_key(label, family_index, protocol_index)) {
+            Some(&(id, _)) => Ok(id as u16),
+            None => fail!(
+                Pin,
+                "no counter set planned for label #{label}, family {family_index}, protocol {protocol_index}"
+            ),
+        }
+    }
+}
+
+/// Counter-set ids looked up in `destinations` as a write needs them.
+pub struct Lookup<'a> {
+    counters: &'a Counters,
+    known: BTreeMap<DestKey, u16>,
+}
+
+impl Destinations for Lookup<'_> {
+    fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16> {
+        let key = dest_key(label, family_index, protocol_index);
+        if let Some(id) = self.known.get(&key) {
+            return Ok(*id);
+        }
+        match self.counters.dests.get(&key)? {
+            Some(id) => {
+                self.known.insert(key, id as u16);
+                Ok(id as u16)
             }
-        };
-        self.used.insert(id);
-        Ok(id as u16)
+            None => fail!(
+                Pin,
+                "label #{label} has no counter set for family {family_index}, protocol {protocol_index}; \
+                 `steerctl load-bindings` with the full set rebuilds them"
+            ),
+        }
     }
 }

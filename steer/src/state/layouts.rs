@@ -118,6 +118,37 @@ const LAYOUT_4_MAPS: &[MapSpec] = &[
     spec(map::FOLLOW_SCOPES, BPF_MAP_TYPE_ARRAY, 4, 128, 64),
 ];
 
+/// Layout 5's maps, as 23c922e's steer (and every one up to incremental
+/// writes) made them: layout 4's and the tracer maps.
+const LAYOUT_5_MAPS: &[MapSpec] = &[
+    spec(map::ECHO_PORTS, BPF_MAP_TYPE_HASH, 2, 1, 1024),
+    spec(map::ECHO_SOCKET, BPF_MAP_TYPE_SOCKMAP, 4, 8, 1),
+    spec(map::STEER_CONFIG, BPF_MAP_TYPE_ARRAY, 4, 8, 1),
+    chunks(spec(map::STEER_DIRS, BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 2 * 192), 16),
+    chunks(spec(map::STEER_RANGES, BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 2 * 1536), 24),
+    spec(map::SOCKETS, BPF_MAP_TYPE_SOCKMAP, 4, 8, 16384 * 8),
+    spec(map::SOCKET_FLAGS, BPF_MAP_TYPE_ARRAY, 4, 4, 16384),
+    spec(map::METRICS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 48, 8192),
+    spec(map::SEED_METRICS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 24, 1),
+    with_flags(spec(map::BINDINGS_0, BPF_MAP_TYPE_HASH, 20, 4, 1024), BPF_F_NO_PREALLOC),
+    with_flags(spec(map::BINDINGS_1, BPF_MAP_TYPE_HASH, 20, 4, 1024), BPF_F_NO_PREALLOC),
+    spec(map::LABELS, BPF_MAP_TYPE_HASH, 64, 4, 4096),
+    spec(map::DESTINATIONS, BPF_MAP_TYPE_HASH, 8, 4, 8192),
+    spec(map::STEER_META, BPF_MAP_TYPE_ARRAY, 4, 112, 1),
+    spec(map::FOLLOWS, BPF_MAP_TYPE_HASH, 20, 32, 4096),
+    spec(map::BACKFILL, BPF_MAP_TYPE_HASH, 8, 16, 1024),
+    spec(map::FOLLOW_METRICS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 48, 1),
+    spec(map::FOLLOW_EVENTS, BPF_MAP_TYPE_RINGBUF, 0, 0, 1 << 16),
+    spec(map::FOLLOW_SCOPES, BPF_MAP_TYPE_ARRAY, 4, 128, 64),
+    spec(map::TRACE_TRACERS, BPF_MAP_TYPE_SOCKMAP, 4, 8, 8),
+    spec(map::TRACE_FILTERS, BPF_MAP_TYPE_ARRAY, 4, 96, 8),
+    MapSpec {
+        inner: Some(InnerSpec { map_type: BPF_MAP_TYPE_RINGBUF, value_size: 0, max_entries: 1 << 18, flags: 0 }),
+        ..spec(map::TRACE_RINGS, BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 8)
+    },
+    spec(map::TRACE_METRICS, BPF_MAP_TYPE_PERCPU_ARRAY, 4, 32, 9),
+];
+
 /// The layouts `upgrade` knows, oldest first; the last is this build's.
 pub static HISTORY: &[LayoutVersion] = &[
     LayoutVersion {
@@ -150,6 +181,15 @@ pub static HISTORY: &[LayoutVersion] = &[
         summary: "steer_config's trace byte (lookups look for tracers), and the maps of live tracers: \
                   trace_tracers, trace_filters, trace_rings, trace_metrics",
         since: "23c922e",
+        maps: LAYOUT_5_MAPS,
+    },
+    LayoutVersion {
+        version: 6,
+        name: "incremental",
+        summary: "writes change only what a binding touches: steer_meta counts bindings and keeps the range \
+                  arena's top (it grew to 128 bytes), both halves share the range chunks and write their own \
+                  directory chunks in place, and dest_bindings counts each counter set's bindings",
+        since: "HEAD",
         maps: MAPS,
     },
 ];
@@ -281,9 +321,16 @@ mod tests {
             assert_eq!(Some(m), l5.map(m.name), "{} changed shape from layout 4 to 5", m.name);
         }
         assert!(l4.map(map::TRACE_RINGS).is_none() && l5.map(map::TRACE_RINGS).is_some());
+        // Layout 6: steer_meta grew and dest_bindings came; the rest kept its shape.
+        let l6 = find(6).unwrap();
+        for m in l5.maps.iter().filter(|m| m.name != map::STEER_META) {
+            assert_eq!(Some(m), l6.map(m.name), "{} changed shape from layout 5 to 6", m.name);
+        }
+        assert!(l5.map(map::DEST_BINDINGS).is_none() && l6.map(map::DEST_BINDINGS).is_some());
         // Layout 3: steer_meta grew.
         let meta = |l: &LayoutVersion| l.map(map::STEER_META).unwrap().value_size;
-        assert_eq!((meta(find(2).unwrap()), meta(l3)), (64, size_of::<steer_common::StateMeta>() as u32));
+        assert_eq!((meta(find(2).unwrap()), meta(l3), meta(l5)), (64, 112, 112));
+        assert_eq!(meta(l6), size_of::<steer_common::StateMeta>() as u32);
     }
 
     #[test]

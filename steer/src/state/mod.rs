@@ -285,6 +285,12 @@ impl<A: Read> Dispatcher<A> {
         Ok(out)
     }
 
+    /// How many bindings are recorded (kept in `steer_meta`, so nothing
+    /// reads the record to count them).
+    pub fn binding_count(&self) -> Result<usize> {
+        Ok(self.maps()?.plane.meta()?.bindings as usize)
+    }
+
     /// Whether lookups run the recorded bindings, and use the seed list.
     pub fn plane_status(&self) -> Result<PlaneStatus> {
         let plane = &self.maps()?.plane;

@@ -1,19 +1,36 @@
-//! Publishing a compiled generation so that lookups switch to it at once.
+//! Publishing compiled bindings so that lookups switch to them at once.
 //!
 //! `steer_dirs` and `steer_ranges` hold two halves of chunk slots; lookups
-//! read the half `steer_config` names (an empty slot reads as no entry). A
-//! write fills the idle half's slots the generation needs with fresh,
-//! never-modified chunk maps, switches `active_half` (one byte, so no lookup
-//! sees a mix), waits for an RCU grace period so no lookup still runs on the
-//! old half, and replaces the old half's chunks with an empty one, which
-//! frees them: memory follows the bindings. `steer_meta` records which slots
-//! each half fills, so a write touches only those. The kernel waits for a
-//! grace period after every change of a map of maps: where it has batch
-//! updates for them, slots change in batches (five grace periods per write
-//! whatever its size: four batches and the wait after the switch);
-//! elsewhere one per slot changed. `idle_dirty` says
-//! when the idle half may still be read (a write died between switching and
-//! emptying), so the next write waits first.
+//! read the half `steer_config` names (an empty slot reads as no entry).
+//! Each half has its own directory chunks; both halves' range slots hold
+//! the same range chunks, an arena filled up to `steer_meta.arena_top`.
+//!
+//! A write of one binding ([`Plane::patch`]) writes the segments it
+//! rewrites past the arena's top (no lookup reads there), then changes the
+//! directory entries it touches in place, in both halves: a lookup reads
+//! an entry as two 8-byte words, (start, count) and the default, and one
+//! binding changes one word of each entry it touches, with one store. A
+//! lookup reads at most two entries, an exact port's and a bucket's, and
+//! one binding is never in both, so each lookup sees the set before the
+//! write or after it. No switch and no grace period: work in proportion to
+//! the segments touched, not to the bindings. The old ranges stay in the
+//! arena (lookups that read the old entry may still be in them) until it
+//! has too much of them; then, and for `load-bindings`, a full
+//! publish ([`Plane::publish`]) makes every chunk anew: it fills the idle
+//! half's slots with fresh chunk maps, switches `active_half` (one byte),
+//! waits for an RCU grace period so no lookup still runs on the old half,
+//! and fills the other half's (own directory chunks, the same range
+//! chunks), which frees the old
+//! ones: memory follows the bindings. The kernel waits for a grace period
+//! after every change of a map of maps: where it has batch updates for
+//! them, slots change in batches (five grace periods per full publish);
+//! elsewhere one per slot changed.
+//!
+//! `steer_meta` records which slots each half fills, so a write touches
+//! only those; `idle_dirty` says when the idle half may still be read (a
+//! write died between switching and waiting); `halves_differ` says a write
+//! died before making both halves the same (or a full publish before
+//! filling both), and the next write publishes anew.
 
 use std::{cell::RefCell, collections::BTreeMap};
 
@@ -21,14 +38,15 @@ use aya::maps::MapData;
 use bytemuck::Pod;
 use serde::Serialize;
 use steer_common::{
-    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, RANGE_CHUNKS, Range, StateMeta, map,
+    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, MAX_RANGES, RANGE_CHUNKS, Range, StateMeta,
+    map,
 };
 
 use super::{Layout, spec};
 use crate::{
     error::{Context, Result},
-    kernel::maps::{MapOfMaps, RawMap, filled_array, memlock, mmap_bytes, open_spec},
-    model::compile::Generation,
+    kernel::maps::{MapOfMaps, MappedArray, RawMap, filled_array, memlock, mmap_bytes, open_spec},
+    model::compile::{Delta, Generation},
 };
 
 /// State of the published bindings.
@@ -199,7 +217,7 @@ impl Plane {
         self.config.set(&0, &config).context("writing steer_config")
     }
 
-    /// Makes `generation` the one lookups use.
+    /// Makes `generation` the one lookups use, every chunk made anew.
     pub fn publish(&self, generation: &Generation) -> Result<PlaneStats> {
         let active = u32::from(self.config()?.active_half & 1);
         let idle = 1 - active;
@@ -211,60 +229,266 @@ impl Plane {
         let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
         let empty_dir = new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir")?;
         let empty_ranges = new_chunk::<Range>(&[], "steer_range")?;
-        let dir_chunks = generation
-            .dir_chunks
-            .iter()
-            .map(|(&chunk, entries)| Ok((chunk, new_chunk(entries, "steer_dir")?)))
-            .collect::<Result<BTreeMap<u32, MapData>>>()?;
+        // Each half writes its own directory chunks in place later: two copies.
+        let dir_copies = [0, 1].map(|_| {
+            generation
+                .dir_chunks
+                .iter()
+                .map(|(&chunk, entries)| Ok((chunk, new_chunk(entries, "steer_dir")?)))
+                .collect::<Result<BTreeMap<u32, MapData>>>()
+        });
+        let [dirs_idle, dirs_other] = dir_copies;
+        let (dirs_idle, dirs_other) = (dirs_idle?, dirs_other?);
         let range_chunks = generation
             .ranges
             .chunks(CHUNK_ENTRIES as usize)
             .map(|entries| new_chunk(entries, "steer_range"))
             .collect::<Result<Vec<_>>>()?;
-        // The idle half: the slots this generation needs, and those a killed
-        // write left filled (emptied). Recorded first, so a write killed
-        // while installing leaves no filled slot unaccounted for.
-        let needed = dir_slots_of(dir_chunks.keys().copied());
-        let touched = std::array::from_fn(|w| needed[w] | meta.dir_slots[idle as usize][w]);
-        let held_ranges = meta.range_slots[idle as usize];
-        meta.dir_slots[idle as usize] = touched;
-        meta.range_slots[idle as usize] = held_ranges.max(range_chunks.len() as u16);
-        self.set_meta(&meta)?;
-        let (slots, refs): (Vec<u32>, Vec<&MapData>) = dir_chunks_in(&touched)
-            .map(|chunk| (idle * DIR_CHUNKS + chunk, dir_chunks.get(&chunk).unwrap_or(&empty_dir)))
-            .unzip();
-        self.dirs.install(&slots, &refs)?;
-        let mut range_refs: Vec<&MapData> = range_chunks.iter().collect();
-        range_refs.resize(range_refs.len().max(held_ranges.into()), &empty_ranges);
-        let slots: Vec<u32> = (0..range_refs.len() as u32).map(|i| idle * RANGE_CHUNKS + i).collect();
-        self.ranges.install(&slots, &range_refs)?;
-        meta.dir_slots[idle as usize] = needed;
-        meta.range_slots[idle as usize] = range_chunks.len() as u16;
+        let needed = dir_slots_of(dirs_idle.keys().copied());
+        meta.halves_differ = 1;
+        self.fill_half(&mut meta, idle, needed, &dirs_idle, &range_chunks, (&empty_dir, &empty_ranges))?;
         meta.idle_dirty = 1;
         self.set_meta(&meta)?;
-        // Read again: the program may have turned `trace` off meanwhile.
-        let mut config = self.config()?;
-        config.active_half = idle as u8;
-        self.config.set(&0, &config).context("switching to the new bindings")?;
+        self.switch_to(idle)?;
         grace_period();
-        // The old half's chunks are freed as empty ones replace them.
-        let slots: Vec<u32> =
-            dir_chunks_in(&meta.dir_slots[active as usize]).map(|c| active * DIR_CHUNKS + c).collect();
-        self.dirs.install(&slots, &vec![&empty_dir; slots.len()])?;
-        let slots: Vec<u32> =
-            (0..u32::from(meta.range_slots[active as usize])).map(|i| active * RANGE_CHUNKS + i).collect();
-        self.ranges.install(&slots, &vec![&empty_ranges; slots.len()])?;
-        meta.dir_slots[active as usize] = DirSlots::default();
-        meta.range_slots[active as usize] = 0;
         meta.idle_dirty = 0;
+        self.fill_half(&mut meta, active, needed, &dirs_other, &range_chunks, (&empty_dir, &empty_ranges))?;
+        meta.halves_differ = 0;
+        meta.arena_top = generation.ranges.len() as u32;
+        meta.arena_live = meta.arena_top;
         self.set_meta(&meta)?;
         let stats = PlaneStats {
             ranges: generation.ranges.len(),
             dir_chunks: generation.dir_chunks.len(),
             range_chunks: generation.range_chunks(),
-            chunk_bytes: generation.dir_chunks.len() * chunk_bytes(size_of::<steer_common::DirEntry>())
+            chunk_bytes: 2 * generation.dir_chunks.len() * chunk_bytes(size_of::<steer_common::DirEntry>())
                 + generation.range_chunks() * chunk_bytes(size_of::<steer_common::Range>()),
         };
         Ok(stats)
+    }
+
+    /// Points half `half`'s slots at `dirs` and `ranges`, and the slots it
+    /// filled before that these do not at the empty chunks. The slots are
+    /// recorded in `meta` before they change, so a write killed while
+    /// installing leaves no filled slot unaccounted for.
+    fn fill_half(
+        &self,
+        meta: &mut StateMeta,
+        half: u32,
+        needed: DirSlots,
+        dirs: &BTreeMap<u32, MapData>,
+        ranges: &[MapData],
+        (empty_dir, empty_ranges): (&MapData, &MapData),
+    ) -> Result<()> {
+        let h = half as usize;
+        let touched = std::array::from_fn(|w| needed[w] | meta.dir_slots[h][w]);
+        let held_ranges = meta.range_slots[h];
+        meta.dir_slots[h] = touched;
+        meta.range_slots[h] = held_ranges.max(ranges.len() as u16);
+        self.set_meta(meta)?;
+        let (slots, refs): (Vec<u32>, Vec<&MapData>) = dir_chunks_in(&touched)
+            .map(|chunk| (half * DIR_CHUNKS + chunk, dirs.get(&chunk).unwrap_or(empty_dir)))
+            .unzip();
+        self.dirs.install(&slots, &refs)?;
+        let mut range_refs: Vec<&MapData> = ranges.iter().collect();
+        range_refs.resize(range_refs.len().max(held_ranges.into()), empty_ranges);
+        let slots: Vec<u32> = (0..range_refs.len() as u32).map(|i| half * RANGE_CHUNKS + i).collect();
+        self.ranges.install(&slots, &range_refs)?;
+        meta.dir_slots[h] = needed;
+        meta.range_slots[h] = ranges.len() as u16;
+        Ok(())
+    }
+
+    /// Makes lookups read half `half` from now on.
+    fn switch_to(&self, half: u32) -> Result<()> {
+        // Read again: the program may have turned `trace` off meanwhile.
+        let mut config = self.config()?;
+        config.active_half = half as u8;
+        self.config.set(&0, &config).context("switching to the new bindings")
+    }
+
+    /// What `edit` of `binding` changes in the published generation.
+    pub fn delta(
+        &self,
+        binding: &crate::model::compile::Input,
+        edit: crate::model::compile::Edit,
+        dests: &mut impl crate::model::compile::Destinations,
+    ) -> Result<Delta> {
+        let active = u32::from(self.config()?.active_half & 1);
+        crate::model::compile::delta(&MappedTables::new(self), active, binding, edit, dests)
+    }
+
+    /// Applies `delta` in place, as the module says. False, having changed
+    /// nothing lookups read, when the state does not allow it (a write died
+    /// half way) or the arena has no room or too much left over: the caller
+    /// then publishes the whole set anew.
+    pub fn patch(&self, delta: &Delta) -> Result<bool> {
+        let mut meta = self.meta()?;
+        if meta.halves_differ != 0 || meta.idle_dirty != 0 || meta.range_slots[0] != meta.range_slots[1] {
+            return Ok(false);
+        }
+        let active = u32::from(self.config()?.active_half & 1);
+        let idle = 1 - active;
+        let live = MappedTables::new(self);
+        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let mut top = meta.arena_top;
+        let entries = delta.entries(
+            |key| steer_common::lookup::Tables::dir(&live, active, key).unwrap_or(no_entry),
+            |count| {
+                top += count;
+                top - count
+            },
+        );
+        let added = delta.ranges() as u32;
+        // Rewritten segments' old ranges leave; a default change keeps its ranges.
+        let released: u32 = delta
+            .segments
+            .iter()
+            .map(|(key, _)| steer_common::lookup::Tables::dir(&live, active, *key).map_or(0, |e| e.count))
+            .sum();
+        let live_after = (meta.arena_live + added).saturating_sub(released);
+        let top_after = meta.arena_top + added;
+        if top_after > MAX_RANGES || top_after - live_after > live_after / 4 + 8 * CHUNK_ENTRIES {
+            return Ok(false);
+        }
+        drop(live);
+        // Room in the arena: new chunks in both halves' slots at once.
+        let have = u32::from(meta.range_slots[0]);
+        let want = top_after.div_ceil(CHUNK_ENTRIES).max(have);
+        if want > have {
+            meta.range_slots = [want as u16; 2];
+            self.set_meta(&meta)?;
+            let fresh = (have..want).map(|_| new_chunk::<Range>(&[], "steer_range")).collect::<Result<Vec<_>>>()?;
+            let slots: Vec<u32> =
+                [0, RANGE_CHUNKS].iter().flat_map(|base| (have..want).map(move |i| base + i)).collect();
+            let refs: Vec<&MapData> = fresh.iter().chain(fresh.iter()).collect();
+            self.ranges.install(&slots, &refs)?;
+        }
+        // Directory chunks of their own in both halves where an entry lands.
+        let chunks: std::collections::BTreeSet<u32> = entries.keys().map(|key| key / CHUNK_ENTRIES).collect();
+        let missing: Vec<u32> = chunks.iter().copied().filter(|c| !has_bit(&meta.dir_slots[0], *c)).collect();
+        if missing.iter().any(|c| has_bit(&meta.dir_slots[1], *c)) {
+            return Ok(false);
+        }
+        if !missing.is_empty() {
+            for half in &mut meta.dir_slots {
+                *half = std::array::from_fn(|w| half[w] | dir_slots_of(missing.iter().copied())[w]);
+            }
+            self.set_meta(&meta)?;
+            let fresh = missing
+                .iter()
+                .flat_map(|_| [0, 1])
+                .map(|_| new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir"))
+                .collect::<Result<Vec<_>>>()?;
+            let slots: Vec<u32> = missing.iter().flat_map(|c| [*c, DIR_CHUNKS + c]).collect();
+            self.dirs.install(&slots, &fresh.iter().collect::<Vec<_>>())?;
+        }
+        // The new segments, past the top: nothing reads there yet.
+        let mut at = meta.arena_top;
+        let mut chunk_maps: BTreeMap<u32, MappedArray<Range>> = BTreeMap::new();
+        for (_, ranges) in &delta.segments {
+            let mut rest: &[Range] = ranges;
+            while !rest.is_empty() {
+                let chunk = at / CHUNK_ENTRIES;
+                let offset = (at % CHUNK_ENTRIES) as usize;
+                let n = rest.len().min(CHUNK_ENTRIES as usize - offset);
+                let target = match chunk_maps.entry(chunk) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => e.insert(self.mapped_chunk(&self.ranges, chunk)?),
+                };
+                target.write(offset, &rest[..n]);
+                rest = &rest[n..];
+                at += n as u32;
+            }
+        }
+        meta.halves_differ = 1;
+        meta.arena_top = top_after;
+        self.set_meta(&meta)?;
+        // Both halves, the one lookups read first: each entry changes with
+        // one store per word that changes.
+        self.write_entries(active, &entries)?;
+        self.write_entries(idle, &entries)?;
+        meta.halves_differ = 0;
+        meta.arena_live = live_after;
+        self.set_meta(&meta)?;
+        Ok(true)
+    }
+
+    /// The chunk in `slot` of `outer`, mapped.
+    fn mapped_chunk<T: Pod>(&self, outer: &MapOfMaps, slot: u32) -> Result<MappedArray<T>> {
+        let Some(chunk) = outer.inner(slot)? else {
+            crate::error::fail!(
+                Pin,
+                "chunk slot {slot} is empty where the state says it is filled; run a full load-bindings"
+            )
+        };
+        MappedArray::new(chunk, CHUNK_ENTRIES)
+    }
+
+    /// Writes `entries` (directory key -> entry) into half `half`'s chunks,
+    /// in place: each word that changes with one store, the new ranges it
+    /// may point at written (and fenced) before.
+    fn write_entries(&self, half: u32, entries: &BTreeMap<u32, DirEntry>) -> Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let mut chunk: Option<(u32, MappedArray<DirEntry>)> = None;
+        for (&key, entry) in entries {
+            let number = key / CHUNK_ENTRIES;
+            if chunk.as_ref().is_none_or(|(n, _)| *n != number) {
+                chunk = Some((number, self.mapped_chunk(&self.dirs, half * DIR_CHUNKS + number)?));
+            }
+            let (_, target) = chunk.as_ref().expect("set above");
+            let at = (key % CHUNK_ENTRIES) as usize * 2;
+            let words = &target.words()[at..at + 2];
+            let new = entry.words();
+            let changed: Vec<usize> = (0..2).filter(|i| words[*i].load(Acquire) != new[*i]).collect();
+            // A change of one binding changes one word of a key: a segment's
+            // (start, count), or a bucket's default.
+            debug_assert!(changed.len() <= 1, "directory key {key}: both words change");
+            for i in changed {
+                words[i].store(new[i], Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn has_bit(bits: &DirSlots, chunk: u32) -> bool {
+    bits[chunk as usize / 64] >> (chunk % 64) & 1 != 0
+}
+
+/// The published generation read through mmap, for a patch to read the
+/// segments it changes.
+struct MappedTables<'a> {
+    plane: &'a Plane,
+    dirs: RefCell<BTreeMap<u32, Option<MappedArray<DirEntry>>>>,
+    ranges: RefCell<BTreeMap<u32, Option<MappedArray<Range>>>>,
+}
+
+impl<'a> MappedTables<'a> {
+    fn new(plane: &'a Plane) -> Self {
+        Self { plane, dirs: Default::default(), ranges: Default::default() }
+    }
+}
+
+fn mapped_entry<T: Pod>(
+    plane: &Plane,
+    outer: &MapOfMaps,
+    cache: &RefCell<BTreeMap<u32, Option<MappedArray<T>>>>,
+    slot: u32,
+    index: u32,
+) -> Option<T> {
+    let mut cache = cache.borrow_mut();
+    let chunk = cache.entry(slot).or_insert_with(|| plane.mapped_chunk(outer, slot).ok());
+    chunk.as_ref().map(|c| c.as_slice()[index as usize])
+}
+
+impl steer_common::lookup::Tables for MappedTables<'_> {
+    fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
+        mapped_entry(self.plane, &self.plane.dirs, &self.dirs, steer_common::dir_slot(half, key), key % CHUNK_ENTRIES)
+    }
+
+    fn range(&self, half: u32, index: u32) -> Option<Range> {
+        let slot = steer_common::range_slot(half, index);
+        mapped_entry(self.plane, &self.plane.ranges, &self.ranges, slot, index % CHUNK_ENTRIES)
     }
 }

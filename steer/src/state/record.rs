@@ -53,8 +53,9 @@ impl Record {
         self.sets.borrow()[active(meta)].get(key)
     }
 
-    /// Adds a binding to the set in use, moving it to a larger map when full.
-    pub fn insert(&self, meta: &StateMeta, key: BindingKey, label: u32) -> Result<()> {
+    /// Adds a binding to the set in use, moving it to a larger map when
+    /// full: then returns every binding (it read them all).
+    pub fn insert(&self, meta: &StateMeta, key: BindingKey, label: u32) -> Result<Option<Vec<(BindingKey, u32)>>> {
         let index = active(meta);
         let inserted = self.sets.borrow()[index].set(&key, &label);
         match inserted {
@@ -64,9 +65,10 @@ impl Record {
                     fail!(Full, "bindings map full ({} entries)", grouped(MAX_BINDINGS.into()));
                 }
                 entries.push((key, label));
-                self.replace(index, capacity_for(entries.len()), &entries)
+                self.replace(index, capacity_for(entries.len()), &entries)?;
+                Ok(Some(entries))
             }
-            other => other.context("adding the binding"),
+            other => other.context("adding the binding").map(|()| None),
         }
     }
 
