@@ -10,6 +10,7 @@ mod cost;
 mod follow;
 mod rate;
 mod sandbox;
+mod scale;
 mod sets;
 mod tracing;
 
@@ -70,6 +71,10 @@ struct Args {
     /// same maps, timed interleaved with this build's on every binding set.
     #[arg(long, value_name = "OBJECT")]
     baseline: Option<std::path::PathBuf>,
+    /// Only the writes-at-scale rows (a 100,000 and a 1,000,000 binding
+    /// set; with --quick, 2,000).
+    #[arg(long)]
+    scale: bool,
 }
 
 struct Counts {
@@ -146,6 +151,15 @@ fn main() -> Result<()> {
     // First, while the process is still single-threaded.
     let sandbox = Sandbox::enter()?;
     let cpu = pin_to_one_cpu()?;
+    if args.scale {
+        let rows = scale_rows(&sandbox, args.quick)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            print_scale(&rows);
+        }
+        return Ok(());
+    }
     let report = bench(&sandbox, Counts::new(args.quick), args.quick, cpu, baseline.as_ref())?;
     if args.json {
         for s in &report.skipped {
@@ -156,6 +170,67 @@ fn main() -> Result<()> {
         print_tables(&report);
     }
     Ok(())
+}
+
+/// Sizes of the writes-at-scale rows.
+fn scale_sizes(quick: bool) -> Vec<usize> {
+    if quick { vec![2_000] } else { vec![100_000, 1_000_000] }
+}
+
+/// The writes-at-scale rows, on a state of their own.
+fn scale_rows(sandbox: &Sandbox, quick: bool) -> Result<Vec<scale::ScaleRow>> {
+    let layout = steer::Layout::new(sandbox.bpffs.join("steer-scale"));
+    steer::ops::lifecycle::load(&layout).context("loading steer's dispatcher")?;
+    let steerctl = control::steerctl_binary();
+    let mut rows = Vec::new();
+    for n in scale_sizes(quick) {
+        let set = sets::generate(&format!("{n} bindings"), n, &sets::spread(33), false);
+        rows.push(scale::measure(&layout, &set, if quick { 3 } else { 21 }, steerctl.as_deref(), &sandbox.dir)?);
+    }
+    steer::ops::lifecycle::unload(steer::Dispatcher::open_repair(&layout)?)?;
+    Ok(rows)
+}
+
+fn print_scale(rows: &[scale::ScaleRow]) {
+    let mib = |b: u64| format!("{:.0} MiB", b as f64 / (1 << 20) as f64);
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
+    let mut b = tabled::builder::Builder::default();
+    b.push_record([
+        "bindings",
+        "bind (median)",
+        "unbind",
+        "bind into the largest segment",
+        "steerctl bind",
+        "load-bindings (library / steerctl)",
+        "steerctl peak RSS (load)",
+        "kernel memory per binding",
+        "steerctl status",
+        "steerctl --json bindings",
+    ]);
+    for r in rows {
+        b.push_record([
+            r.bindings.to_string(),
+            format!("{:.1} ms", r.bind_ms),
+            format!("{:.1} ms", r.unbind_ms),
+            format!("{:.1} ms", r.bind_into_largest_segment_ms),
+            ms(r.steerctl_bind_ms),
+            format!(
+                "{:.2} s / {}",
+                r.load_seconds,
+                r.steerctl_load_seconds.map_or("-".into(), |s| format!("{s:.2} s"))
+            ),
+            r.steerctl_load_peak_rss_bytes.map_or("-".into(), mib),
+            format!("{:.0} B", r.kernel_bytes_per_binding),
+            ms(r.steerctl_status_ms),
+            r.steerctl_bindings_json_seconds.map_or("-".into(), |s| format!("{s:.2} s")),
+        ]);
+    }
+    println!("\nWrites at scale (medians of {} writes each)", rows.first().map_or(0, |r| r.sample));
+    println!("{}", b.build().with(Style::sharp()));
+    for r in rows {
+        let maps: Vec<String> = r.kernel_bytes_by_map.iter().map(|(m, v)| format!("{m} {}", mib(*v))).collect();
+        println!("{} bindings: kernel memory by map: {}", r.bindings, maps.join(", "));
+    }
 }
 
 /// Pins the process, and so every thread it spawns later, to one CPU.

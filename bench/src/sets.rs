@@ -47,7 +47,7 @@ pub struct BindingSet {
 
 /// `count` distinct lengths in the v4-mapped space (0..=128), spread out,
 /// always including 128; 33 means every IPv4 length (96..=128).
-fn spread(count: usize) -> Vec<u8> {
+pub fn spread(count: usize) -> Vec<u8> {
     if count == 33 {
         return (96..=128).collect();
     }
