@@ -189,7 +189,7 @@ pub static HISTORY: &[LayoutVersion] = &[
         summary: "writes change only what a binding touches: steer_meta counts bindings and keeps the range \
                   arena's top (it grew to 128 bytes), both halves share the range chunks and write their own \
                   directory chunks in place, and dest_bindings counts each counter set's bindings",
-        since: "HEAD",
+        since: "9e25b27",
         maps: MAPS,
     },
 ];
