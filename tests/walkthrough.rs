@@ -87,6 +87,7 @@ fn unload_leaves_no_pins() {
             "steer/backfill",
             "steer/bindings_0",
             "steer/bindings_1",
+            "steer/dest_bindings",
             "steer/destinations",
             "steer/echo_ports",
             "steer/echo_socket",

@@ -68,10 +68,12 @@ pub const MAX_LABELS: u32 = 4096;
 pub const MAX_DESTINATIONS: u32 = 8192;
 /// Bindings in one binding set.
 pub const MAX_BINDINGS: u32 = 1 << 20;
-/// A binding record's size when made; it is replaced by a larger copy as it
-/// fills, up to MAX_BINDINGS (a hash map's bucket array is allocated for
-/// its capacity up front).
+/// A binding record's slots when made; it is replaced by a larger copy as
+/// it fills (past 7/8 of its slots), up to MAX_RECORD_SLOTS.
 pub const RECORD_INITIAL_CAPACITY: u32 = 1024;
+/// The most slots a record has: room for MAX_BINDINGS at 7/8 full, in
+/// whole 1,024s.
+pub const MAX_RECORD_SLOTS: u32 = (MAX_BINDINGS as u64 * 8 / 7 / 1024 + 1) as u32 * 1024;
 /// Ports the seed's `echo_ports` can list.
 pub const MAX_SEED_PORTS: u32 = 1024;
 /// Longest label name, in bytes (the key keeps a terminating NUL).
@@ -563,6 +565,24 @@ impl BindingKey {
     }
 }
 
+/// One slot of a record of bindings (`bindings_0`/`bindings_1`, layout 6:
+/// open-addressed tables in mmapable arrays that only userspace reads; see
+/// steer's `state::record` for the hashing and probing, part of the layout).
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordSlot {
+    pub key: BindingKey,
+    /// [`RecordSlot::EMPTY`] (a fresh array's zero), [`RecordSlot::REMOVED`],
+    /// or the label id plus one.
+    pub label: u32,
+}
+
+impl RecordSlot {
+    pub const EMPTY: u32 = 0;
+    pub const REMOVED: u32 = u32::MAX;
+}
+
 /// The mask of a prefix of `len` bits of a 128-bit address.
 pub const fn prefix_mask(len: u8) -> u128 {
     if len == 0 { 0 } else { u128::MAX << (128 - len as u32) }
@@ -760,6 +780,10 @@ pub struct StateMeta {
     /// until it made the other half the same: a write killed in between
     /// leaves the halves different, and the next write publishes anew.
     pub halves_differ: u32,
+    /// Removed slots in the record in use (they lengthen probes until the
+    /// record is made anew); a hint, checked against the slots themselves.
+    pub record_removed: u32,
+    pub _pad: u32,
 }
 
 /// A bit per directory chunk number (`DIR_CHUNKS` of them).
@@ -801,7 +825,8 @@ const _: () = {
     assert!(offset_of!(BindingKey, addr) == 4);
     assert!(size_of::<DestKey>() == 8);
     assert!(size_of::<LabelName>() == 64);
-    assert!(size_of::<StateMeta>() == 64 + 2 * 8 * DIR_SLOT_WORDS + 16);
+    assert!(size_of::<StateMeta>() == 64 + 2 * 8 * DIR_SLOT_WORDS + 24);
+    assert!(size_of::<RecordSlot>() == 24);
     assert!(DIR_KEYS.is_multiple_of(CHUNK_ENTRIES));
     assert!(1u64 << MAX_SEARCH_STEPS > MAX_RANGES as u64);
     assert!(MAX_DESTINATIONS <= u16::MAX as u32 + 1);
@@ -863,8 +888,10 @@ macro_rules! for_each_map {
             // pinned beside the rest of the state. The record of bindings
             // (two sets, so `load-bindings` fills the idle one and switches)
             // holding label ids; label names; destination ids; bookkeeping.
-            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
-            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_HASH, $crate::BindingKey, u32, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_NO_PREALLOC;
+            // Layout 6: each record set an open-addressed table of RecordSlot
+            // in an mmapable array, made anew larger as it fills (hash maps before).
+            BINDINGS_0, "bindings_0", BPF_MAP_TYPE_ARRAY, u32, $crate::RecordSlot, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_MMAPABLE;
+            BINDINGS_1, "bindings_1", BPF_MAP_TYPE_ARRAY, u32, $crate::RecordSlot, $crate::RECORD_INITIAL_CAPACITY, $crate::kernel::BPF_F_MMAPABLE;
             LABELS, "labels", BPF_MAP_TYPE_HASH, $crate::LabelName, u32, $crate::MAX_LABELS, 0;
             DESTINATIONS, "destinations", BPF_MAP_TYPE_HASH, $crate::DestKey, u32, $crate::MAX_DESTINATIONS, 0;
             STEER_META, "steer_meta", BPF_MAP_TYPE_ARRAY, u32, $crate::StateMeta, 1, 0;
@@ -971,6 +998,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestMetrics {}
     unsafe impl aya::Pod for super::SeedMetrics {}
     unsafe impl aya::Pod for super::BindingKey {}
+    unsafe impl aya::Pod for super::RecordSlot {}
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::LabelName {}
     unsafe impl aya::Pod for super::StateMeta {}

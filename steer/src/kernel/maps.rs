@@ -305,7 +305,7 @@ pub fn mmap_bytes(entries: u32, value_size: usize) -> usize {
 pub struct MappedArray<T: Pod> {
     map: MapData,
     area: std::ptr::NonNull<std::ffi::c_void>,
-    len: usize,
+    bytes: usize,
     entries: usize,
     _values: std::marker::PhantomData<T>,
 }
@@ -327,7 +327,7 @@ impl<T: Pod> MappedArray<T> {
             )
         }
         .context("mapping an array map")?;
-        Ok(Self { map, area, len, entries: entries as usize, _values: std::marker::PhantomData })
+        Ok(Self { map, area, bytes: len, entries: entries as usize, _values: std::marker::PhantomData })
     }
 
     /// A new array of `capacity` T holding `entries` (the rest zero).
@@ -350,7 +350,7 @@ impl<T: Pod> MappedArray<T> {
         // Safety: `this` is never used or dropped again but for its area.
         let map = unsafe { std::ptr::read(&this.map) };
         // Safety: the area this value mapped, `len` bytes.
-        if let Err(e) = unsafe { nix::sys::mman::munmap(this.area, this.len) } {
+        if let Err(e) = unsafe { nix::sys::mman::munmap(this.area, this.bytes) } {
             log::warn!("unmapping an array map: {e}");
         }
         map
@@ -377,6 +377,26 @@ impl<T: Pod> MappedArray<T> {
         }
     }
 
+    /// The entries as 4-byte words, each stored whole (see [`Self::words`]).
+    pub fn words32(&self) -> &[std::sync::atomic::AtomicU32] {
+        assert!(size_of::<T>().is_multiple_of(4), "entries of whole words");
+        // Safety: as for `words`, with 4-byte words.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.area.as_ptr().cast::<std::sync::atomic::AtomicU32>(),
+                self.entries * size_of::<T>() / 4,
+            )
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
     /// Writes `values` from entry `at` on.
     pub fn write(&mut self, at: usize, values: &[T]) {
         assert!(at + values.len() <= self.entries, "writing past the end of an array map");
@@ -393,7 +413,7 @@ unsafe impl<T: Pod> Send for MappedArray<T> {}
 impl<T: Pod> Drop for MappedArray<T> {
     fn drop(&mut self) {
         // Safety: the area this value mapped, `len` bytes, used no more.
-        if let Err(e) = unsafe { nix::sys::mman::munmap(self.area, self.len) } {
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.area, self.bytes) } {
             log::warn!("unmapping an array map: {e}");
         }
     }

@@ -19,7 +19,10 @@ use crate::{
         label::label_key,
         text::grouped,
     },
-    state::{Dispatcher, PlaneStats, ReadWrite, record::Record},
+    state::{
+        Dispatcher, PlaneStats, ReadWrite,
+        record::{Inserted, Record},
+    },
 };
 
 /// Compiles `entries` (the whole record) and makes them the generation
@@ -41,7 +44,7 @@ pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32
 /// Publishes the change of one binding, already recorded (and counted in
 /// its counter sets when added): in place where the plane allows, else the
 /// whole record anew. True when in place.
-fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added: i64) -> Result<bool> {
+fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added: i64, removed: i64) -> Result<bool> {
     let maps = state.maps()?;
     let delta = maps.plane.delta(binding, edit, &mut maps.counters.lookup())?;
     if !maps.plane.patch(&delta)? {
@@ -51,7 +54,8 @@ fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added
     }
     let meta = maps.plane.meta()?;
     let bindings = (i64::from(meta.bindings) + added) as u32;
-    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings, ..meta })?;
+    let record_removed = (i64::from(meta.record_removed) + removed).max(0) as u32;
+    maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings, record_removed, ..meta })?;
     Ok(true)
 }
 
@@ -182,14 +186,19 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         None => maps.labels.ensure([b.label.as_str()])?[&b.label],
     };
     let meta = Record::begin_change(&maps.plane, &meta)?;
-    if let Some(every) = maps.record.insert(&meta, key, id)? {
-        // The record grew: read whole for that, so published whole.
-        publish(state, &every)?;
-        return Ok(true);
-    }
+    let reused = match maps.record.insert(&meta, key, id)? {
+        Inserted::Slot { reused } => reused,
+        Inserted::Remade(every) => {
+            // The record was read whole to make it anew, so published whole.
+            let meta = maps.plane.meta()?;
+            maps.plane.set_meta(&StateMeta { record_removed: 0, ..meta })?;
+            publish(state, &every)?;
+            return Ok(true);
+        }
+    };
     let input = Input::from_key(&key, id);
     maps.counters.add_binding(&input)?;
-    publish_one(state, &input, Edit::Add, 1)?;
+    publish_one(state, &input, Edit::Add, 1, -i64::from(reused))?;
     Ok(true)
 }
 
@@ -208,7 +217,7 @@ pub fn unbind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
     let input = Input::from_key(&key, id);
     let parent = parent(&maps.record, &meta, &key)?;
     // A full publish counts the record anew, this binding no longer in it.
-    if publish_one(state, &input, Edit::Remove { parent }, -1)? {
+    if publish_one(state, &input, Edit::Remove { parent }, -1, 1)? {
         maps.counters.remove_binding(&input)?;
     }
     if maps.counters.bound_labels([id])?.is_empty() && with_sockets(state, [id])?.is_empty() {
@@ -263,8 +272,10 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
     let idle = 1 - (meta.active_record & 1) as usize;
     // The idle set held the set before last; only this writer reads it.
     maps.record.replace(idle, crate::state::record::capacity_for(entries.len()), &entries)?;
-    Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, ..meta })?;
+    Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, record_removed: 0, ..meta })?;
     let stats = publish(state, &entries)?;
     collect_labels(state)?;
+    // The set replaced is read no more: made small again, its memory freed.
+    maps.record.replace(1 - idle, crate::state::record::capacity_for(0), &[])?;
     Ok(stats)
 }

@@ -451,6 +451,9 @@ enum Carry {
     Derived,
     /// `steer_meta`: carried field by field.
     Meta,
+    /// A record of bindings: its bindings carried into this layout's
+    /// table, whatever the old one's (hash maps up to layout 5).
+    Record,
     /// Starts empty: new in this layout, or only ever transient.
     Empty,
 }
@@ -473,6 +476,7 @@ fn carry(from: &LayoutVersion, new: &MapSpec) -> Result<Carry> {
     Ok(match new.name {
         map::STEER_META => Carry::Meta,
         map::STEER_CONFIG | map::STEER_DIRS | map::STEER_RANGES => Carry::Derived,
+        map::BINDINGS_0 | map::BINDINGS_1 => Carry::Record,
         // Transient: sockets named for one backfill pass, unread events;
         // live tracers' sockets, filters and ring buffers (a tracer keeps
         // its slot across a swap, not across a migration: it ends, and
@@ -588,6 +592,12 @@ fn build_and_switch(
             carried.copied.push(m.name.to_string());
         }
     }
+    // The records: only the set in use holds anything the new state needs.
+    let in_use = if meta.active_record & 1 == 0 { map::BINDINGS_0 } else { map::BINDINGS_1 };
+    let carried_record = match old_map(old, from, in_use)? {
+        Some(data) => record_entries(data, from.map(in_use).expect("old_map found it"))?,
+        None => Vec::new(),
+    };
     // steer_meta: the record set in use and its version; this namespace,
     // this program. The generation is compiled below, so the plane is
     // current whatever the old one was.
@@ -604,6 +614,12 @@ fn build_and_switch(
     let new_state = Dispatcher::<ReadWrite>::made(new.clone(), lock);
     record_identity(&new_state, &program.info()?)?;
     let maps = new_state.maps()?;
+    maps.record.replace(
+        (meta.active_record & 1) as usize,
+        crate::state::record::capacity_for(carried_record.len()),
+        &carried_record,
+    )?;
+    carried.copied.push(in_use.to_string());
     let entries = maps.record.entries(&maps.plane.meta()?)?;
     bindings::publish(&new_state, &entries)?;
     let config: Option<DataplaneConfig> = match old_map(old, from, map::STEER_CONFIG)? {
@@ -631,6 +647,22 @@ fn build_and_switch(
         Link::open(&old.link())?.update(program.fd()?.as_fd())?;
     }
     Ok((carried, new_id, old_id))
+}
+
+/// The bindings of an old record set: a hash map of key -> label id (up to
+/// layout 5), or this layout's table.
+fn record_entries(data: MapData, spec: &MapSpec) -> Result<Vec<(steer_common::BindingKey, u32)>> {
+    if spec.map_type == BPF_MAP_TYPE_HASH {
+        return RawMap::<steer_common::BindingKey, u32>::new(data)?.entries().context("reading the old record");
+    }
+    let slots = data.info()?.max_entries();
+    let table = crate::kernel::maps::MappedArray::<steer_common::RecordSlot>::new(data, slots)?;
+    Ok(table
+        .as_slice()
+        .iter()
+        .filter(|s| s.label != steer_common::RecordSlot::EMPTY && s.label != steer_common::RecordSlot::REMOVED)
+        .map(|s| (s.key, s.label - 1))
+        .collect())
 }
 
 fn state_spec(name: &str) -> &'static MapSpec {
@@ -866,8 +898,8 @@ mod tests {
         let l3 = layouts::find(3).unwrap();
         assert_eq!(carry(l3, state_spec(map::SOCKETS)).unwrap(), Carry::Sockets { stride: SLOT_MEMBERS });
         assert_eq!(carry(l3, state_spec(map::ECHO_SOCKET)).unwrap(), Carry::SeedSocket);
-        for name in [map::LABELS, map::BINDINGS_0, map::DESTINATIONS, map::METRICS, map::ECHO_PORTS, map::SOCKET_FLAGS]
-        {
+        assert_eq!(carry(l3, state_spec(map::BINDINGS_0)).unwrap(), Carry::Record);
+        for name in [map::LABELS, map::DESTINATIONS, map::METRICS, map::ECHO_PORTS, map::SOCKET_FLAGS] {
             assert_eq!(carry(l3, state_spec(name)).unwrap(), Carry::Copy, "{name}");
         }
         assert_eq!(carry(l3, state_spec(map::FOLLOWS)).unwrap(), Carry::Empty);
@@ -895,9 +927,9 @@ mod tests {
         let from = LayoutVersion { version: 1, name: "test", summary: "", since: "", maps: &CHANGED };
         let err = carry(&from, state_spec(map::LABELS)).unwrap_err().to_string();
         assert!(err.contains("changed shape") && err.contains("no converter"), "{err}");
-        // A record that grew keeps its size: not a change of shape.
-        let mut grown = *state_spec(map::BINDINGS_0);
+        // A hash map that grew keeps its size: not a change of shape.
+        let mut grown = *state_spec(map::LABELS);
         grown.max_entries *= 64;
-        assert!(same_shape(&grown, state_spec(map::BINDINGS_0)));
+        assert!(same_shape(&grown, state_spec(map::LABELS)));
     }
 }

@@ -187,8 +187,9 @@ pub static HISTORY: &[LayoutVersion] = &[
         version: 6,
         name: "incremental",
         summary: "writes change only what a binding touches: steer_meta counts bindings and keeps the range \
-                  arena's top (it grew to 128 bytes), both halves share the range chunks and write their own \
-                  directory chunks in place, and dest_bindings counts each counter set's bindings",
+                  arena's top (it grew to 136 bytes), both halves share the range chunks and write their own \
+                  directory chunks in place, dest_bindings counts each counter set's bindings, and each record \
+                  set is an open-addressed table in an mmapable array (hash maps before)",
         since: "9e25b27",
         maps: MAPS,
     },
@@ -321,9 +322,11 @@ mod tests {
             assert_eq!(Some(m), l5.map(m.name), "{} changed shape from layout 4 to 5", m.name);
         }
         assert!(l4.map(map::TRACE_RINGS).is_none() && l5.map(map::TRACE_RINGS).is_some());
-        // Layout 6: steer_meta grew and dest_bindings came; the rest kept its shape.
+        // Layout 6: steer_meta grew, the records became tables and
+        // dest_bindings came; the rest kept its shape.
         let l6 = find(6).unwrap();
-        for m in l5.maps.iter().filter(|m| m.name != map::STEER_META) {
+        let changed = [map::STEER_META, map::BINDINGS_0, map::BINDINGS_1];
+        for m in l5.maps.iter().filter(|m| !changed.contains(&m.name)) {
             assert_eq!(Some(m), l6.map(m.name), "{} changed shape from layout 5 to 6", m.name);
         }
         assert!(l5.map(map::DEST_BINDINGS).is_none() && l6.map(map::DEST_BINDINGS).is_some());
