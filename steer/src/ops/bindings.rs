@@ -185,6 +185,7 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         Some(id) => id,
         None => maps.labels.ensure([b.label.as_str()])?[&b.label],
     };
+    maps.counters.check_room(&Input::from_key(&key, id))?;
     let meta = Record::begin_change(&maps.plane, &meta)?;
     let reused = match maps.record.insert(&meta, key, id)? {
         Inserted::Slot { reused } => reused,

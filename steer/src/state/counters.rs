@@ -102,6 +102,25 @@ impl Counters {
         Ok(())
     }
 
+    /// Fails, changing nothing, when `binding` needs counter sets that no
+    /// free id is left for.
+    pub fn check_room(&self, binding: &Input) -> Result<()> {
+        let mut needed = 0;
+        for key in dest_keys(binding) {
+            if self.dests.get(&key)?.is_none() {
+                needed += 1;
+            }
+        }
+        let free = self.with_counts(|c| c.as_slice().iter().filter(|n| **n == 0).count())?;
+        if needed > free {
+            fail!(
+                Full,
+                "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use; this binding needs {needed} more"
+            );
+        }
+        Ok(())
+    }
+
     /// Uncounts `binding`, dropping the counter sets no binding reaches now.
     pub fn remove_binding(&self, binding: &Input) -> Result<()> {
         for key in dest_keys(binding) {
