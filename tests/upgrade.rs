@@ -2,9 +2,10 @@
 //! layout (this build's less one, made by that release's own steerctl,
 //! built once from the local history by scripts/old-release.sh), in place,
 //! under a client loop of real connections to a binding, a followed server
-//! and a seed port; failed and killed at each step and run again; the 0755
-//! directories of old releases; a state of a newer layout refused; and,
-//! within this layout, the follow programs swapped on their links.
+//! and a seed port, and the same from every older layout's last release;
+//! failed and killed at each step and run again; the 0755 directories of
+//! old releases; a state of a newer layout refused; and, within this
+//! layout, the follow programs swapped on their links.
 
 use std::{
     collections::BTreeSet,
@@ -14,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -31,42 +32,68 @@ use steer_tests::{
     udp_echo,
 };
 
-/// The layout the previous release made.
-const PREV: u32 = LAYOUT_VERSION - 1;
-
-fn prev() -> &'static LayoutVersion {
-    layouts::find(PREV).expect("this build knows the layout before its own")
+/// A release built by scripts/old-release.sh: its tools and the layout
+/// its steerctl makes.
+#[derive(Debug)]
+struct Release {
+    dir: PathBuf,
+    layout: u32,
 }
 
-/// Whether the previous release follows servers in the kernel (layout 4
-/// on, Linux 5.15 on): its state then has follow programs on cgroup links.
-fn old_follows() -> bool {
-    PREV >= 4 && steer_tests::probe::kernel_at_least(5, 15)
+impl Release {
+    fn layout(&self) -> &'static LayoutVersion {
+        layouts::find(self.layout).expect("this build knows every older layout")
+    }
+
+    /// Whether it follows servers in the kernel (layout 4 on, Linux 5.15
+    /// on): its state then has follow programs on cgroup links.
+    fn follows(&self) -> bool {
+        self.layout >= 4 && steer_tests::probe::kernel_at_least(5, 15)
+    }
+
+    /// Its steerctl, `--pin-dir` the test's state.
+    fn steerctl(&self, ns: &TestNs, args: &[&str]) -> String {
+        let out = self.run(ns, &["--pin-dir", ns.pin_dir().to_str().unwrap()], args);
+        assert!(out.status.success(), "{} steerctl {args:?} failed: {}", self.layout().describe(), stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn run(&self, ns: &TestNs, flags: &[&str], args: &[&str]) -> Output {
+        ns.command(self.dir.join("bin/steerctl")).args(flags).args(args).output().unwrap()
+    }
 }
 
-/// The previous release's directory (scripts/old-release.sh): built on the
-/// first call of the test run, a cached build after that.
-fn old_release() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new(repo_root().join("scripts/old-release.sh"))
-            .current_dir(repo_root())
-            .output()
-            .expect("running scripts/old-release.sh");
-        assert!(out.status.success(), "scripts/old-release.sh failed: {}", stderr(&out));
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+/// The previous release (old-release.sh's choice: $STEER_OLD_RELEASE, or
+/// the last commit of the layout before this build's).
+fn previous() -> &'static Release {
+    release(None)
+}
+
+/// The last release of `layout` (old-release.sh --layout), or the previous
+/// release. Built on the first call of the test run, a cached build after
+/// that; one build at a time (they share the target directory).
+fn release(layout: Option<u32>) -> &'static Release {
+    static BUILT: Mutex<Vec<(Option<u32>, &'static Release)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, release)) = built.iter().find(|(l, _)| *l == layout) {
+        return release;
+    }
+    let mut script = Command::new(repo_root().join("scripts/old-release.sh"));
+    if let Some(layout) = layout {
+        script.args(["--layout", &layout.to_string()]);
+    }
+    let out = script.current_dir(repo_root()).output().expect("running scripts/old-release.sh");
+    assert!(out.status.success(), "scripts/old-release.sh {layout:?} failed: {}", stderr(&out));
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let made = std::fs::read_to_string(dir.join("layout")).unwrap_or_else(|e| panic!("{}/layout: {e}", dir.display()));
+    let release: &'static Release = Box::leak(Box::new(Release { dir, layout: made.trim().parse().unwrap() }));
+    built.push((layout, release));
+    release
 }
 
 /// The previous release's steerctl, `--pin-dir` the test's state.
 fn old(ns: &TestNs, args: &[&str]) -> String {
-    let out = old_run(ns, &["--pin-dir", ns.pin_dir().to_str().unwrap()], args);
-    assert!(out.status.success(), "old steerctl {args:?} failed: {}", stderr(&out));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn old_run(ns: &TestNs, flags: &[&str], args: &[&str]) -> Output {
-    ns.command(old_release().join("bin/steerctl")).args(flags).args(args).output().unwrap()
+    previous().steerctl(ns, args)
 }
 
 fn json(text: &str) -> Value {
@@ -117,6 +144,12 @@ fn steered(run: impl Fn(&[&str]) -> String) -> Steered {
 /// 81): a test-server on 127.0.0.1:8081 the kernel follows. Returns what it
 /// steers, as the old steerctl says.
 fn old_state(ns: &mut TestNs) -> Steered {
+    release_state(ns, previous())
+}
+
+/// `old_state`, made by `release`.
+fn release_state(ns: &mut TestNs, release: &Release) -> Steered {
+    let old = |ns: &TestNs, args: &[&str]| release.steerctl(ns, args);
     old(ns, &["load"]);
     old(ns, &["attach"]);
     ns.add_local_route("2001:db8::/32");
@@ -137,7 +170,7 @@ fn old_state(ns: &mut TestNs) -> Steered {
     old(ns, &["bind", "api", "tcp", "2001:db8::/32", "443"]);
     old(ns, &["bind", "dns", "udp", "127.0.0.0/8", "53"]);
     old(ns, &["bind", "idle", "tcp", "127.0.0.0/8", "8080"]);
-    if old_follows() {
+    if release.follows() {
         front_server(ns, "front");
         old(ns, &["register", "--follow", "front", "tcp", "127.0.0.1", "8081"]);
         old(ns, &["bind", "front", "tcp", "127.0.0.0/8", "81"]);
@@ -195,13 +228,18 @@ fn new(ns: &TestNs, args: &[&str]) -> String {
 /// Checks the state serves what `before` said, through real connections
 /// and datagrams, and that this build reads back the same.
 fn serves(ns: &TestNs, before: &Steered) {
+    serves_as(ns, before, previous());
+}
+
+/// `serves`, for a state `release` made.
+fn serves_as(ns: &TestNs, before: &Steered, release: &Release) {
     assert_eq!(steered(|args| new(ns, args)), *before);
     assert_eq!(ns.first_line("127.0.0.80:80".parse().unwrap()).unwrap(), "web");
     assert_eq!(ns.first_line("[2001:db8::1]:443".parse().unwrap()).unwrap(), "api");
     assert_eq!(udp_echo::request(ns, "127.0.0.53:53".parse().unwrap(), "dns").unwrap(), "dns");
     assert_eq!(ns.echo(7, "seven").unwrap(), "seven");
     assert_eq!(ns.echo(77, "seventy-seven").unwrap(), "seventy-seven");
-    if old_follows() {
+    if release.follows() {
         assert_eq!(ns.first_line("127.0.0.81:81".parse().unwrap()).unwrap(), "front");
     }
     ns.assert_refused(8080);
@@ -220,9 +258,13 @@ type Target = (&'static str, Option<&'static str>, &'static str);
 /// The binding 127.0.0.80:80 (the web server says "web"), the seed port 7
 /// (an echo), and the followed server at 127.0.0.81:81 when there is one.
 fn targets() -> &'static [Target] {
+    targets_of(previous())
+}
+
+fn targets_of(release: &Release) -> &'static [Target] {
     const ALL: [Target; 3] =
         [("127.0.0.80:80", None, "web"), ("127.0.0.1:7", Some("x"), "x"), ("127.0.0.81:81", None, "front")];
-    if old_follows() { &ALL } else { &ALL[..2] }
+    if release.follows() { &ALL } else { &ALL[..2] }
 }
 
 /// Connects in a loop to each target in turn, each time a connect and one
@@ -292,22 +334,49 @@ fn line(addr: &str, send: Option<&str>) -> std::io::Result<String> {
 
 #[test]
 fn the_previous_releases_state_is_migrated_in_place_without_a_refused_connection() {
-    let mut ns = TestNs::new("upgrade-prev");
-    let before = old_state(&mut ns);
+    migrated_in_place(previous(), "upgrade-prev");
+}
+
+/// A host that skipped releases: the last release of each layout before
+/// the previous one (old-release.sh --layout N), upgraded straight to this
+/// build's layout the same way.
+#[test]
+fn every_older_layouts_last_release_is_migrated_in_place_too() {
+    let older = layouts::HISTORY.iter().map(|l| l.version).filter(|v| *v < previous().layout);
+    for layout in older {
+        let release = release(Some(layout));
+        assert_eq!(release.layout, layout, "{release:?}");
+        migrated_in_place(release, &format!("upgrade-from-{layout}"));
+    }
+}
+
+/// A state `release` made (`release_state`), upgraded by this build under
+/// a client loop: not one connection fails, the state is this layout's,
+/// steering the same bindings to the same sockets (by cookie) on the same
+/// link, with its counters, and follows servers with this build's programs.
+fn migrated_in_place(release: &Release, name: &str) {
+    let old = |ns: &TestNs, args: &[&str]| release.steerctl(ns, args);
+    let prev = release.layout();
+    let mut ns = TestNs::new(name);
+    let before = release_state(&mut ns, release);
     let old_status = json(&old(&ns, &["--json", "status"]));
     let old_metrics = json(&old(&ns, &["--json", "metrics"]));
     let old_follow_programs = follow_programs(&ns);
-    let (labels, sockets) = if old_follows() { (5, 4) } else { (4, 3) };
+    let (labels, sockets) = if release.follows() { (5, 4) } else { (4, 3) };
     // This build reads the old state, names its layout and what upgrade does.
     let status = ns.status();
-    assert_eq!(status["layout"]["version"], PREV, "{status}");
-    assert_eq!(status["layout"]["name"], prev().name);
+    assert_eq!(status["layout"]["version"], prev.version, "{status}");
+    assert_eq!(status["layout"]["name"], prev.name);
     assert_eq!(status["layout"]["upgrade"], "migrate");
     assert_eq!((status["labels"].as_u64(), status["bindings"].as_u64()), (Some(labels), Some(labels)), "{status}");
     assert_eq!(status["registered_sockets"], sockets);
     let table = new(&ns, &["status"]);
-    let says =
-        format!("{} ({}): `steerctl upgrade` migrates it to {}", PREV, prev().name, layouts::current().describe());
+    let says = format!(
+        "{} ({}): `steerctl upgrade` migrates it to {}",
+        prev.version,
+        prev.name,
+        layouts::current().describe()
+    );
     assert!(table.contains(&says), "{table}");
     // Writes are refused, saying what to do; nothing changes.
     let pins = ns.pins();
@@ -315,28 +384,28 @@ fn the_previous_releases_state_is_migrated_in_place_without_a_refused_connection
     assert!(!refused.status.success());
     let err = stderr(&refused);
     assert!(
-        err.contains(&format!("has {}, an older steer's", prev().describe())) && err.contains("run `steerctl upgrade`"),
+        err.contains(&format!("has {}, an older steer's", prev.describe())) && err.contains("run `steerctl upgrade`"),
         "{err}"
     );
     assert_eq!(ns.pins(), pins);
 
     let ns = Arc::new(ns);
-    let clients = Clients::start(&ns, targets());
+    let clients = Clients::start(&ns, targets_of(release));
     let out = new(&ns, &["upgrade"]);
     let (ok, errors) = clients.stop();
-    eprintln!("upgrade from {}: {ok} connections during it, {} failed", prev().describe(), errors.len());
+    eprintln!("upgrade from {}: {ok} connections during it, {} failed", prev.describe(), errors.len());
     assert!(errors.is_empty(), "connections failed during the upgrade ({ok} ok): {errors:?}");
-    let from_to = format!("from {} to {}", prev().describe(), layouts::current().describe());
+    let from_to = format!("from {} to {}", prev.describe(), layouts::current().describe());
     assert!(out.contains("migrated") && out.contains(&from_to), "{out}");
     let carried =
         format!("{labels} labels, {labels} bindings, {sockets} registered sockets, 2 seed ports, the seed socket");
     assert!(out.contains(&carried), "{out}");
-    if old_follows() {
+    if release.follows() {
         assert!(out.contains("1 follow links"), "{out}");
     }
 
     one_state(&ns);
-    serves(&ns, &before);
+    serves_as(&ns, &before, release);
     let status = ns.status();
     assert_eq!(status["layout"]["version"], LAYOUT_VERSION);
     assert_eq!(status["layout_version"], LAYOUT_VERSION);
@@ -362,7 +431,7 @@ fn the_previous_releases_state_is_migrated_in_place_without_a_refused_connection
     };
     assert!(lookups(&metrics, "web") > lookups(&old_metrics, "web"), "{old_metrics} -> {metrics}");
     let mut ns = Arc::try_unwrap(ns).ok().expect("the clients are done");
-    if old_follows() {
+    if release.follows() {
         // The followed registration and its cgroup link came along: new
         // follow programs on it, the old ones detached.
         assert_eq!(status["followed"].as_array().map(Vec::len), Some(1), "{status}");
@@ -489,7 +558,7 @@ fn an_upgrade_that_fails_half_way_leaves_the_old_state_serving_and_nothing_else(
         // The old state, as it was, serves; nothing of the new one is left.
         assert_eq!(ns.pins(), pins, "{what} failed: {}", stderr(&out));
         let status = ns.status();
-        assert_eq!(status["layout"]["version"], PREV, "{what}");
+        assert_eq!(status["layout"]["version"], previous().layout, "{what}");
         assert_eq!(status["program"]["id"], old_status["program"]["id"], "{what}");
         assert_eq!(status["link"]["program_id"], old_status["program"]["id"], "{what}");
         assert_eq!(follow_programs(&ns), old_follow_programs, "{what}");
@@ -510,7 +579,7 @@ fn old_releases_0755_directories_are_closed_by_upgrade_and_a_grown_record_is_car
     let bpffs = ns.bpffs.to_str().unwrap().to_string();
     let flags = ["--bpffs", bpffs.as_str()];
     let old_ok = |args: &[&str]| {
-        let out = old_run(&ns, &flags, args);
+        let out = previous().run(&ns, &flags, args);
         assert!(out.status.success(), "old steerctl {args:?}: {}", stderr(&out));
         String::from_utf8(out.stdout).unwrap()
     };
