@@ -16,7 +16,7 @@ use steer::{
     discovery::OwnerFilter,
     model::{Binding, BindingsFile, Prefix, Protocol},
     ops::{
-        bindings::{bind, load_bindings, unbind},
+        bindings::{bind, change_bindings, load_bindings, unbind},
         register::{Options, Source, register},
     },
 };
@@ -251,9 +251,9 @@ fn random_sets_of_many_lengths_agree_with_the_model_in_the_kernel() {
     assert!(hits >= 5_000 && misses >= 2_000, "{hits} hits and {misses} misses of {} lookups", 40 * 250);
 }
 
-/// Binds and unbinds one at a time, which rewrites only the segments each
-/// touches (in place, past the arena's top): after every write the kernel
-/// answers as the model does. Most writes must be in place, or this tests
+/// Binds and unbinds one at a time, and sometimes several at once (one
+/// switch), which rewrites only the segments each touches (in place, past
+/// the arena's top): after every write the kernel answers as the model does. Most writes must be in place, or this tests
 /// the full publish again.
 #[test]
 fn random_binds_and_unbinds_agree_with_the_model_in_the_kernel() {
@@ -265,7 +265,22 @@ fn random_binds_and_unbinds_agree_with_the_model_in_the_kernel() {
     let writes = 400;
     for write in 0..writes {
         let top_before = ns.enter(|| Dispatcher::open_read(&layout).unwrap().meta().unwrap().arena_top);
-        if rules.len() > 5 && rng.u8(..3) == 0 {
+        if rules.len() > 10 && rng.u8(..6) == 0 {
+            // Several at once, in one switch: some leave, some come.
+            let gone: Vec<Rule> = (0..rng.usize(1..4)).map(|_| rules.swap_remove(rng.usize(..rules.len()))).collect();
+            let mut come: Vec<Rule> = Vec::new();
+            for _ in 0..rng.usize(0..6) {
+                let rule = random_rule(&mut rng, &labels);
+                let taken = |o: &Rule| (o.addr, o.len, o.port) == (rule.addr, rule.len, rule.port);
+                if !rules.iter().any(taken) && !come.iter().any(taken) && !gone.iter().any(taken) {
+                    come.push(rule);
+                }
+            }
+            let added: Vec<Binding> = come.iter().map(|r| r.binding(Protocol::Tcp)).collect();
+            let removed: Vec<Binding> = gone.iter().map(|r| r.binding(Protocol::Tcp)).collect();
+            ns.enter(|| change_bindings(&Dispatcher::open_write(&layout).unwrap(), &added, &removed).unwrap());
+            rules.extend(come);
+        } else if rules.len() > 5 && rng.u8(..3) == 0 {
             let gone = rules.swap_remove(rng.usize(..rules.len()));
             ns.enter(|| unbind(&Dispatcher::open_write(&layout).unwrap(), &gone.binding(Protocol::Tcp)).unwrap());
         } else {

@@ -252,6 +252,11 @@ fn check_fits(w: &Wanted, member: &Member, bindings: &[Binding]) -> Result<()> {
     Ok(())
 }
 
+/// Up to this many bindings added or removed, `apply` changes them in
+/// place (in proportion to what they touch); more, it loads the file's set
+/// whole (in proportion to the set).
+const APPLY_IN_PLACE: usize = 4096;
+
 /// What [`apply`] did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Applied {
@@ -272,9 +277,15 @@ pub fn apply(state: &Dispatcher<ReadWrite>, config: &Config) -> Result<Applied> 
     if plan.registrations.iter().any(|s| matches!(s.choice, Choice::Register { .. })) {
         crate::kernel::caps::require_fd_taking()?;
     }
-    if plan.bindings.managed && (!plan.bindings.added.is_empty() || !plan.bindings.removed.is_empty()) {
-        let file = BindingsFile { bindings: config.bindings.clone().unwrap_or_default() };
-        super::bindings::load_bindings(state, &file).context("replacing the bindings")?;
+    let changes = plan.bindings.added.len() + plan.bindings.removed.len();
+    if plan.bindings.managed && changes > 0 {
+        if changes <= APPLY_IN_PLACE {
+            super::bindings::change_bindings(state, &plan.bindings.added, &plan.bindings.removed)
+                .context("changing the bindings")?;
+        } else {
+            let file = BindingsFile { bindings: config.bindings.clone().unwrap_or_default() };
+            super::bindings::load_bindings(state, &file).context("replacing the bindings")?;
+        }
     }
     let mut plan = plan;
     let followed = if plan.follow_unsupported.is_none() {

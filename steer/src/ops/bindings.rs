@@ -41,13 +41,23 @@ pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32
     Ok(stats)
 }
 
-/// Publishes the change of one binding, already recorded (and counted in
-/// its counter sets when added): in place where the plane allows, else the
-/// whole record anew. True when in place.
-fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added: i64, removed: i64) -> Result<bool> {
+/// Publishes changes of bindings, already recorded (the added ones
+/// counted in their counter sets): in place where the plane allows (one
+/// binding with no switch, several with one), else the whole record anew.
+/// True when in place.
+fn publish_changes(state: &Dispatcher<ReadWrite>, changes: &[(Input, Edit)], added: i64, removed: i64) -> Result<bool> {
     let maps = state.maps()?;
-    let delta = maps.plane.delta(binding, edit, &mut maps.counters.lookup())?;
-    if !maps.plane.patch(&delta)? {
+    let in_place = match maps.plane.begin_write()? {
+        Some(mut write) => {
+            let mut dests = maps.counters.lookup();
+            for (binding, edit) in changes {
+                write.add(binding, *edit, &mut dests)?;
+            }
+            write.commit()?
+        }
+        None => false,
+    };
+    if !in_place {
         log::debug!("publishing every binding anew (the range arena is full, or a write died half way)");
         publish(state, &maps.record.entries(&maps.plane.meta()?)?)?;
         return Ok(false);
@@ -185,7 +195,7 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         Some(id) => id,
         None => maps.labels.ensure([b.label.as_str()])?[&b.label],
     };
-    maps.counters.check_room(&Input::from_key(&key, id))?;
+    maps.counters.check_room([&Input::from_key(&key, id)])?;
     let meta = Record::begin_change(&maps.plane, &meta)?;
     let reused = match maps.record.insert(&meta, key, id)? {
         Inserted::Slot { reused } => reused,
@@ -199,7 +209,7 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
     };
     let input = Input::from_key(&key, id);
     maps.counters.add_binding(&input)?;
-    publish_one(state, &input, Edit::Add, 1, -i64::from(reused))?;
+    publish_changes(state, &[(input, Edit::Add)], 1, -i64::from(reused))?;
     Ok(true)
 }
 
@@ -218,11 +228,103 @@ pub fn unbind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
     let input = Input::from_key(&key, id);
     let parent = parent(&maps.record, &meta, &key)?;
     // A full publish counts the record anew, this binding no longer in it.
-    if publish_one(state, &input, Edit::Remove { parent }, -1, 1)? {
+    if publish_changes(state, &[(input, Edit::Remove { parent })], -1, 1)? {
         maps.counters.remove_binding(&input)?;
     }
     if maps.counters.bound_labels([id])?.is_empty() && with_sockets(state, [id])?.is_empty() {
         maps.labels.remove(&b.label)?;
+    }
+    Ok(())
+}
+
+/// Removes `removed` (recorded bindings) and adds `added` (new ones) as
+/// one change: lookups see the set before it or after it, never between.
+/// Writes in place what they touch (one switch of halves), so it costs in
+/// proportion to them, not to the set. Everything is checked first: a
+/// refused change changes nothing.
+pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed: &[Binding]) -> Result<()> {
+    finish_interrupted(state)?;
+    let maps = state.maps()?;
+    let meta = maps.plane.meta()?;
+    let mut gone = Vec::new();
+    for b in removed {
+        let key = b.key();
+        match (maps.record.get(&meta, &key)?, maps.labels.id(&b.label)?) {
+            (Some(bound), Some(id)) if bound == id => gone.push((key, id)),
+            _ => fail!(Conflict, "no binding {} {} {} {}", b.label, b.protocol, b.prefix, b.port),
+        }
+    }
+    let leaving: BTreeSet<BindingKey> = gone.iter().map(|(key, _)| *key).collect();
+    let keyed = binding::by_key(added)?;
+    for (key, b) in &keyed {
+        label_key(&b.label)?;
+        if !leaving.contains(key) && maps.record.get(&meta, key)?.is_some() {
+            fail!(Conflict, "{} {} {} is already bound; unbind it first", b.protocol, b.prefix, b.port);
+        }
+    }
+    let count = i64::from(meta.bindings) + keyed.len() as i64 - gone.len() as i64;
+    if count > i64::from(MAX_BINDINGS) {
+        fail!(
+            Full,
+            "{} bindings after this change; a set holds at most {}",
+            grouped(count as u64),
+            grouped(MAX_BINDINGS.into())
+        );
+    }
+    for b in keyed.values() {
+        check_sockets_serve(state, b)?;
+    }
+    let ids = maps.labels.plan(keyed.values().map(|b| b.label.as_str()))?;
+    let arriving: Vec<Input> = keyed.iter().map(|(key, b)| Input::from_key(key, ids[&b.label].0)).collect();
+    maps.counters.check_room(&arriving)?;
+    maps.labels.ensure(keyed.values().map(|b| b.label.as_str()))?;
+    let mut meta = Record::begin_change(&maps.plane, &meta)?;
+    let mut changes = Vec::new();
+    let mut removed_slots = 0i64;
+    for (key, id) in &gone {
+        maps.record.remove(&meta, key)?;
+        meta.bindings -= 1;
+        meta.record_removed += 1;
+        removed_slots += 1;
+        let parent = parent(&maps.record, &meta, key)?;
+        changes.push((Input::from_key(key, *id), Edit::Remove { parent }));
+    }
+    for (key, input) in keyed.keys().zip(&arriving) {
+        match maps.record.insert(&meta, *key, input.label)? {
+            Inserted::Slot { reused } => {
+                meta.bindings += 1;
+                if reused {
+                    meta.record_removed -= 1;
+                    removed_slots -= 1;
+                }
+                maps.counters.add_binding(input)?;
+                changes.push((*input, Edit::Add));
+            }
+            Inserted::Remade(_) => {
+                // The record was made anew: every change goes into it one
+                // by one, then the whole set is published.
+                meta.bindings += 1;
+                meta.record_removed = 0;
+                removed_slots = 0;
+                changes.clear();
+            }
+        }
+    }
+    if changes.len() < gone.len() + arriving.len() {
+        let meta = maps.plane.meta()?;
+        maps.plane.set_meta(&StateMeta { record_removed: 0, ..meta })?;
+        publish(state, &maps.record.entries(&meta)?)?;
+    } else if publish_changes(state, &changes, arriving.len() as i64 - gone.len() as i64, removed_slots)? {
+        for (key, id) in &gone {
+            maps.counters.remove_binding(&Input::from_key(key, *id))?;
+        }
+    }
+    for b in removed {
+        if let Some(id) = maps.labels.id(&b.label)? {
+            if maps.counters.bound_labels([id])?.is_empty() && with_sockets(state, [id])?.is_empty() {
+                maps.labels.remove(&b.label)?;
+            }
+        }
     }
     Ok(())
 }

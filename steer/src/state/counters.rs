@@ -102,20 +102,23 @@ impl Counters {
         Ok(())
     }
 
-    /// Fails, changing nothing, when `binding` needs counter sets that no
+    /// Fails, changing nothing, when `bindings` need counter sets that no
     /// free id is left for.
-    pub fn check_room(&self, binding: &Input) -> Result<()> {
-        let mut needed = 0;
-        for key in dest_keys(binding) {
-            if self.dests.get(&key)?.is_none() {
-                needed += 1;
+    pub fn check_room<'a>(&self, bindings: impl IntoIterator<Item = &'a Input>) -> Result<()> {
+        let mut missing = BTreeSet::new();
+        for binding in bindings {
+            for key in dest_keys(binding) {
+                if self.dests.get(&key)?.is_none() {
+                    missing.insert(key);
+                }
             }
         }
+        let needed = missing.len();
         let free = self.with_counts(|c| c.as_slice().iter().filter(|n| **n == 0).count())?;
         if needed > free {
             fail!(
                 Full,
-                "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use; this binding needs {needed} more"
+                "all {MAX_DESTINATIONS} counter sets (label, family, protocol) are in use; {needed} more are needed"
             );
         }
         Ok(())

@@ -37,6 +37,7 @@ use std::{cell::RefCell, collections::BTreeMap};
 use aya::maps::MapData;
 use bytemuck::Pod;
 use serde::Serialize;
+use steer_common::lookup::Tables;
 use steer_common::{
     Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, MAX_RANGES, RANGE_CHUNKS, Range, StateMeta,
     map,
@@ -46,7 +47,7 @@ use super::{Layout, spec};
 use crate::{
     error::{Context, Result},
     kernel::maps::{MapOfMaps, MappedArray, RawMap, filled_array, memlock, mmap_bytes, open_spec},
-    model::compile::{Delta, Generation},
+    model::compile::Generation,
 };
 
 /// State of the published bindings.
@@ -307,111 +308,24 @@ impl Plane {
         self.config.set(&0, &config).context("switching to the new bindings")
     }
 
-    /// What `edit` of `binding` changes in the published generation.
-    pub fn delta(
-        &self,
-        binding: &crate::model::compile::Input,
-        edit: crate::model::compile::Edit,
-        dests: &mut impl crate::model::compile::Destinations,
-    ) -> Result<Delta> {
-        let active = u32::from(self.config()?.active_half & 1);
-        crate::model::compile::delta(&MappedTables::new(self), active, binding, edit, dests)
-    }
-
-    /// Applies `delta` in place, as the module says. False, having changed
-    /// nothing lookups read, when the state does not allow it (a write died
-    /// half way) or the arena has no room or too much left over: the caller
-    /// then publishes the whole set anew.
-    pub fn patch(&self, delta: &Delta) -> Result<bool> {
-        let mut meta = self.meta()?;
+    /// A write of bindings in place, over the published generation: None
+    /// when the state does not allow one (a write died half way), and the
+    /// caller publishes the whole set anew.
+    pub fn begin_write(&self) -> Result<Option<PendingWrite<'_>>> {
+        let meta = self.meta()?;
         if meta.halves_differ != 0 || meta.idle_dirty != 0 || meta.range_slots[0] != meta.range_slots[1] {
-            return Ok(false);
+            return Ok(None);
         }
         let active = u32::from(self.config()?.active_half & 1);
-        let idle = 1 - active;
-        let live = MappedTables::new(self);
-        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
-        let mut top = meta.arena_top;
-        let entries = delta.entries(
-            |key| steer_common::lookup::Tables::dir(&live, active, key).unwrap_or(no_entry),
-            |count| {
-                top += count;
-                top - count
-            },
-        );
-        let added = delta.ranges() as u32;
-        // Rewritten segments' old ranges leave; a default change keeps its ranges.
-        let released: u32 = delta
-            .segments
-            .iter()
-            .map(|(key, _)| steer_common::lookup::Tables::dir(&live, active, *key).map_or(0, |e| e.count))
-            .sum();
-        let live_after = (meta.arena_live + added).saturating_sub(released);
-        let top_after = meta.arena_top + added;
-        if top_after > MAX_RANGES || top_after - live_after > live_after / 4 + 8 * CHUNK_ENTRIES {
-            return Ok(false);
-        }
-        drop(live);
-        // Room in the arena: new chunks in both halves' slots at once.
-        let have = u32::from(meta.range_slots[0]);
-        let want = top_after.div_ceil(CHUNK_ENTRIES).max(have);
-        if want > have {
-            meta.range_slots = [want as u16; 2];
-            self.set_meta(&meta)?;
-            let fresh = (have..want).map(|_| new_chunk::<Range>(&[], "steer_range")).collect::<Result<Vec<_>>>()?;
-            let slots: Vec<u32> =
-                [0, RANGE_CHUNKS].iter().flat_map(|base| (have..want).map(move |i| base + i)).collect();
-            let refs: Vec<&MapData> = fresh.iter().chain(fresh.iter()).collect();
-            self.ranges.install(&slots, &refs)?;
-        }
-        // Directory chunks of their own in both halves where an entry lands.
-        let chunks: std::collections::BTreeSet<u32> = entries.keys().map(|key| key / CHUNK_ENTRIES).collect();
-        let missing: Vec<u32> = chunks.iter().copied().filter(|c| !has_bit(&meta.dir_slots[0], *c)).collect();
-        if missing.iter().any(|c| has_bit(&meta.dir_slots[1], *c)) {
-            return Ok(false);
-        }
-        if !missing.is_empty() {
-            for half in &mut meta.dir_slots {
-                *half = std::array::from_fn(|w| half[w] | dir_slots_of(missing.iter().copied())[w]);
-            }
-            self.set_meta(&meta)?;
-            let fresh = missing
-                .iter()
-                .flat_map(|_| [0, 1])
-                .map(|_| new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir"))
-                .collect::<Result<Vec<_>>>()?;
-            let slots: Vec<u32> = missing.iter().flat_map(|c| [*c, DIR_CHUNKS + c]).collect();
-            self.dirs.install(&slots, &fresh.iter().collect::<Vec<_>>())?;
-        }
-        // The new segments, past the top: nothing reads there yet.
-        let mut at = meta.arena_top;
-        let mut chunk_maps: BTreeMap<u32, MappedArray<Range>> = BTreeMap::new();
-        for (_, ranges) in &delta.segments {
-            let mut rest: &[Range] = ranges;
-            while !rest.is_empty() {
-                let chunk = at / CHUNK_ENTRIES;
-                let offset = (at % CHUNK_ENTRIES) as usize;
-                let n = rest.len().min(CHUNK_ENTRIES as usize - offset);
-                let target = match chunk_maps.entry(chunk) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => e.insert(self.mapped_chunk(&self.ranges, chunk)?),
-                };
-                target.write(offset, &rest[..n]);
-                rest = &rest[n..];
-                at += n as u32;
-            }
-        }
-        meta.halves_differ = 1;
-        meta.arena_top = top_after;
-        self.set_meta(&meta)?;
-        // Both halves, the one lookups read first: each entry changes with
-        // one store per word that changes.
-        self.write_entries(active, &entries)?;
-        self.write_entries(idle, &entries)?;
-        meta.halves_differ = 0;
-        meta.arena_live = live_after;
-        self.set_meta(&meta)?;
-        Ok(true)
+        Ok(Some(PendingWrite {
+            plane: self,
+            live: MappedTables::new(self),
+            active,
+            meta,
+            entries: BTreeMap::new(),
+            ranges: Vec::new(),
+            bindings: 0,
+        }))
     }
 
     /// The chunk in `slot` of `outer`, mapped.
@@ -428,7 +342,7 @@ impl Plane {
     /// Writes `entries` (directory key -> entry) into half `half`'s chunks,
     /// in place: each word that changes with one store, the new ranges it
     /// may point at written (and fenced) before.
-    fn write_entries(&self, half: u32, entries: &BTreeMap<u32, DirEntry>) -> Result<()> {
+    fn write_entries(&self, half: u32, entries: &BTreeMap<u32, DirEntry>, one_binding: bool) -> Result<()> {
         use std::sync::atomic::Ordering::{Acquire, Release};
         let mut chunk: Option<(u32, MappedArray<DirEntry>)> = None;
         for (&key, entry) in entries {
@@ -443,12 +357,153 @@ impl Plane {
             let changed: Vec<usize> = (0..2).filter(|i| words[*i].load(Acquire) != new[*i]).collect();
             // A change of one binding changes one word of a key: a segment's
             // (start, count), or a bucket's default.
-            debug_assert!(changed.len() <= 1, "directory key {key}: both words change");
+            debug_assert!(!one_binding || changed.len() <= 1, "directory key {key}: both words change");
             for i in changed {
                 words[i].store(new[i], Release);
             }
         }
         Ok(())
+    }
+}
+
+/// Changes of bindings applied one after another over the published
+/// generation (each sees the ones before), then written in one go by
+/// [`PendingWrite::commit`].
+pub struct PendingWrite<'a> {
+    plane: &'a Plane,
+    live: MappedTables<'a>,
+    active: u32,
+    meta: StateMeta,
+    /// Directory entries as the changes leave them.
+    entries: BTreeMap<u32, DirEntry>,
+    /// Ranges the changes made, to go at the arena's top (some may end up
+    /// unused, rewritten by a later change of the same segment).
+    ranges: Vec<Range>,
+    bindings: usize,
+}
+
+impl steer_common::lookup::Tables for PendingWrite<'_> {
+    fn dir(&self, _half: u32, key: u32) -> Option<DirEntry> {
+        self.entries.get(&key).copied().or_else(|| self.live.dir(self.active, key))
+    }
+
+    fn range(&self, _half: u32, index: u32) -> Option<Range> {
+        match index.checked_sub(self.meta.arena_top) {
+            Some(new) => self.ranges.get(new as usize).copied(),
+            None => self.live.range(self.active, index),
+        }
+    }
+}
+
+impl PendingWrite<'_> {
+    /// Applies `edit` of `binding` (already recorded, its counter sets
+    /// made) over what this write holds so far.
+    pub fn add(
+        &mut self,
+        binding: &crate::model::compile::Input,
+        edit: crate::model::compile::Edit,
+        dests: &mut impl crate::model::compile::Destinations,
+    ) -> Result<()> {
+        let delta = crate::model::compile::delta(&*self, self.active, binding, edit, dests)?;
+        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let mut top = self.meta.arena_top + self.ranges.len() as u32;
+        let entries = delta.entries(
+            |key| Tables::dir(&*self, self.active, key).unwrap_or(no_entry),
+            |count| {
+                top += count;
+                top - count
+            },
+        );
+        for (_, ranges) in &delta.segments {
+            self.ranges.extend_from_slice(ranges);
+        }
+        self.entries.extend(entries);
+        self.bindings += 1;
+        Ok(())
+    }
+
+    /// Writes what was added, as the module says: one binding in place,
+    /// several in the idle half and then one switch. False, having changed
+    /// nothing lookups read, when the arena has no room or too much left
+    /// over: the caller then publishes the whole set anew.
+    pub fn commit(self) -> Result<bool> {
+        let PendingWrite { plane, live, active, mut meta, entries, ranges, bindings } = self;
+        let idle = 1 - active;
+        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let released: u32 = entries.keys().map(|k| live.dir(active, *k).unwrap_or(no_entry).count).sum();
+        let kept: u32 = entries.values().map(|e| e.count).sum();
+        drop(live);
+        let live_after = (meta.arena_live + kept).saturating_sub(released);
+        let top_after = meta.arena_top + ranges.len() as u32;
+        if top_after > MAX_RANGES || top_after - live_after > live_after / 4 + 8 * CHUNK_ENTRIES {
+            return Ok(false);
+        }
+        // Room in the arena: new chunks in both halves' slots at once.
+        let have = u32::from(meta.range_slots[0]);
+        let want = top_after.div_ceil(CHUNK_ENTRIES).max(have);
+        if want > have {
+            meta.range_slots = [want as u16; 2];
+            plane.set_meta(&meta)?;
+            let fresh = (have..want).map(|_| new_chunk::<Range>(&[], "steer_range")).collect::<Result<Vec<_>>>()?;
+            let slots: Vec<u32> =
+                [0, RANGE_CHUNKS].iter().flat_map(|base| (have..want).map(move |i| base + i)).collect();
+            let refs: Vec<&MapData> = fresh.iter().chain(fresh.iter()).collect();
+            plane.ranges.install(&slots, &refs)?;
+        }
+        // Directory chunks of their own in both halves where an entry lands.
+        let chunks: std::collections::BTreeSet<u32> = entries.keys().map(|key| key / CHUNK_ENTRIES).collect();
+        let missing: Vec<u32> = chunks.iter().copied().filter(|c| !has_bit(&meta.dir_slots[0], *c)).collect();
+        if missing.iter().any(|c| has_bit(&meta.dir_slots[1], *c)) {
+            return Ok(false);
+        }
+        if !missing.is_empty() {
+            let bits = dir_slots_of(missing.iter().copied());
+            for half in &mut meta.dir_slots {
+                *half = std::array::from_fn(|w| half[w] | bits[w]);
+            }
+            plane.set_meta(&meta)?;
+            let fresh = missing
+                .iter()
+                .flat_map(|_| [0, 1])
+                .map(|_| new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir"))
+                .collect::<Result<Vec<_>>>()?;
+            let slots: Vec<u32> = missing.iter().flat_map(|c| [*c, DIR_CHUNKS + c]).collect();
+            plane.dirs.install(&slots, &fresh.iter().collect::<Vec<_>>())?;
+        }
+        // The new segments, past the top: nothing reads there yet.
+        let mut at = meta.arena_top;
+        let mut chunk_maps: BTreeMap<u32, MappedArray<Range>> = BTreeMap::new();
+        let mut rest: &[Range] = &ranges;
+        while !rest.is_empty() {
+            let chunk = at / CHUNK_ENTRIES;
+            let offset = (at % CHUNK_ENTRIES) as usize;
+            let n = rest.len().min(CHUNK_ENTRIES as usize - offset);
+            let target = match chunk_maps.entry(chunk) {
+                std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(plane.mapped_chunk(&plane.ranges, chunk)?),
+            };
+            target.write(offset, &rest[..n]);
+            rest = &rest[n..];
+            at += n as u32;
+        }
+        meta.halves_differ = 1;
+        meta.arena_top = top_after;
+        plane.set_meta(&meta)?;
+        if bindings <= 1 {
+            // One binding: in place in both halves, the read one first.
+            plane.write_entries(active, &entries, true)?;
+            plane.write_entries(idle, &entries, true)?;
+        } else {
+            // Several: the idle half, one switch, a grace period, the other.
+            plane.write_entries(idle, &entries, false)?;
+            plane.switch_to(idle)?;
+            grace_period();
+            plane.write_entries(active, &entries, false)?;
+        }
+        meta.halves_differ = 0;
+        meta.arena_live = live_after;
+        plane.set_meta(&meta)?;
+        Ok(true)
     }
 }
 
