@@ -191,12 +191,17 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         fail!(Full, "{} bindings are recorded, the most a set holds; unbind some first", grouped(meta.bindings.into()));
     }
     check_sockets_serve(state, b)?;
-    let id = match maps.labels.id(&b.label)? {
-        Some(id) => id,
-        None => maps.labels.ensure([b.label.as_str()])?[&b.label],
+    let (id, new_label) = match maps.labels.id(&b.label)? {
+        Some(id) => (id, false),
+        None => (maps.labels.plan([b.label.as_str()])?[&b.label].0, true),
     };
     maps.counters.check_room([&Input::from_key(&key, id)])?;
+    // Marked as changing before the label is made: a bind killed from here
+    // on is finished by the next write, which forgets an unused label.
     let meta = Record::begin_change(&maps.plane, &meta)?;
+    if new_label {
+        maps.labels.ensure([b.label.as_str()])?;
+    }
     let reused = match maps.record.insert(&meta, key, id)? {
         Inserted::Slot { reused } => reused,
         Inserted::Remade(every) => {
@@ -277,8 +282,8 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
     let ids = maps.labels.plan(keyed.values().map(|b| b.label.as_str()))?;
     let arriving: Vec<Input> = keyed.iter().map(|(key, b)| Input::from_key(key, ids[&b.label].0)).collect();
     maps.counters.check_room(&arriving)?;
-    maps.labels.ensure(keyed.values().map(|b| b.label.as_str()))?;
     let mut meta = Record::begin_change(&maps.plane, &meta)?;
+    maps.labels.ensure(keyed.values().map(|b| b.label.as_str()))?;
     let mut changes = Vec::new();
     let mut removed_slots = 0i64;
     for (key, id) in &gone {
@@ -360,14 +365,17 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
         );
     }
     let arriving = staying.iter().filter(|label| !existing.contains_key(**label)).count();
-    let mut meta = maps.plane.meta()?;
+    // Marked as changing before any label is made or forgotten: a write
+    // killed from here on is finished by the next one, which also forgets
+    // the labels it left without bindings (a bind reads no label it does
+    // not touch otherwise).
+    let meta = Record::begin_change(&maps.plane, &maps.plane.meta()?)?;
     if existing.len() + arriving > MAX_LABELS as usize {
         // Only when the ids are needed (a set replacing another of about
         // as many labels): labels leaving without a socket give theirs up
         // before the switch. Otherwise they are collected after it, so a
         // write killed in between leaves no published binding whose label
         // is gone (and whose id a later label could take).
-        meta = Record::begin_change(&maps.plane, &meta)?;
         forget_labels(state, |label, _| staying.contains(label))?;
     }
     let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
