@@ -60,7 +60,9 @@ impl Tables for Maps {
 }
 
 /// What the program decided for one lookup: the verdict it returns, and
-/// what a tracer is told.
+/// what a tracer is told. In declaration order, as BTF (the kernel checks
+/// it) wants the members of the trace function's argument.
+#[repr(C)]
 struct Decision {
     verdict: u32,
     outcome: TraceOutcome,
@@ -87,14 +89,11 @@ impl Decision {
 
 /// `decision`'s verdict, after handing the decision to the tracers while
 /// tracing is on. Called where each decision is made, so the details stay
-/// unbuilt when nobody traces: with tracing off a decision costs one test
-/// of the flag read with the rest of `steer_config`.
+/// unbuilt when nobody traces.
 #[inline(always)]
 fn decided(ctx: *mut bpf_sk_lookup, tracing: bool, decision: Decision) -> u32 {
     if tracing {
-        let Decision { answer, outcome, member, err, .. } = decision;
-        let answer = u64::from(answer.label) | u64::from(answer.dest) << 32 | u64::from(answer.len) << 48;
-        steer_trace(ctx, answer, u64::from(outcome as u8) << 32 | u64::from(member), err);
+        trace(ctx, &decision);
     }
     decision.verdict
 }
@@ -221,20 +220,20 @@ fn assign(ctx: *mut bpf_sk_lookup, tracing: bool, answer: Answer, family_index: 
     decided(ctx, tracing, Decision { verdict: SK_DROP, outcome, answer, member, err })
 }
 
-/// Whether `filter` selects a decision of `outcome` (a `TraceOutcome`'s
-/// number) for `label` (the matched binding's, or `Answer::NONE`) on a
-/// lookup of `protocol_index` from `remote` to `local`:`port`.
+/// Whether `filter` selects a decision of `outcome` for `label` (the
+/// matched binding's, or `Answer::NONE`) on a lookup of `protocol_index`
+/// from `remote` to `local`:`port`.
 #[inline(always)]
 fn selects(
     filter: &TraceFilter,
-    outcome: u8,
+    outcome: TraceOutcome,
     label: u32,
     protocol_index: u32,
     port: u32,
     local: Address,
     remote: Address,
 ) -> bool {
-    if filter.protocols & (1 << protocol_index) == 0 || filter.outcomes & (1 << (outcome & 7)) == 0 {
+    if filter.protocols & (1 << protocol_index) == 0 || filter.outcomes & outcome.bit() == 0 {
         return false;
     }
     if filter.local_port != 0 && u32::from(filter.local_port) != port {
@@ -262,27 +261,16 @@ fn trace_count(slot: u32, f: impl FnOnce(&mut TraceMetrics)) {
     }
 }
 
-/// Hands a decision to every live tracer whose filter selects it: its
-/// answer (label, dest << 32, len << 48), its outcome << 32 | member, and
-/// bpf_sk_assign's refusal. A slot counts while its tracer's socket is in
-/// `trace_tracers`, where the kernel takes it out when the tracer exits,
-/// however it exits: a slot found without one is turned off, and with no
-/// live slot left, so is `steer_config.trace`.
-///
-/// A BPF-to-BPF call, so that steer_dispatch's own code stays what it was
-/// before tracing (inlined at every decision, this body changed the
-/// lookup's register use and block layout, and every lookup paid for it).
-/// `no_mangle` gives it a fixed name: a mangled one carries a crate hash
-/// that depends on the clone's path, and the committed object must build
-/// byte-identical anywhere (`cargo xtask build-ebpf --check`). That makes
-/// it a global function, which the verifier checks on its own from its
-/// BTF arguments; before Linux 5.12 those may only be the context and
-/// scalars, hence the decision packed into three numbers.
-#[unsafe(no_mangle)]
-#[inline(never)]
-pub extern "C" fn steer_trace(ctx: *mut bpf_sk_lookup, answer: u64, outcome_member: u64, err: i64) -> u32 {
-    let answer = Answer::new(answer as u32, (answer >> 32) as u16, (answer >> 48) as u8);
-    let (outcome, member) = ((outcome_member >> 32) as u8, outcome_member as u32);
+/// Hands `decision` to every live tracer whose filter selects it. A slot
+/// counts while its tracer's socket is in `trace_tracers`, where the
+/// kernel takes it out when the tracer exits, however it exits: a slot
+/// found without one is turned off, and with no live slot left, so is
+/// `steer_config.trace`. Inlined, though only a flag check reaches it: a
+/// BPF-to-BPF call would be a mangled symbol whose crate hash depends on
+/// the clone's path, and the committed object must build byte-identical
+/// anywhere (`cargo xtask build-ebpf --check`).
+#[inline(always)]
+fn trace(ctx: *mut bpf_sk_lookup, decision: &Decision) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context;
     // every word is read at a constant offset, as in steer_dispatch.
     let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
@@ -302,6 +290,7 @@ pub extern "C" fn steer_trace(ctx: *mut bpf_sk_lookup, answer: u64, outcome_memb
     // Four bytes: the port (network order, first) and its padding, the
     // width every kernel accepts (the field was a u32 before Linux 5.18).
     let remote_port = u16::from_be(unsafe { ptr::read_volatile((&raw const (*ctx).remote_port).cast::<u32>()) } as u16);
+    let answer = decision.answer;
     let mut event = TraceEvent {
         time_ns: 0,
         local: [local.hi, local.lo],
@@ -310,11 +299,11 @@ pub extern "C" fn steer_trace(ctx: *mut bpf_sk_lookup, answer: u64, outcome_memb
         remote_port,
         family: family as u8,
         protocol: protocol as u8,
-        outcome,
+        outcome: decision.outcome as u8,
         len: answer.len,
         label: answer.label,
-        member,
-        errno: (-err) as u32,
+        member: decision.member,
+        errno: (-decision.err) as u32,
         dest: answer.dest,
         _pad: 0,
     };
@@ -335,7 +324,7 @@ pub extern "C" fn steer_trace(ctx: *mut bpf_sk_lookup, answer: u64, outcome_memb
         unsafe { sk_release(sk) };
         live += 1;
         let f = unsafe { &*filter };
-        if !selects(f, outcome, answer.label, protocol_index, port, local, remote) {
+        if !selects(f, decision.outcome, answer.label, protocol_index, port, local, remote) {
             continue;
         }
         trace_count(slot, |m| m.matched += 1);
