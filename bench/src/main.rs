@@ -69,8 +69,14 @@ struct Args {
     /// Another build's dispatch.bpf.o (such as `git show
     /// REV:dispatch-ebpf/dispatch.bpf.o`): its steer_dispatch runs on the
     /// same maps, timed interleaved with this build's on every binding set.
+    /// May be given more than once (this build's own object too: the
+    /// difference two loads of one program show is the noise floor).
     #[arg(long, value_name = "OBJECT")]
-    baseline: Option<std::path::PathBuf>,
+    baseline: Vec<std::path::PathBuf>,
+    /// Only the per-lookup groups: the binding sets, tracing and the
+    /// baseline (about 15 s), for repeated runs of the program's cost.
+    #[arg(long)]
+    lookups_only: bool,
     /// Only the writes-at-scale rows (a 100,000 and a 1,000,000 binding
     /// set; with --quick, 2,000).
     #[arg(long)]
@@ -116,6 +122,8 @@ impl Counts {
 #[derive(Serialize)]
 struct Report {
     quick: bool,
+    /// Only the per-lookup groups ran (`--lookups-only`).
+    lookups_only: bool,
     /// The one CPU every benchmark thread runs on.
     cpu: usize,
     kernel: String,
@@ -124,8 +132,8 @@ struct Report {
     program_cost: Vec<CostRow>,
     /// steer_dispatch across binding sets.
     program_cost_by_set: Vec<SetRow>,
-    /// The `--baseline` object timed beside this build's, if given.
-    baseline: Option<String>,
+    /// The `--baseline` objects timed beside this build's, in order.
+    baselines: Vec<String>,
     /// steer_dispatch with tracing off and on, on the last binding set.
     tracing_set: String,
     tracing: Vec<tracing::TraceRow>,
@@ -141,13 +149,16 @@ struct Report {
 fn main() -> Result<()> {
     let args = Args::parse();
     // Read before the sandbox's tmpfs hides the temp dir.
-    let baseline = match &args.baseline {
-        Some(path) => Some(Baseline {
-            name: path.display().to_string(),
-            object: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        }),
-        None => None,
-    };
+    let baselines = args
+        .baseline
+        .iter()
+        .map(|path| {
+            Ok(Baseline {
+                name: path.display().to_string(),
+                object: std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     // First, while the process is still single-threaded.
     let sandbox = Sandbox::enter()?;
     let cpu = pin_to_one_cpu()?;
@@ -160,7 +171,7 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let report = bench(&sandbox, Counts::new(args.quick), args.quick, cpu, baseline.as_ref())?;
+    let report = bench(&sandbox, Counts::new(args.quick), &args, cpu, &baselines)?;
     if args.json {
         for s in &report.skipped {
             eprintln!("{s}");
@@ -282,7 +293,8 @@ fn empty_program() -> Result<(aya::Ebpf, std::os::fd::OwnedFd)> {
     Ok((ebpf, fd))
 }
 
-fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: Option<&Baseline>) -> Result<Report> {
+fn bench(sandbox: &Sandbox, counts: Counts, args: &Args, cpu: usize, baselines: &[Baseline]) -> Result<Report> {
+    let (quick, lookups_only) = (args.quick, args.lookups_only);
     let layout = steer::Layout::new(sandbox.bpffs.join("steer"));
     let (state, _) = steer::ops::lifecycle::load(&layout).context("loading steer's dispatcher")?;
     let mut tcp = TcpWorkload::start(NATIVE_PORT, TARGET_PORT, STEERED_PORT)?;
@@ -293,39 +305,42 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: O
     // Rust seed program alone and the seed's C program.
     steer::ops::seed::add_ports(&state, &[SEED_PORT])?;
     steer::kernel::maps::SocketMap::open(&layout.socket())?.insert(0, tcp.listener().as_fd())?;
-    let mut programs =
-        vec![cost::Program { name: format!("{STEER_PROGRAM} (steerctl's)"), fd: bpf::obj_get(&layout.program())? }];
     let mut skipped = Vec::new();
-    for extra in [
-        cost::rust_echo(sandbox, SEED_PORT, tcp.listener().as_fd()),
-        cost::c_reference(sandbox, SEED_PORT, tcp.listener().as_fd()),
-    ] {
-        match extra {
-            Ok(p) => programs.push(p),
-            Err(s) => skipped.push(s),
+    let mut program_cost = Vec::new();
+    if !lookups_only {
+        let mut programs =
+            vec![cost::Program { name: format!("{STEER_PROGRAM} (steerctl's)"), fd: bpf::obj_get(&layout.program())? }];
+        for extra in [
+            cost::rust_echo(sandbox, SEED_PORT, tcp.listener().as_fd()),
+            cost::c_reference(sandbox, SEED_PORT, tcp.listener().as_fd()),
+        ] {
+            match extra {
+                Ok(p) => programs.push(p),
+                Err(s) => skipped.push(s),
+            }
         }
+        let hit = bpf::loopback_v4(Protocol::Tcp, SEED_PORT);
+        let miss = bpf::loopback_v4(Protocol::Tcp, NATIVE_PORT);
+        program_cost = cost::measure(&programs, &hit, &miss, counts.test_repeat, counts.test_samples)?;
     }
-    let hit = bpf::loopback_v4(Protocol::Tcp, SEED_PORT);
-    let miss = bpf::loopback_v4(Protocol::Tcp, NATIVE_PORT);
-    let program_cost = cost::measure(&programs, &hit, &miss, counts.test_repeat, counts.test_samples)?;
-    drop(programs);
     // The rest runs with the seed list off, as a labels-only host would.
     steer::ops::seed::remove_ports(&state, &[SEED_PORT])?;
     steer::ops::seed::clear_socket(&state)?;
     drop(state);
 
     let sets = sets::standard(quick);
-    let baseline_program = baseline.map(|object| baseline_program(&layout, object)).transpose()?;
+    let baseline_programs =
+        baselines.iter().map(|object| baseline_program(&layout, object)).collect::<Result<Vec<_>>>()?;
     let program_cost_by_set = sets::measure(
         &layout,
         &sets,
         tcp.listener(),
         empty.as_fd(),
-        baseline_program.as_ref().map(|(_, fd)| fd.as_fd()),
+        &baseline_programs.iter().map(|(_, fd)| fd.as_fd()).collect::<Vec<_>>(),
         counts.test_repeat,
         counts.test_samples,
     )?;
-    drop(baseline_program);
+    drop(baseline_programs);
     // The last set is still loaded, its hit's socket registered.
     let last = sets.last().context("no sets")?;
     let tracing = tracing::measure(&layout, &sets::contexts(last), counts.test_repeat, counts.test_samples)?;
@@ -334,6 +349,27 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: O
         v.iter().cloned().fold(f64::MIN, f64::max) / v.iter().cloned().fold(f64::MAX, f64::min)
     };
     let (hit_spread, miss_spread) = (spread(|r| r.hit_ns), spread(|r| r.miss_ns));
+    let mut report = Report {
+        quick,
+        lookups_only,
+        cpu,
+        kernel: nix::sys::utsname::uname()?.release().to_string_lossy().into_owned(),
+        connection_rate: Vec::new(),
+        program_cost,
+        program_cost_by_set,
+        baselines: baselines.iter().map(|b| b.name.clone()).collect(),
+        tracing_set: last.name.clone(),
+        tracing,
+        hit_spread,
+        miss_spread,
+        control_plane: Vec::new(),
+        following: Default::default(),
+        skipped,
+    };
+    if lookups_only {
+        steer::ops::lifecycle::unload(steer::Dispatcher::open_repair(&layout)?)?;
+        return Ok(report);
+    }
 
     // Connection rates with the 129-length set loaded, and the steered port
     // bound to the target sockets' label.
@@ -367,10 +403,9 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: O
         }
         Ok(())
     };
-    let mut connection_rate = Vec::new();
     let workloads: [(&mut dyn Workload, usize); 2] = [(&mut tcp, counts.tcp_ops), (&mut udp, counts.udp_ops)];
     for (work, n) in workloads {
-        connection_rate.push(rate::measure(work, &mut set_attached, counts.rounds, n)?);
+        report.connection_rate.push(rate::measure(work, &mut set_attached, counts.rounds, n)?);
     }
     set_attached(false)?;
 
@@ -381,29 +416,13 @@ fn bench(sandbox: &Sandbox, counts: Counts, quick: bool, cpu: usize, baseline: O
         steer::ops::register::unregister(&state, sets::HIT_LABEL, None, None)?;
     }
     let bulk = sets.last().context("no sets")?;
-    let control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;
+    report.control_plane = control::measure(&layout, bulk, counts.labels, counts.bind_sample, &sandbox.dir)?;
     steer::ops::bindings::load_bindings(&Dispatcher::open_write(&layout)?, &BindingsFile::default())?;
     let steerctl = control::steerctl_binary();
-    let following =
-        follow::measure(&layout, &sandbox.dir, steerctl.as_deref(), &follow::Counts::new(quick), &mut skipped)?;
+    report.following =
+        follow::measure(&layout, &sandbox.dir, steerctl.as_deref(), &follow::Counts::new(quick), &mut report.skipped)?;
     steer::ops::lifecycle::unload(steer::Dispatcher::open_repair(&layout)?)?;
-
-    Ok(Report {
-        quick,
-        cpu,
-        kernel: nix::sys::utsname::uname()?.release().to_string_lossy().into_owned(),
-        connection_rate,
-        program_cost,
-        program_cost_by_set,
-        baseline: baseline.map(|b| b.name.clone()),
-        tracing_set: last.name.clone(),
-        tracing,
-        hit_spread,
-        miss_spread,
-        control_plane,
-        following,
-        skipped,
-    })
+    Ok(report)
 }
 
 #[derive(Tabled)]
@@ -454,18 +473,20 @@ fn print_tables(report: &Report) {
             verdict(r.steered_over_native, GOAL_STEERED[i], true)
         ),
     });
-    println!("\nConnection rate (medians; ratios are medians of per-round ratios)");
-    println!("{}", Table::new(rates).with(Style::sharp()));
+    if !report.lookups_only {
+        println!("\nConnection rate (medians; ratios are medians of per-round ratios)");
+        println!("{}", Table::new(rates).with(Style::sharp()));
+    }
 
     if let Some(c) = report.program_cost.first() {
         println!("\nSeed port list: program cost (BPF_PROG_TEST_RUN, median of {} x {} runs)", c.samples, c.repeat);
+        let costs = report.program_cost.iter().map(|c| CostLine {
+            program: c.program.clone(),
+            hit: format!("{:.0}", c.hit_ns),
+            miss: format!("{:.0}", c.miss_ns),
+        });
+        println!("{}", Table::new(costs).with(Style::sharp()));
     }
-    let costs = report.program_cost.iter().map(|c| CostLine {
-        program: c.program.clone(),
-        hit: format!("{:.0}", c.hit_ns),
-        miss: format!("{:.0}", c.miss_ns),
-    });
-    println!("{}", Table::new(costs).with(Style::sharp()));
 
     println!(
         "\nLabelled bindings: ns per lookup (goals: hit and miss <= {GOAL_LOOKUP_NS}, unrelated <= {GOAL_UNRELATED_OVER_EMPTY}x empty)"
@@ -507,13 +528,13 @@ fn print_tables(report: &Report) {
         verdict(report.miss_spread, GOAL_FLAT, false)
     );
 
-    if let Some(object) = &report.baseline {
+    for (i, object) in report.baselines.iter().enumerate() {
         println!("\nTracing off against the baseline ({object}): ns per lookup, this build / baseline");
         let mut b = tabled::builder::Builder::default();
         b.push_record(["binding set", "hit", "miss in bound prefixes", "unrelated"]);
         let vs = |now: f64, then: f64| format!("{now:.0} / {then:.0} ({:+.1}%)", (now / then - 1.0) * 100.0);
         for r in &report.program_cost_by_set {
-            if let Some(base) = &r.baseline {
+            if let Some(base) = r.baselines.get(i) {
                 b.push_record([
                     r.set.clone(),
                     vs(r.hit_ns, base.hit_ns),
@@ -545,15 +566,17 @@ fn print_tables(report: &Report) {
     }
     println!("{}", b.build().with(Style::sharp()));
 
-    let mut b = tabled::builder::Builder::default();
-    b.push_record(["operation", "bindings", "seconds"]);
-    for r in &report.control_plane {
-        let per = r.per_operation.map_or(String::new(), |p| format!(" ({:.1} ms each)", p * 1000.0));
-        b.push_record([r.operation.clone(), r.bindings.to_string(), format!("{:.3}{per}", r.seconds)]);
+    if !report.lookups_only {
+        let mut b = tabled::builder::Builder::default();
+        b.push_record(["operation", "bindings", "seconds"]);
+        for r in &report.control_plane {
+            let per = r.per_operation.map_or(String::new(), |p| format!(" ({:.1} ms each)", p * 1000.0));
+            b.push_record([r.operation.clone(), r.bindings.to_string(), format!("{:.3}{per}", r.seconds)]);
+        }
+        println!("\nControl plane");
+        println!("{}", b.build().with(Style::sharp()));
+        print_following(&report.following);
     }
-    println!("\nControl plane");
-    println!("{}", b.build().with(Style::sharp()));
-    print_following(&report.following);
     for s in &report.skipped {
         println!("{s}");
     }

@@ -157,8 +157,8 @@ pub struct SetRow {
     pub unrelated_ns: f64,
     /// The empty program, measured interleaved with this set's runs.
     pub empty_ns: f64,
-    /// The `--baseline` program, measured interleaved too.
-    pub baseline: Option<BaselineCost>,
+    /// The `--baseline` programs, in the order given, measured interleaved too.
+    pub baselines: Vec<BaselineCost>,
     pub unrelated_over_empty: f64,
     /// Kernel memory of all of steer's maps with this set loaded.
     pub memory_bytes: u64,
@@ -185,13 +185,13 @@ pub fn contexts(set: &BindingSet) -> [SkLookupCtx; 3] {
 
 /// Loads each set, registers the hit's socket, checks the program answers
 /// each context as it must, and times them beside the empty program (and
-/// the baseline program, when given).
+/// the baseline programs, when given).
 pub fn measure(
     layout: &Layout,
     sets: &[BindingSet],
     socket: &std::net::TcpListener,
     empty: BorrowedFd<'_>,
-    baseline: Option<BorrowedFd<'_>>,
+    baselines: &[BorrowedFd<'_>],
     repeat: u32,
     samples: usize,
 ) -> Result<Vec<SetRow>> {
@@ -208,12 +208,12 @@ pub fn measure(
         let memory: u64 = steer::state::plane::memory(state.layout())?.values().sum();
         drop(state);
         check(program.as_fd(), &set.name, [&hit, &miss, &unrelated], info.cookie)?;
-        if let Some(fd) = baseline {
-            check(fd, &format!("{} (baseline)", set.name), [&hit, &miss, &unrelated], info.cookie)?;
+        for (i, fd) in baselines.iter().enumerate() {
+            check(*fd, &format!("{} (baseline {})", set.name, i + 1), [&hit, &miss, &unrelated], info.cookie)?;
         }
         let mut runs =
             vec![(program.as_fd(), &hit), (program.as_fd(), &miss), (program.as_fd(), &unrelated), (empty, &unrelated)];
-        runs.extend(baseline.iter().flat_map(|fd| [(*fd, &hit), (*fd, &miss), (*fd, &unrelated)]));
+        runs.extend(baselines.iter().flat_map(|fd| [(*fd, &hit), (*fd, &miss), (*fd, &unrelated)]));
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
         for _ in 0..samples {
             for (i, (fd, ctx)) in runs.iter().enumerate() {
@@ -222,8 +222,10 @@ pub fn measure(
         }
         let times: Vec<f64> = times.into_iter().map(median).collect();
         let (hit_ns, miss_ns, unrelated_ns, empty_ns) = (times[0], times[1], times[2], times[3]);
-        let baseline =
-            (times.len() == 7).then(|| BaselineCost { hit_ns: times[4], miss_ns: times[5], unrelated_ns: times[6] });
+        let baselines = times[4..]
+            .chunks_exact(3)
+            .map(|t| BaselineCost { hit_ns: t[0], miss_ns: t[1], unrelated_ns: t[2] })
+            .collect();
         rows.push(SetRow {
             set: set.name.clone(),
             bindings: set.file.bindings.len(),
@@ -232,7 +234,7 @@ pub fn measure(
             miss_ns,
             unrelated_ns,
             empty_ns,
-            baseline,
+            baselines,
             unrelated_over_empty: unrelated_ns / empty_ns,
             memory_bytes: memory,
             chunk_bytes: plane.chunk_bytes as u64,
