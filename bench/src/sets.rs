@@ -133,6 +133,11 @@ pub fn standard(quick: bool) -> Vec<BindingSet> {
     let mut sets: Vec<BindingSet> =
         [1, 4, 16, 33, 64, 129].iter().map(|&l| generate(&format!("{l} lengths"), n, &spread(l), false)).collect();
     sets.push(generate("hot port: 129 lengths on one port", n, &spread(33), true));
+    // The million before the 100,000: the last set is the one the tracing
+    // and control-plane groups use.
+    if !quick {
+        sets.push(generate("1,000,000 bindings, 33 lengths", 1_000_000, &spread(33), false));
+    }
     let big = if quick { 500 } else { 100_000 };
     sets.push(generate("100,000 bindings, 33 lengths", big, &spread(33), false));
     sets
