@@ -341,6 +341,17 @@ pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Gene
     Ok(generation)
 }
 
+/// Tables a delta reads whole segments from: range by range unless the
+/// tables can copy runs of them (mapped chunks can).
+pub trait SegmentTables: Tables {
+    /// The ranges of the segment `entry` names; None past the published ones.
+    fn segment(&self, half: u32, entry: &DirEntry) -> Option<Vec<Range>> {
+        (entry.start..entry.start + entry.count).map(|i| self.range(half, i)).collect()
+    }
+}
+
+impl SegmentTables for Generation {}
+
 /// A change of one binding, for [`delta`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Edit {
@@ -440,7 +451,13 @@ fn patch(
 /// What `edit` of binding `b` changes in the generation `tables` holds in
 /// half `half`. Reads only the segments and bucket entries `b` lies in;
 /// `dests` must already name `b`'s counter sets (and the parent's).
-pub fn delta(tables: &impl Tables, half: u32, b: &Input, edit: Edit, dests: &mut impl Destinations) -> Result<Delta> {
+pub fn delta(
+    tables: &impl SegmentTables,
+    half: u32,
+    b: &Input,
+    edit: Edit,
+    dests: &mut impl Destinations,
+) -> Result<Delta> {
     let mine = Answer::new(b.label, 0, b.len);
     // What the addresses `b` holds answer after the edit, given what they
     // answered before; `base` is what a segment answers where nothing covers.
@@ -471,9 +488,8 @@ pub fn delta(tables: &impl Tables, half: u32, b: &Input, edit: Edit, dests: &mut
             continue;
         }
         let (span, base) = segment_span(&placement);
-        let current: Vec<Range> = (entry.start..entry.start + entry.count)
-            .map(|i| tables.range(half, i))
-            .collect::<Option<_>>()
+        let current = tables
+            .segment(half, &entry)
             .ok_or_else(|| crate::error::Error::Pin(format!("segment {key} reads past the published ranges")))?;
         let parts = if current.is_empty() { vec![(span.0, base)] } else { parts_of(&current) };
         let parts = patch(&parts, span.1, b.addr, b.end(), |a| change(a, base, &placement));

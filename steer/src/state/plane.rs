@@ -38,6 +38,7 @@ use aya::maps::MapData;
 use bytemuck::Pod;
 use serde::Serialize;
 use steer_common::lookup::Tables;
+
 use steer_common::{
     Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, MAX_RANGES, RANGE_CHUNKS, Range, StateMeta,
     map,
@@ -395,6 +396,15 @@ impl steer_common::lookup::Tables for PendingWrite<'_> {
     }
 }
 
+impl crate::model::compile::SegmentTables for PendingWrite<'_> {
+    fn segment(&self, half: u32, entry: &DirEntry) -> Option<Vec<Range>> {
+        match entry.start.checked_sub(self.meta.arena_top) {
+            Some(new) => self.ranges.get(new as usize..(new + entry.count) as usize).map(<[Range]>::to_vec),
+            None => self.live.segment(half, entry),
+        }
+    }
+}
+
 impl PendingWrite<'_> {
     /// Applies `edit` of `binding` (already recorded, its counter sets
     /// made) over what this write holds so far.
@@ -535,6 +545,23 @@ fn mapped_entry<T: Pod>(
     let mut cache = cache.borrow_mut();
     let chunk = cache.entry(slot).or_insert_with(|| plane.mapped_chunk(outer, slot).ok());
     chunk.as_ref().map(|c| c.as_slice()[index as usize])
+}
+
+impl crate::model::compile::SegmentTables for MappedTables<'_> {
+    fn segment(&self, half: u32, entry: &DirEntry) -> Option<Vec<Range>> {
+        let mut out = Vec::with_capacity(entry.count as usize);
+        let (mut at, end) = (entry.start, entry.start + entry.count);
+        while at < end {
+            let slot = steer_common::range_slot(half, at);
+            let offset = (at % CHUNK_ENTRIES) as usize;
+            let n = ((end - at) as usize).min(CHUNK_ENTRIES as usize - offset);
+            let mut cache = self.ranges.borrow_mut();
+            let chunk = cache.entry(slot).or_insert_with(|| self.plane.mapped_chunk(&self.plane.ranges, slot).ok());
+            out.extend_from_slice(&chunk.as_ref()?.as_slice()[offset..offset + n]);
+            at += n as u32;
+        }
+        Some(out)
+    }
 }
 
 impl steer_common::lookup::Tables for MappedTables<'_> {
