@@ -249,13 +249,18 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
     }
     let arriving = staying.iter().filter(|label| !existing.contains_key(**label)).count();
     let mut meta = maps.plane.meta()?;
+    if arriving > 0 {
+        // The new labels are made before the switch: a write killed after
+        // making some is then seen as interrupted, and the next write
+        // forgets the labels it left without bindings.
+        meta = Record::begin_change(&maps.plane, &meta)?;
+    }
     if existing.len() + arriving > MAX_LABELS as usize {
         // Only when the ids are needed (a set replacing another of about
         // as many labels): labels leaving without a socket give theirs up
         // before the switch. Otherwise they are collected after it, so a
         // write killed in between leaves no published binding whose label
         // is gone (and whose id a later label could take).
-        meta = Record::begin_change(&maps.plane, &meta)?;
         forget_labels(state, |label, _| staying.contains(label))?;
     }
     let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
