@@ -22,16 +22,20 @@ use crate::{
     state::{Dispatcher, PlaneStats, ReadWrite, record::Record},
 };
 
-/// Compiles `entries` (the whole record) and makes them the generation
-/// lookups use, every chunk anew; marks the record published.
+/// Compiles `entries` (the whole record, each key once) and makes them the
+/// generation lookups use, every chunk anew; marks the record published.
 pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
+    publish_sorting(state, &mut entries.to_vec())
+}
+
+/// [`publish`], sorting `entries` in place for compiling rather than a copy.
+fn publish_sorting(state: &Dispatcher<ReadWrite>, entries: &mut [(BindingKey, u32)]) -> Result<PlaneStats> {
     let maps = state.maps()?;
-    let inputs: Vec<Input> = entries.iter().map(|(key, label)| Input::from_key(key, *label)).collect();
     let mut plan = maps.counters.plan(entries)?;
-    let generation = compile::compile(&inputs, &mut plan)?;
-    drop(inputs);
+    let generation = compile::compile(entries, &mut plan)?;
     maps.counters.add_new(&plan)?;
     let stats = maps.plane.publish(&generation)?;
+    drop(generation);
     let meta = maps.plane.meta()?;
     maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings: entries.len() as u32, ..meta })?;
     maps.counters.drop_unused(&plan)?;
@@ -46,7 +50,7 @@ fn publish_one(state: &Dispatcher<ReadWrite>, binding: &Input, edit: Edit, added
     let delta = maps.plane.delta(binding, edit, &mut maps.counters.lookup())?;
     if !maps.plane.patch(&delta)? {
         log::debug!("publishing every binding anew (the range arena is full, or a write died half way)");
-        publish(state, &maps.record.entries(&maps.plane.meta()?)?)?;
+        publish_sorting(state, &mut maps.record.entries(&maps.plane.meta()?)?)?;
         return Ok(false);
     }
     let meta = maps.plane.meta()?;
@@ -65,7 +69,7 @@ fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
     let meta = maps.plane.meta()?;
     if Record::interrupted(&meta) || meta.halves_differ != 0 {
         log::info!("publishing the bindings an interrupted write recorded");
-        publish(state, &maps.record.entries(&meta)?)?;
+        publish_sorting(state, &mut maps.record.entries(&meta)?)?;
         collect_labels(state)?;
     }
     Ok(())
@@ -182,9 +186,9 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
         None => maps.labels.ensure([b.label.as_str()])?[&b.label],
     };
     let meta = Record::begin_change(&maps.plane, &meta)?;
-    if let Some(every) = maps.record.insert(&meta, key, id)? {
+    if let Some(mut every) = maps.record.insert(&meta, key, id)? {
         // The record grew: read whole for that, so published whole.
-        publish(state, &every)?;
+        publish_sorting(state, &mut every)?;
         return Ok(true);
     }
     let input = Input::from_key(&key, id);
@@ -264,12 +268,12 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
         forget_labels(state, |label, _| staying.contains(label))?;
     }
     let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
-    let entries: Vec<(BindingKey, u32)> = keyed.iter().map(|(key, b)| (*key, ids[&b.label])).collect();
+    let mut entries: Vec<(BindingKey, u32)> = keyed.iter().map(|(key, b)| (*key, ids[&b.label])).collect();
     let idle = 1 - (meta.active_record & 1) as usize;
     // The idle set held the set before last; only this writer reads it.
     maps.record.replace(idle, crate::state::record::capacity_for(entries.len()), &entries)?;
     Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, ..meta })?;
-    let stats = publish(state, &entries)?;
+    let stats = publish_sorting(state, &mut entries)?;
     collect_labels(state)?;
     Ok(stats)
 }
