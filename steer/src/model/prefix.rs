@@ -116,7 +116,18 @@ impl Serialize for Prefix {
 
 impl<'de> Deserialize<'de> for Prefix {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(|e: Error| serde::de::Error::custom(e))
+        /// Parses the text where the deserializer holds it: no String.
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Prefix;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Prefix, E> {
+                v.parse().map_err(|e: Error| E::custom(e))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 

@@ -14,13 +14,39 @@ use crate::{
     error::{Context, Result, fail},
     kernel::netns,
     model::{
-        Binding, BindingsFile, binding,
+        Binding, BindingsFile,
+        binding::KeyedBindings,
         compile::{self, Edit, Input},
         label::label_key,
         text::grouped,
     },
     state::{Dispatcher, PlaneStats, ReadWrite, record::Record},
 };
+
+/// Runs `f`, logging how long `what` took, in all and on this thread's
+/// CPU, and the process's peak memory after (RUST_LOG=debug).
+pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    if !log::log_enabled!(log::Level::Debug) {
+        return f();
+    }
+    let cpu = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    };
+    let (start, start_cpu) = (std::time::Instant::now(), cpu());
+    let out = f();
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    log::debug!(
+        "{what}: {:.3} s ({:.3} s CPU), peak RSS {} MiB",
+        start.elapsed().as_secs_f64(),
+        cpu() - start_cpu,
+        peak.map_or("?".into(), |kib| (kib / 1024).to_string())
+    );
+    out
+}
 
 /// Compiles `entries` (the whole record, each key once) and makes them the
 /// generation lookups use, every chunk anew; marks the record published.
@@ -31,10 +57,10 @@ pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32
 /// [`publish`], sorting `entries` in place for compiling rather than a copy.
 fn publish_sorting(state: &Dispatcher<ReadWrite>, entries: &mut [(BindingKey, u32)]) -> Result<PlaneStats> {
     let maps = state.maps()?;
-    let mut plan = maps.counters.plan(entries)?;
-    let generation = compile::compile(entries, &mut plan)?;
+    let mut plan = timed("planning counter sets", || maps.counters.plan(entries))?;
+    let generation = timed("compiling", || compile::compile(entries, &mut plan))?;
     maps.counters.add_new(&plan)?;
-    let stats = maps.plane.publish(&generation)?;
+    let stats = timed("publishing the generation", || maps.plane.publish(&generation))?;
     drop(generation);
     let meta = maps.plane.meta()?;
     maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings: entries.len() as u32, ..meta })?;
@@ -221,19 +247,25 @@ pub fn unbind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<()> {
     Ok(())
 }
 
-/// Replaces every binding with `file`'s: recorded in the idle record set,
-/// switched to with one write, then published as one generation.
+/// Replaces every binding with `file`'s: see [`load_keyed`].
 pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Result<PlaneStats> {
-    let keyed = binding::by_key(&file.bindings)?;
-    if keyed.len() > MAX_BINDINGS as usize {
+    load_keyed(state, timed("keying the bindings", || KeyedBindings::from_bindings(&file.bindings))?)
+}
+
+/// Replaces every binding with `set`'s: recorded in the idle record set,
+/// switched to with one write, then published as one generation.
+pub fn load_keyed(state: &Dispatcher<ReadWrite>, set: KeyedBindings) -> Result<PlaneStats> {
+    let (labels, mut entries) = set.into_parts();
+    if entries.len() > MAX_BINDINGS as usize {
         fail!(
             Full,
             "the file has {} bindings; a set holds at most {}",
-            grouped(keyed.len() as u64),
+            grouped(entries.len() as u64),
             grouped(MAX_BINDINGS.into())
         );
     }
-    let staying: BTreeSet<&str> = keyed.values().map(|b| b.label.as_str()).collect();
+    // Every label of the set names some binding of it.
+    let staying: BTreeSet<&str> = labels.iter().map(String::as_str).collect();
     collect_labels(state)?;
     let maps = state.maps()?;
     let existing = maps.labels.all()?;
@@ -268,10 +300,15 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
         forget_labels(state, |label, _| staying.contains(label))?;
     }
     let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
-    let mut entries: Vec<(BindingKey, u32)> = keyed.iter().map(|(key, b)| (*key, ids[&b.label])).collect();
+    // Each entry's label number becomes its label's id.
+    let by_number: Vec<u32> = labels.iter().map(|label| ids[label]).collect();
+    for entry in &mut entries {
+        entry.1 = by_number[entry.1 as usize];
+    }
     let idle = 1 - (meta.active_record & 1) as usize;
     // The idle set held the set before last; only this writer reads it.
-    maps.record.replace(idle, crate::state::record::capacity_for(entries.len()), &entries)?;
+    let capacity = crate::state::record::capacity_for(entries.len());
+    timed("recording the bindings", || maps.record.replace(idle, capacity, &entries))?;
     Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, ..meta })?;
     let stats = publish_sorting(state, &mut entries)?;
     collect_labels(state)?;
