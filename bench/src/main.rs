@@ -147,6 +147,10 @@ struct Report {
 }
 
 fn main() -> Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == scale::MEASURE_CHILD) {
+        return scale::measure_child(&argv[2..]);
+    }
     let args = Args::parse();
     // Read before the sandbox's tmpfs hides the temp dir.
     let baselines = args

@@ -44,8 +44,38 @@ fn millis(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
-/// Runs `cmd`, returning its wall time and peak resident memory.
+/// The first argument that makes steer-bench run the rest as a command and
+/// print its wall time and peak resident memory ([`measure_child`]).
+pub const MEASURE_CHILD: &str = "--measure-child";
+
+/// Runs `cmd`, returning its wall time and peak resident memory, measured
+/// by a fresh steer-bench process ([`measure_child`]). Not from here: a
+/// child's peak RSS counts the memory of the process that spawned it (at
+/// exec the kernel keeps the peak of the memory it leaves, which for a
+/// posix_spawn child is its parent's), and this process holds the sets.
 fn run_measured(cmd: &mut Command) -> Result<(f64, u64)> {
+    let exe = std::env::current_exe().context("finding steer-bench")?;
+    let out = Command::new(exe)
+        .arg(MEASURE_CHILD)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (seconds, rss) = text.trim().split_once(' ').with_context(|| format!("measuring {cmd:?}: {text:?}"))?;
+    Ok((seconds.parse()?, rss.parse()?))
+}
+
+/// Runs `args` (a program and its arguments), printing its wall time in
+/// seconds and peak resident memory in bytes; fails when it does. This
+/// process is small and new, so the peak is the program's own.
+pub fn measure_child(args: &[std::ffi::OsString]) -> Result<()> {
+    let (program, args) = args.split_first().context("no command to measure")?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
     let start = Instant::now();
     let child = cmd.stdout(std::process::Stdio::null()).spawn().with_context(|| format!("running {cmd:?}"))?;
     let mut status = 0;
@@ -60,7 +90,8 @@ fn run_measured(cmd: &mut Command) -> Result<(f64, u64)> {
     if !std::process::ExitStatus::from_raw(status).success() {
         bail!("{cmd:?} failed");
     }
-    Ok((seconds, usage.ru_maxrss as u64 * 1024))
+    println!("{seconds} {}", usage.ru_maxrss as u64 * 1024);
+    Ok(())
 }
 
 /// Bindings no set holds: UDP hosts in 198.18.0.0/15 on port 5353.

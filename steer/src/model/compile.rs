@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use steer_common::{
-    Answer, CHUNK_ENTRIES, DirEntry, MAX_RANGES, Range,
+    Answer, BindingKey, CHUNK_ENTRIES, DirEntry, MAX_RANGES, Range,
     lookup::{self, Tables},
     prefix_mask,
 };
@@ -22,6 +22,9 @@ const V4_LEN: u8 = 96;
 type Interval = (u128, u128, Answer);
 /// A short prefix as the inclusive run of buckets it covers, with its answer.
 type BucketRun = (u32, u32, Answer);
+/// Buckets with a segment, each with the run of sorted bindings holding
+/// its prefixes (among others).
+type Segments = Vec<(u32, std::ops::Range<usize>)>;
 
 /// One binding, as the compiler takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,13 @@ impl Input {
         }
     }
 
+    /// Its record key and label: what [`compile`] takes.
+    pub fn entry(&self) -> (BindingKey, u32) {
+        let protocol =
+            [steer_common::kernel::IPPROTO_TCP, steer_common::kernel::IPPROTO_UDP][self.protocol_index as usize];
+        (BindingKey::new(protocol as u8, self.len, self.port, self.addr.to_be_bytes()), self.label)
+    }
+
     fn end(&self) -> u128 {
         self.addr | !prefix_mask(self.len)
     }
@@ -72,13 +82,6 @@ impl Generation {
         let chunk = self.dir_chunks.entry(key / CHUNK_ENTRIES).or_insert_with(|| vec![empty; CHUNK_ENTRIES as usize]);
         chunk[(key % CHUNK_ENTRIES) as usize] = entry;
     }
-
-    /// Appends a segment's ranges, returning its directory entry.
-    fn add_segment(&mut self, ranges: Vec<Range>, default: Answer) -> DirEntry {
-        let entry = DirEntry { start: self.ranges.len() as u32, count: ranges.len() as u32, default };
-        self.ranges.extend(ranges);
-        entry
-    }
 }
 
 impl Tables for Generation {
@@ -96,75 +99,107 @@ pub trait Destinations {
     fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16>;
 }
 
-/// Ranges of `span` (inclusive): each starts where the innermost covering
-/// prefix changes, `base` where none covers. `prefixes` are (start, end,
-/// answer), nested or disjoint (prefixes always are).
-fn partition(span: (u128, u128), prefixes: &mut [Interval], base: Answer) -> Vec<(u128, Answer)> {
-    fn push(out: &mut Vec<(u128, Answer)>, start: u128, answer: Answer) {
-        if out.last().is_some_and(|last| last.0 == start) {
+/// The address a range starts at.
+fn range_start(range: &Range) -> u128 {
+    u128::from(range.start[0]) << 64 | u128::from(range.start[1])
+}
+
+/// Appends the ranges of segment `span` (inclusive) to `out`: each starts
+/// where the innermost covering prefix changes, `base` where none covers;
+/// split at the edges of the IPv4 region so that each range is one
+/// family's; each answer naming its counter set. `prefixes` are (start,
+/// end, answer), nested or disjoint (prefixes always are), each once,
+/// containers before what they contain: by start, then end descending.
+fn segment_into(
+    span: (u128, u128),
+    prefixes: impl IntoIterator<Item = Interval>,
+    base: Answer,
+    protocol_index: u32,
+    dests: &mut impl Destinations,
+    out: &mut Vec<Range>,
+) -> Result<()> {
+    let first = out.len();
+    // Appends a range of this segment, replacing the last one where that
+    // starts at the same address, merged into it where it answers the same.
+    let push = |out: &mut Vec<Range>, start: u128, answer: Answer| {
+        if out.len() > first && out.last().is_some_and(|last| range_start(last) == start) {
             out.pop();
         }
-        if out.last().is_some_and(|last| last.1 == answer) {
+        if out.len() > first && out.last().is_some_and(|last| last.answer == answer) {
             return;
         }
-        out.push((start, answer));
-    }
-    // Containers before what they contain.
-    prefixes.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
-    let mut out = vec![(span.0, base)];
+        out.push(Range { start: [(start >> 64) as u64, start as u64], answer });
+    };
+    push(out, span.0, base);
+    // The prefixes holding the current one: (end, answer), innermost last.
     let mut open: Vec<(u128, Answer)> = Vec::new();
-    for &(start, end, answer) in prefixes.iter() {
+    for (start, end, answer) in prefixes {
+        debug_assert!(out.len() == first + 1 || range_start(&out[out.len() - 1]) <= start, "prefixes out of order");
         while let Some(&(open_end, _)) = open.last() {
             if open_end >= start {
                 break;
             }
             open.pop();
-            push(&mut out, open_end + 1, open.last().map_or(base, |o| o.1));
+            push(out, open_end + 1, open.last().map_or(base, |o| o.1));
         }
-        push(&mut out, start, answer);
+        push(out, start, answer);
         open.push((end, answer));
     }
     while let Some((open_end, _)) = open.pop() {
         if open_end < span.1 {
-            push(&mut out, open_end + 1, open.last().map_or(base, |o| o.1));
+            push(out, open_end + 1, open.last().map_or(base, |o| o.1));
         }
     }
-    out
+    for edge in [V4_START, V4_END + 1] {
+        if span.0 < edge && edge <= span.1 {
+            let at = first + out[first..].partition_point(|r| range_start(r) <= edge);
+            let holder = out[at - 1];
+            if range_start(&holder) != edge {
+                out.insert(at, Range { start: [(edge >> 64) as u64, edge as u64], answer: holder.answer });
+            }
+        }
+    }
+    for range in &mut out[first..] {
+        let (label, family) = (range.answer.label, family_of(range_start(range)));
+        if label != Answer::NONE && label != Answer::DEFAULT {
+            range.answer.dest = dests.dest(label, family, protocol_index)?;
+        }
+    }
+    Ok(())
 }
 
 fn family_of(addr: u128) -> u32 {
     u32::from(!(V4_START..=V4_END).contains(&addr))
 }
 
-/// Turns partition output into ranges, splitting at the edges of the IPv4
-/// region so that each range is one family's, and naming each answer's
-/// counter set.
+/// Turns a segment's partition (as [`parts_of`] gives it) into its
+/// ranges, splitting at the edges of the IPv4 region so that each range is
+/// one family's, and naming each answer's counter set.
 fn ranges(
-    parts: Vec<(u128, Answer)>,
+    parts: &[(u128, Answer)],
     span_end: u128,
     protocol_index: u32,
     dests: &mut impl Destinations,
 ) -> Result<Vec<Range>> {
-    let mut split = Vec::with_capacity(parts.len() + 2);
+    let mut out = Vec::with_capacity(parts.len() + 2);
+    let mut push = |start: u128, mut answer: Answer| -> Result<()> {
+        if answer.label != Answer::NONE && answer.label != Answer::DEFAULT {
+            answer.dest = dests.dest(answer.label, family_of(start), protocol_index)?;
+        }
+        out.push(Range { start: [(start >> 64) as u64, start as u64], answer });
+        Ok(())
+    };
     for (i, &(start, answer)) in parts.iter().enumerate() {
-        split.push((start, answer));
+        push(start, answer)?;
         let end = parts.get(i + 1).map_or(span_end, |next| next.0 - 1);
+        // In order: past `start`, and before the next part's.
         for edge in [V4_START, V4_END + 1] {
             if start < edge && edge <= end {
-                split.push((edge, answer));
+                push(edge, answer)?;
             }
         }
     }
-    split.sort_by_key(|p| p.0);
-    split
-        .into_iter()
-        .map(|(start, mut answer)| {
-            if answer.label != Answer::NONE && answer.label != Answer::DEFAULT {
-                answer.dest = dests.dest(answer.label, family_of(start), protocol_index)?;
-            }
-            Ok(Range { start: [(start >> 64) as u64, start as u64], answer })
-        })
-        .collect()
+    Ok(out)
 }
 
 /// Where a binding lives in a generation (see steer-common's `lookup`).
@@ -209,126 +244,189 @@ fn segment_span(placement: &Placement) -> ((u128, u128), Answer) {
 }
 
 impl Input {
-    /// Where this binding lives: one place, or two for a wildcard prefix
-    /// that covers the IPv4 region from outside it (the IPv4 buckets'
-    /// default, and its IPv6 place).
-    pub fn placements(&self) -> Vec<Placement> {
+    /// Whether the prefix lies in the IPv4 region.
+    fn in_v4(&self) -> bool {
+        self.len >= V4_LEN && self.addr & prefix_mask(V4_LEN) == V4_START
+    }
+
+    /// Whether the prefix holds the whole IPv4 region.
+    fn covers_v4(&self) -> bool {
+        self.len <= V4_LEN && V4_START & prefix_mask(self.len) == self.addr
+    }
+
+    /// Where this binding lives in its own family (for a wildcard prefix
+    /// that covers the IPv4 region from outside it, its IPv6 place).
+    pub fn placement(&self) -> Placement {
         let protocol_index = self.protocol_index;
         if self.port != 0 {
-            return vec![Placement::Exact { protocol_index, port: self.port }];
+            return Placement::Exact { protocol_index, port: self.port };
         }
-        let in_v4 = self.len >= V4_LEN && self.addr & prefix_mask(V4_LEN) == V4_START;
-        let covers_v4 = self.len <= V4_LEN && V4_START & prefix_mask(self.len) == self.addr;
-        if in_v4 {
+        if self.in_v4() {
             let v4_len = self.len - V4_LEN;
             let bucket = ((self.addr >> 16) & 0xffff) as u32;
-            return vec![if v4_len >= 16 {
+            return if v4_len >= 16 {
                 Placement::Long { protocol_index, family_index: 0, bucket }
             } else {
                 Placement::Short { protocol_index, family_index: 0, first: bucket, last: bucket | (0xffff >> v4_len) }
-            }];
-        }
-        let mut out = Vec::with_capacity(2);
-        if covers_v4 {
-            out.push(Placement::Short { protocol_index, family_index: 0, first: 0, last: 0xffff });
+            };
         }
         let bucket = (self.addr >> 112) as u32;
-        out.push(if self.len >= 16 {
+        if self.len >= 16 {
             Placement::Long { protocol_index, family_index: 1, bucket }
         } else {
             Placement::Short { protocol_index, family_index: 1, first: bucket, last: bucket | (0xffff >> self.len) }
+        }
+    }
+
+    /// Where this binding lives: one place, or two for a wildcard prefix
+    /// that covers the IPv4 region from outside it (the IPv4 buckets'
+    /// default, and its IPv6 place).
+    pub fn placements(&self) -> impl Iterator<Item = Placement> {
+        let v4_default = (self.port == 0 && !self.in_v4() && self.covers_v4()).then_some(Placement::Short {
+            protocol_index: self.protocol_index,
+            family_index: 0,
+            first: 0,
+            last: 0xffff,
         });
-        out
+        v4_default.into_iter().chain([self.placement()])
     }
 
     /// The traffic families (0 IPv4, 1 IPv6) whose addresses the prefix
     /// holds: the counter sets a binding may count in.
     pub fn families(&self) -> [bool; 2] {
-        let in_v4 = self.len >= V4_LEN && self.addr & prefix_mask(V4_LEN) == V4_START;
-        let covers_v4 = self.len <= V4_LEN && V4_START & prefix_mask(self.len) == self.addr;
-        [in_v4 || covers_v4, !in_v4]
+        let in_v4 = self.in_v4();
+        [in_v4 || self.covers_v4(), !in_v4]
     }
 
     /// Whether this binding answers where `placement` decides: in the same
     /// segment, or among the same family's bucket defaults (a parent found
     /// for an unbind may be short where the binding is long).
     fn shares(&self, placement: &Placement) -> bool {
-        self.placements().iter().any(|mine| match (mine, placement) {
+        self.placements().any(|mine| match (mine, *placement) {
             (
                 Placement::Short { protocol_index: p, family_index: f, .. },
                 Placement::Short { protocol_index, family_index, .. },
             ) => (p, f) == (protocol_index, family_index),
-            _ => mine == placement,
+            _ => mine == *placement,
         })
     }
 }
 
-/// Compiles bindings into a generation. `dests` names each (label, family,
-/// protocol) the bindings can reach.
-pub fn compile(bindings: &[Input], dests: &mut impl Destinations) -> Result<Generation> {
+/// Where a binding sorts in the order [`compile`] walks: by protocol and
+/// port, then by address, containers before what they contain. Equal keys
+/// sort together, and only they.
+fn sort_key(key: &BindingKey) -> (u32, u128, u8) {
+    (u32::from(key.protocol) << 16 | u32::from(key.port()), u128::from_be_bytes(key.addr), key.prefixlen)
+}
+
+/// Sorts bindings in the order [`compile`] walks them: compiling a set
+/// sorted so costs no second sort.
+pub fn order(bindings: &mut [(BindingKey, u32)]) {
+    bindings.sort_unstable_by_key(|(key, _)| sort_key(key));
+}
+
+/// The interval and answer of a binding in its segment.
+fn interval(b: &Input) -> Interval {
+    (b.addr, b.end(), Answer::new(b.label, 0, b.len))
+}
+
+/// Compiles bindings (each key once, as a record holds them) into a
+/// generation, sorting them in [`order`] first. `dests` names each (label,
+/// family, protocol) the bindings can reach.
+///
+/// One pass over the sorted bindings: each exact port's are one run, a
+/// segment, partitioned as it is reached; each protocol's wildcard ones
+/// are one run too, in address order, noted by bucket (and short prefixes
+/// as bucket defaults) and partitioned after, bucket by bucket. Nothing is
+/// copied per binding but the ranges themselves.
+pub fn compile(bindings: &mut [(BindingKey, u32)], dests: &mut impl Destinations) -> Result<Generation> {
+    order(bindings);
+    let bindings: &[(BindingKey, u32)] = bindings;
+    let input = |i: usize| Input::from_key(&bindings[i].0, bindings[i].1);
     let mut generation = Generation::default();
-    // Exact-port segments, over the whole address space.
-    let mut exact: BTreeMap<(u32, u16), Vec<Interval>> = BTreeMap::new();
-    // Wildcard prefixes by (protocol, family): long ones (/16 and longer in
-    // their family) by bucket, short ones as bucket defaults.
-    let mut long: BTreeMap<(u32, u32, u32), Vec<Interval>> = BTreeMap::new();
+    // Wildcard prefixes by (protocol, family): for each bucket whose
+    // segment some lie in (/16 and longer in their family), the run of
+    // bindings that holds them (among others of the protocol's wildcard
+    // ones: the IPv4 region lies inside IPv6 bucket 0); short ones as
+    // bucket defaults.
+    let mut long: BTreeMap<(u32, u32), Segments> = BTreeMap::new();
     let mut short: BTreeMap<(u32, u32), Vec<BucketRun>> = BTreeMap::new();
-    for b in bindings {
-        let answer = Answer::new(b.label, 0, b.len);
-        for placement in b.placements() {
-            match placement {
-                Placement::Exact { protocol_index, port } => {
-                    exact.entry((protocol_index, port)).or_default().push((b.addr, b.end(), answer))
-                }
-                Placement::Long { protocol_index, family_index, bucket } => {
-                    long.entry((protocol_index, family_index, bucket)).or_default().push((b.addr, b.end(), answer))
-                }
-                Placement::Short { protocol_index, family_index, first, last } => {
-                    short.entry((protocol_index, family_index)).or_default().push((first, last, answer))
+    let mut i = 0;
+    while i < bindings.len() {
+        let (protocol, port) = (bindings[i].0.protocol, bindings[i].0.port);
+        let end = i + bindings[i..].partition_point(|(k, _)| (k.protocol, k.port) == (protocol, port));
+        let first = input(i);
+        if first.port != 0 {
+            // An exact port's segment, over the whole address space.
+            let start = generation.ranges.len();
+            let prefixes = (i..end).map(|j| interval(&input(j)));
+            let p = first.protocol_index;
+            segment_into((0, u128::MAX), prefixes, Answer::none(), p, dests, &mut generation.ranges)?;
+            let entry = DirEntry {
+                start: start as u32,
+                count: (generation.ranges.len() - start) as u32,
+                default: Answer::none(),
+            };
+            generation.set_dir(lookup::port_key(p, u32::from(first.port)), entry);
+        } else {
+            for j in i..end {
+                let b = input(j);
+                for placement in b.placements() {
+                    match placement {
+                        Placement::Long { protocol_index, family_index, bucket } => {
+                            // In address order, each family's buckets ascend.
+                            let runs = long.entry((protocol_index, family_index)).or_default();
+                            match runs.last_mut() {
+                                Some((last, run)) if *last == bucket => run.end = j + 1,
+                                _ => runs.push((bucket, j..j + 1)),
+                            }
+                        }
+                        Placement::Short { protocol_index, family_index, first, last } => short
+                            .entry((protocol_index, family_index))
+                            .or_default()
+                            .push((first, last, Answer::new(b.label, 0, b.len))),
+                        Placement::Exact { .. } => unreachable!("a wildcard binding"),
+                    }
                 }
             }
         }
-    }
-
-    for ((protocol_index, port), mut prefixes) in exact {
-        let parts = partition((0, u128::MAX), &mut prefixes, Answer::none());
-        let segment = ranges(parts, u128::MAX, protocol_index, dests)?;
-        let entry = generation.add_segment(segment, Answer::none());
-        generation.set_dir(lookup::port_key(protocol_index, u32::from(port)), entry);
+        i = end;
     }
 
     // Wildcard buckets, per (protocol, family): each bucket's default is the
     // longest short prefix covering it; its segment, its long prefixes.
-    let families: BTreeSet<(u32, u32)> = short.keys().copied().chain(long.keys().map(|&(p, f, _)| (p, f))).collect();
+    let families: BTreeSet<(u32, u32)> = short.keys().chain(long.keys()).copied().collect();
     for (protocol_index, family_index) in families {
         let mut defaults = vec![Answer::none(); 1 << 16];
+        let mut covered = vec![false; 1 << 16];
         let mut covers = short.remove(&(protocol_index, family_index)).unwrap_or_default();
         covers.sort_by_key(|c| c.2.len);
         for &(first, last, answer) in &covers {
             defaults[first as usize..=last as usize].fill(answer);
+            covered[first as usize..=last as usize].fill(true);
         }
-        let mut buckets: BTreeSet<u32> = long
-            .range((protocol_index, family_index, 0)..=(protocol_index, family_index, u32::MAX))
-            .map(|(k, _)| k.2)
-            .collect();
-        for &(first, last, _) in &covers {
-            buckets.extend(first..=last);
-        }
-        for bucket in buckets {
+        let mut runs = long.remove(&(protocol_index, family_index)).unwrap_or_default().into_iter().peekable();
+        for bucket in 0..1u32 << 16 {
+            let run = runs.next_if(|(b, _)| *b == bucket).map(|(_, run)| run);
+            if run.is_none() && !covered[bucket as usize] {
+                continue;
+            }
             let mut default = defaults[bucket as usize];
             if default.label != Answer::NONE {
                 default.dest = dests.dest(default.label, family_index, protocol_index)?;
             }
-            let segment = match long.get_mut(&(protocol_index, family_index, bucket)) {
-                None => Vec::new(),
-                Some(prefixes) => {
-                    let (span, base) = segment_span(&Placement::Long { protocol_index, family_index, bucket });
-                    let parts = partition(span, prefixes, base);
-                    ranges(parts, span.1, protocol_index, dests)?
-                }
-            };
-            let entry = generation.add_segment(segment, default);
-            generation.set_dir(lookup::bucket_key(protocol_index, family_index, bucket), entry);
+            let start = generation.ranges.len();
+            if let Some(run) = run {
+                let placement = Placement::Long { protocol_index, family_index, bucket };
+                let prefixes = run.map(input).filter(|b| b.placement() == placement).map(|b| interval(&b));
+                let (span, base) = segment_span(&placement);
+                segment_into(span, prefixes, base, protocol_index, dests, &mut generation.ranges)?;
+            }
+            let count = (generation.ranges.len() - start) as u32;
+            generation.set_dir(
+                lookup::bucket_key(protocol_index, family_index, bucket),
+                DirEntry { start: start as u32, count, default },
+            );
         }
     }
     if generation.ranges.len() > MAX_RANGES as usize {
@@ -498,7 +596,7 @@ pub fn delta(
             Placement::Short { .. } => unreachable!(),
         };
         let segment =
-            if parts == [(span.0, base)] { Vec::new() } else { ranges(parts, span.1, protocol_index, dests)? };
+            if parts == [(span.0, base)] { Vec::new() } else { ranges(&parts, span.1, protocol_index, dests)? };
         out.segments.push((key, segment));
     }
     Ok(out)
@@ -551,6 +649,10 @@ mod tests {
         }
     }
 
+    fn entries(inputs: &[Input]) -> Vec<(BindingKey, u32)> {
+        inputs.iter().map(Input::entry).collect()
+    }
+
     fn input(b: &Binding, labels: &[String]) -> Input {
         Input::from_key(&b.key(), labels.iter().position(|l| *l == b.label).unwrap() as u32)
     }
@@ -574,7 +676,7 @@ mod tests {
         labels.dedup();
         let inputs: Vec<Input> = set.iter().map(|b| input(b, &labels)).collect();
         let mut dests = Numbered::default();
-        let generation = compile(&inputs, &mut dests).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let generation = compile(&mut entries(&inputs), &mut dests).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for (protocol, addr, port) in queries {
             let p = u32::from(protocol == Protocol::Udp);
             let found = lookup::lookup(&generation, 0, p, u32::from(port), address(addr));
@@ -644,13 +746,19 @@ mod tests {
     #[test]
     fn partitions_nested_prefixes() {
         let a = |l| Answer::new(l, 0, 0);
-        let mut p = vec![(10, 19, a(1)), (0, 99, a(0)), (12, 13, a(2)), (50, 50, a(3)), (90, 99, a(4))];
-        let parts = partition((0, 99), &mut p, Answer::none());
-        let starts: Vec<(u128, u32)> = parts.iter().map(|(s, a)| (*s, a.label)).collect();
-        assert_eq!(starts, [(0, 0), (10, 1), (12, 2), (14, 1), (20, 0), (50, 3), (51, 0), (90, 4)]);
-        let parts = partition((0, u128::MAX), &mut [(0, u128::MAX, a(7))], Answer::none());
-        assert_eq!(parts, [(0, a(7))]);
-        assert_eq!(partition((5, 9), &mut [], Answer::none()), [(5, Answer::none())]);
+        let partition = |span, prefixes: &[Interval]| {
+            let mut prefixes = prefixes.to_vec();
+            prefixes.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+            let mut out = vec![Range { start: [7, 7], answer: a(9) }];
+            segment_into(span, prefixes, Answer::none(), 0, &mut Fixed, &mut out).unwrap();
+            assert_eq!(out[0].start, [7, 7], "the ranges before are left alone");
+            out[1..].iter().map(|r| (range_start(r), r.answer.label)).collect::<Vec<_>>()
+        };
+        let p = [(10, 19, a(1)), (0, 99, a(0)), (12, 13, a(2)), (50, 50, a(3)), (90, 99, a(4))];
+        assert_eq!(partition((0, 99), &p), [(0, 0), (10, 1), (12, 2), (14, 1), (20, 0), (50, 3), (51, 0), (90, 4)]);
+        // The IPv4 region's edges split the range that crosses them.
+        assert_eq!(partition((0, u128::MAX), &[(0, u128::MAX, a(7))]), [(0, 7), (V4_START, 7), (V4_END + 1, 7)]);
+        assert_eq!(partition((5, 9), &[]), [(5, Answer::NONE)]);
     }
 
     #[test]
@@ -795,7 +903,9 @@ mod tests {
         let all: Vec<Input> = set.iter().map(|b| input(b, &labels)).collect();
         let b = all[pick % all.len()];
         let rest: Vec<Input> = all.iter().filter(|i| **i != b).copied().collect();
-        let compiled = |inputs: &[Input]| compile(inputs, &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()));
+        let compiled = |inputs: &[Input]| {
+            compile(&mut entries(inputs), &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()))
+        };
         let mut generation = compiled(&rest)?;
         let added = delta(&generation, 0, &b, Edit::Add, &mut Fixed).map_err(|e| TestCaseError::fail(e.to_string()))?;
         generation.apply(&added);
@@ -858,7 +968,7 @@ mod tests {
         let host = |i: u32| Input { protocol_index: 0, port: 80, addr: u128::from(i) * 2, len: 128, label: i % 3 };
         let fits = (MAX_RANGES - 2) / 2;
         let mut set: Vec<Input> = (0..fits).map(host).collect();
-        let generation = compile(&set, &mut Numbered::default()).unwrap();
+        let generation = compile(&mut entries(&set), &mut Numbered::default()).unwrap();
         assert_eq!(generation.ranges.len(), MAX_RANGES as usize);
         for i in [0, 1, fits / 2, fits - 2, fits - 1] {
             let at = |addr: u128| {
@@ -869,7 +979,7 @@ mod tests {
             assert_eq!(at(u128::from(i) * 2 + 1), None, "after host {i}");
         }
         set.push(host(fits));
-        let err = compile(&set, &mut Numbered::default()).unwrap_err();
+        let err = compile(&mut entries(&set), &mut Numbered::default()).unwrap_err();
         assert!(matches!(err, Error::Full(_)), "{err:?}");
         assert_eq!(
             err.to_string(),

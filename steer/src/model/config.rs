@@ -154,7 +154,7 @@ impl Config {
     /// Everything that can be checked without the kernel.
     pub fn validate(&self) -> Result<()> {
         if let Some(list) = &self.bindings {
-            binding::by_key(list)?;
+            binding::KeyedBindings::from_bindings(list)?;
         }
         let mut slots = BTreeSet::new();
         for w in &self.registrations {

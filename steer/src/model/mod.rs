@@ -17,6 +17,6 @@ pub(crate) mod strategies;
 pub mod text;
 pub mod trace;
 
-pub use binding::{Binding, BindingsFile};
+pub use binding::{Binding, BindingsFile, KeyedBindings};
 pub use net::{Family, Owner, Protocol, SocketInfo, Target};
 pub use prefix::Prefix;

@@ -14,7 +14,8 @@ use crate::{
     error::{Context, Result, fail},
     kernel::netns,
     model::{
-        Binding, BindingsFile, binding,
+        Binding, BindingsFile,
+        binding::KeyedBindings,
         compile::{self, Edit, Input},
         label::label_key,
         text::grouped,
@@ -25,16 +26,45 @@ use crate::{
     },
 };
 
-/// Compiles `entries` (the whole record) and makes them the generation
-/// lookups use, every chunk anew; marks the record published.
+/// Runs `f`, logging how long `what` took, in all and on this thread's
+/// CPU, and the process's peak memory after (RUST_LOG=debug).
+pub fn timed<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    if !log::log_enabled!(log::Level::Debug) {
+        return f();
+    }
+    let cpu = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    };
+    let (start, start_cpu) = (std::time::Instant::now(), cpu());
+    let out = f();
+    let peak = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    });
+    log::debug!(
+        "{what}: {:.3} s ({:.3} s CPU), peak RSS {} MiB",
+        start.elapsed().as_secs_f64(),
+        cpu() - start_cpu,
+        peak.map_or("?".into(), |kib| (kib / 1024).to_string())
+    );
+    out
+}
+
+/// Compiles `entries` (the whole record, each key once) and makes them the
+/// generation lookups use, every chunk anew; marks the record published.
 pub(crate) fn publish(state: &Dispatcher<ReadWrite>, entries: &[(BindingKey, u32)]) -> Result<PlaneStats> {
+    publish_sorting(state, &mut entries.to_vec())
+}
+
+/// [`publish`], sorting `entries` in place for compiling rather than a copy.
+fn publish_sorting(state: &Dispatcher<ReadWrite>, entries: &mut [(BindingKey, u32)]) -> Result<PlaneStats> {
     let maps = state.maps()?;
-    let inputs: Vec<Input> = entries.iter().map(|(key, label)| Input::from_key(key, *label)).collect();
-    let mut plan = maps.counters.plan(entries)?;
-    let generation = compile::compile(&inputs, &mut plan)?;
-    drop(inputs);
+    let mut plan = timed("planning counter sets", || maps.counters.plan(entries))?;
+    let generation = timed("compiling", || compile::compile(entries, &mut plan))?;
     maps.counters.add_new(&plan)?;
-    let stats = maps.plane.publish(&generation)?;
+    let stats = timed("publishing the generation", || maps.plane.publish(&generation))?;
+    drop(generation);
     let meta = maps.plane.meta()?;
     maps.plane.set_meta(&StateMeta { plane_version: meta.record_version, bindings: entries.len() as u32, ..meta })?;
     maps.counters.drop_unused(&plan)?;
@@ -59,7 +89,7 @@ fn publish_changes(state: &Dispatcher<ReadWrite>, changes: &[(Input, Edit)], add
     };
     if !in_place {
         log::debug!("publishing every binding anew (the range arena is full, or a write died half way)");
-        publish(state, &maps.record.entries(&maps.plane.meta()?)?)?;
+        publish_sorting(state, &mut maps.record.entries(&maps.plane.meta()?)?)?;
         return Ok(false);
     }
     let meta = maps.plane.meta()?;
@@ -79,7 +109,7 @@ fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
     let meta = maps.plane.meta()?;
     if Record::interrupted(&meta) || meta.halves_differ != 0 {
         log::info!("publishing the bindings an interrupted write recorded");
-        publish(state, &maps.record.entries(&meta)?)?;
+        publish_sorting(state, &mut maps.record.entries(&meta)?)?;
         collect_labels(state)?;
     }
     Ok(())
@@ -204,11 +234,11 @@ pub fn bind(state: &Dispatcher<ReadWrite>, b: &Binding) -> Result<bool> {
     }
     let reused = match maps.record.insert(&meta, key, id)? {
         Inserted::Slot { reused } => reused,
-        Inserted::Remade(every) => {
+        Inserted::Remade(mut every) => {
             // The record was read whole to make it anew, so published whole.
             let meta = maps.plane.meta()?;
             maps.plane.set_meta(&StateMeta { record_removed: 0, ..meta })?;
-            publish(state, &every)?;
+            publish_sorting(state, &mut every)?;
             return Ok(true);
         }
     };
@@ -260,11 +290,11 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
         }
     }
     let leaving: BTreeSet<BindingKey> = gone.iter().map(|(key, _)| *key).collect();
-    let keyed = binding::by_key(added)?;
-    for (key, b) in &keyed {
-        label_key(&b.label)?;
+    let (labels, keyed) = KeyedBindings::from_bindings(added)?.into_parts();
+    for (key, _) in &keyed {
         if !leaving.contains(key) && maps.record.get(&meta, key)?.is_some() {
-            fail!(Conflict, "{} {} {} is already bound; unbind it first", b.protocol, b.prefix, b.port);
+            let (protocol, prefix, port) = crate::model::binding::decode_key(key)?;
+            fail!(Conflict, "{protocol} {prefix} {port} is already bound; unbind it first");
         }
     }
     let count = i64::from(meta.bindings) + keyed.len() as i64 - gone.len() as i64;
@@ -276,14 +306,15 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
             grouped(MAX_BINDINGS.into())
         );
     }
-    for b in keyed.values() {
+    for b in added {
         check_sockets_serve(state, b)?;
     }
-    let ids = maps.labels.plan(keyed.values().map(|b| b.label.as_str()))?;
-    let arriving: Vec<Input> = keyed.iter().map(|(key, b)| Input::from_key(key, ids[&b.label].0)).collect();
+    let ids = maps.labels.plan(labels.iter().map(String::as_str))?;
+    let arriving: Vec<Input> =
+        keyed.iter().map(|(key, number)| Input::from_key(key, ids[&labels[*number as usize]].0)).collect();
     maps.counters.check_room(&arriving)?;
     let mut meta = Record::begin_change(&maps.plane, &meta)?;
-    maps.labels.ensure(keyed.values().map(|b| b.label.as_str()))?;
+    maps.labels.ensure(labels.iter().map(String::as_str))?;
     let mut changes = Vec::new();
     let mut removed_slots = 0i64;
     for (key, id) in &gone {
@@ -294,7 +325,7 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
         let parent = parent(&maps.record, &meta, key)?;
         changes.push((Input::from_key(key, *id), Edit::Remove { parent }));
     }
-    for (key, input) in keyed.keys().zip(&arriving) {
+    for ((key, _), input) in keyed.iter().zip(&arriving) {
         match maps.record.insert(&meta, *key, input.label)? {
             Inserted::Slot { reused } => {
                 meta.bindings += 1;
@@ -318,7 +349,7 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
     if changes.len() < gone.len() + arriving.len() {
         let meta = maps.plane.meta()?;
         maps.plane.set_meta(&StateMeta { record_removed: 0, ..meta })?;
-        publish(state, &maps.record.entries(&meta)?)?;
+        publish_sorting(state, &mut maps.record.entries(&meta)?)?;
     } else if publish_changes(state, &changes, arriving.len() as i64 - gone.len() as i64, removed_slots)? {
         for (key, id) in &gone {
             maps.counters.remove_binding(&Input::from_key(key, *id))?;
@@ -334,19 +365,25 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
     Ok(())
 }
 
-/// Replaces every binding with `file`'s: recorded in the idle record set,
-/// switched to with one write, then published as one generation.
+/// Replaces every binding with `file`'s: see [`load_keyed`].
 pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Result<PlaneStats> {
-    let keyed = binding::by_key(&file.bindings)?;
-    if keyed.len() > MAX_BINDINGS as usize {
+    load_keyed(state, timed("keying the bindings", || KeyedBindings::from_bindings(&file.bindings))?)
+}
+
+/// Replaces every binding with `set`'s: recorded in the idle record set,
+/// switched to with one write, then published as one generation.
+pub fn load_keyed(state: &Dispatcher<ReadWrite>, set: KeyedBindings) -> Result<PlaneStats> {
+    let (labels, mut entries) = set.into_parts();
+    if entries.len() > MAX_BINDINGS as usize {
         fail!(
             Full,
             "the file has {} bindings; a set holds at most {}",
-            grouped(keyed.len() as u64),
+            grouped(entries.len() as u64),
             grouped(MAX_BINDINGS.into())
         );
     }
-    let staying: BTreeSet<&str> = keyed.values().map(|b| b.label.as_str()).collect();
+    // Every label of the set names some binding of it.
+    let staying: BTreeSet<&str> = labels.iter().map(String::as_str).collect();
     collect_labels(state)?;
     let maps = state.maps()?;
     let existing = maps.labels.all()?;
@@ -379,12 +416,17 @@ pub fn load_bindings(state: &Dispatcher<ReadWrite>, file: &BindingsFile) -> Resu
         forget_labels(state, |label, _| staying.contains(label))?;
     }
     let ids: BTreeMap<String, u32> = maps.labels.ensure(staying.iter().copied())?;
-    let entries: Vec<(BindingKey, u32)> = keyed.iter().map(|(key, b)| (*key, ids[&b.label])).collect();
+    // Each entry's label number becomes its label's id.
+    let by_number: Vec<u32> = labels.iter().map(|label| ids[label]).collect();
+    for entry in &mut entries {
+        entry.1 = by_number[entry.1 as usize];
+    }
     let idle = 1 - (meta.active_record & 1) as usize;
     // The idle set held the set before last; only this writer reads it.
-    maps.record.replace(idle, crate::state::record::capacity_for(entries.len()), &entries)?;
+    let capacity = crate::state::record::capacity_for(entries.len());
+    timed("recording the bindings", || maps.record.replace(idle, capacity, &entries))?;
     Record::begin_change(&maps.plane, &StateMeta { active_record: idle as u32, record_removed: 0, ..meta })?;
-    let stats = publish(state, &entries)?;
+    let stats = publish_sorting(state, &mut entries)?;
     collect_labels(state)?;
     // The set replaced is read no more: made small again, its memory freed.
     maps.record.replace(1 - idle, crate::state::record::capacity_for(0), &[])?;

@@ -11,7 +11,7 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use serde::Serialize;
-use steer_common::{BindingKey, DestKey, DestMetrics, ErrorReason, MAX_DESTINATIONS, SeedMetrics, map};
+use steer_common::{BindingKey, DestKey, DestMetrics, ErrorReason, MAX_DESTINATIONS, MAX_LABELS, SeedMetrics, map};
 
 use super::{Layout, spec};
 use crate::{
@@ -208,11 +208,21 @@ impl Counters {
     /// recorded ids, and new ones allocated lowest-free.
     pub fn plan(&self, entries: &[(BindingKey, u32)]) -> Result<DestPlan> {
         let known: BTreeMap<DestKey, u32> = self.dests.entries()?.into_iter().collect();
+        // Counted by dense index (a record holds label ids below
+        // MAX_LABELS; any other, in a map).
+        let mut dense = vec![0u32; DENSE];
         let mut counts: BTreeMap<DestKey, u32> = BTreeMap::new();
         for (key, label) in entries {
             for dest in dest_keys(&Input::from_key(key, *label)) {
-                *counts.entry(dest).or_default() += 1;
+                match dense_index(&dest) {
+                    Some(i) => dense[i] += 1,
+                    None => *counts.entry(dest).or_default() += 1,
+                }
             }
+        }
+        for (i, count) in dense.into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            let (label, rest) = ((i / 4) as u32, i % 4);
+            counts.insert(dest_key(label, (rest / 2) as u32, (rest % 2) as u32), count);
         }
         let taken: BTreeSet<u32> = counts.keys().filter_map(|k| known.get(k)).copied().collect();
         let mut free = (0..MAX_DESTINATIONS).filter(|id| !taken.contains(id));
@@ -231,7 +241,13 @@ impl Counters {
             };
             ids.insert(key, (id, count));
         }
-        Ok(DestPlan { known, ids, new })
+        let mut dense = vec![u16::MAX; DENSE];
+        for (key, &(id, _)) in &ids {
+            if let Some(i) = dense_index(key) {
+                dense[i] = id as u16;
+            }
+        }
+        Ok(DestPlan { known, ids, new, dense })
     }
 
     /// Records the counter sets `plan` makes, from zero, before any lookup
@@ -268,11 +284,25 @@ pub struct DestPlan {
     known: BTreeMap<DestKey, u32>,
     ids: BTreeMap<DestKey, (u32, u32)>,
     new: Vec<u32>,
+    /// The ids by dense index (u16::MAX: none), for compiling.
+    dense: Vec<u16>,
+}
+
+/// Counter sets of labels below MAX_LABELS, indexed densely.
+const DENSE: usize = MAX_LABELS as usize * 4;
+
+fn dense_index(key: &DestKey) -> Option<usize> {
+    (key.label < MAX_LABELS && key.family_index < 2 && key.protocol_index < 2)
+        .then(|| key.label as usize * 4 + usize::from(key.family_index) * 2 + usize::from(key.protocol_index))
 }
 
 impl Destinations for DestPlan {
     fn dest(&mut self, label: u32, family_index: u32, protocol_index: u32) -> Result<u16> {
-        match self.ids.get(&dest_key(label, family_index, protocol_index)) {
+        let key = dest_key(label, family_index, protocol_index);
+        if let Some(&id) = dense_index(&key).and_then(|i| self.dense.get(i)).filter(|id| **id != u16::MAX) {
+            return Ok(id);
+        }
+        match self.ids.get(&key) {
             Some(&(id, _)) => Ok(id as u16),
             None => fail!(
                 Pin,
