@@ -372,7 +372,7 @@ impl<A: Read> Dispatcher<A> {
     /// `addr`:`port`: the program's own search over the chunks it reads.
     pub fn resolve(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Result<Option<Resolved>> {
         let maps = self.maps()?;
-        let tables = plane::LiveTables::open(&self.layout)?;
+        let tables = plane::LiveTables::new(&maps.plane);
         let half = u32::from(maps.plane.config()?.active_half & 1);
         let mapped = u128::from_be_bytes(mapped_addr(addr));
         let address = steer_common::lookup::Address::v6((mapped >> 64) as u64, mapped as u64);

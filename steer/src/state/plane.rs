@@ -5,7 +5,7 @@
 //! Each half has its own directory chunks; both halves' range slots hold
 //! the same range chunks, an arena filled up to `steer_meta.arena_top`.
 //!
-//! A write of one binding ([`Plane::patch`]) writes the segments it
+//! A write of one binding ([`PendingWrite`]) writes the segments it
 //! rewrites past the arena's top (no lookup reads there), then changes the
 //! directory entries it touches in place, in both halves: a lookup reads
 //! an entry as two 8-byte words, (start, count) and the default, and one
@@ -13,7 +13,8 @@
 //! lookup reads at most two entries, an exact port's and a bucket's, and
 //! one binding is never in both, so each lookup sees the set before the
 //! write or after it. No switch and no grace period: work in proportion to
-//! the segments touched, not to the bindings. The old ranges stay in the
+//! the segments touched, not to the bindings. Several bindings at once
+//! write the idle half, switch, wait a grace period, then write the other. The old ranges stay in the
 //! arena (lookups that read the old entry may still be in them) until it
 //! has too much of them; then, and for `load-bindings`, a full
 //! publish ([`Plane::publish`]) makes every chunk anew: it fills the idle
@@ -97,48 +98,6 @@ pub fn memory(layout: &Layout) -> Result<BTreeMap<&'static str, u64>> {
         out.insert(m.name, bytes);
     }
     Ok(out)
-}
-
-/// The generation lookups use now, read from the kernel's chunks: the
-/// tables steer_dispatch searches, for userspace to search the same way.
-pub struct LiveTables {
-    dirs: MapOfMaps,
-    ranges: MapOfMaps,
-    dir_chunks: RefCell<BTreeMap<u32, Option<RawMap<u32, DirEntry>>>>,
-    range_chunks: RefCell<BTreeMap<u32, Option<RawMap<u32, Range>>>>,
-}
-
-/// Entry `index` of the chunk in `slot` of `outer`, opening the chunk once.
-fn chunk_entry<T: Pod>(
-    outer: &MapOfMaps,
-    cache: &RefCell<BTreeMap<u32, Option<RawMap<u32, T>>>>,
-    slot: u32,
-    index: u32,
-) -> Option<T> {
-    let mut cache = cache.borrow_mut();
-    let chunk = cache.entry(slot).or_insert_with(|| RawMap::new(outer.inner(slot).ok()??).ok());
-    chunk.as_ref()?.get(&index).ok().flatten()
-}
-
-impl LiveTables {
-    pub fn open(layout: &Layout) -> Result<Self> {
-        Ok(Self {
-            dirs: MapOfMaps::open(&layout.map(map::STEER_DIRS), spec(map::STEER_DIRS))?,
-            ranges: MapOfMaps::open(&layout.map(map::STEER_RANGES), spec(map::STEER_RANGES))?,
-            dir_chunks: Default::default(),
-            range_chunks: Default::default(),
-        })
-    }
-}
-
-impl steer_common::lookup::Tables for LiveTables {
-    fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
-        chunk_entry(&self.dirs, &self.dir_chunks, steer_common::dir_slot(half, key), key % CHUNK_ENTRIES)
-    }
-
-    fn range(&self, half: u32, index: u32) -> Option<Range> {
-        chunk_entry(&self.ranges, &self.range_chunks, steer_common::range_slot(half, index), index % CHUNK_ENTRIES)
-    }
 }
 
 /// The maps lookups read, opened for publishing.
@@ -320,7 +279,7 @@ impl Plane {
         let active = u32::from(self.config()?.active_half & 1);
         Ok(Some(PendingWrite {
             plane: self,
-            live: MappedTables::new(self),
+            live: LiveTables::new(self),
             active,
             meta,
             entries: BTreeMap::new(),
@@ -372,7 +331,7 @@ impl Plane {
 /// [`PendingWrite::commit`].
 pub struct PendingWrite<'a> {
     plane: &'a Plane,
-    live: MappedTables<'a>,
+    live: LiveTables<'a>,
     active: u32,
     meta: StateMeta,
     /// Directory entries as the changes leave them.
@@ -521,16 +480,17 @@ fn has_bit(bits: &DirSlots, chunk: u32) -> bool {
     bits[chunk as usize / 64] >> (chunk % 64) & 1 != 0
 }
 
-/// The published generation read through mmap, for a patch to read the
-/// segments it changes.
-struct MappedTables<'a> {
+/// The generation lookups use now, read from the kernel's chunks through
+/// mmap: the tables steer_dispatch searches, for userspace to search the
+/// same way (explain) and for a write to read the segments it changes.
+pub struct LiveTables<'a> {
     plane: &'a Plane,
     dirs: RefCell<BTreeMap<u32, Option<MappedArray<DirEntry>>>>,
     ranges: RefCell<BTreeMap<u32, Option<MappedArray<Range>>>>,
 }
 
-impl<'a> MappedTables<'a> {
-    fn new(plane: &'a Plane) -> Self {
+impl<'a> LiveTables<'a> {
+    pub fn new(plane: &'a Plane) -> Self {
         Self { plane, dirs: Default::default(), ranges: Default::default() }
     }
 }
@@ -547,7 +507,7 @@ fn mapped_entry<T: Pod>(
     chunk.as_ref().map(|c| c.as_slice()[index as usize])
 }
 
-impl crate::model::compile::SegmentTables for MappedTables<'_> {
+impl crate::model::compile::SegmentTables for LiveTables<'_> {
     fn segment(&self, half: u32, entry: &DirEntry) -> Option<Vec<Range>> {
         let mut out = Vec::with_capacity(entry.count as usize);
         let (mut at, end) = (entry.start, entry.start + entry.count);
@@ -564,7 +524,7 @@ impl crate::model::compile::SegmentTables for MappedTables<'_> {
     }
 }
 
-impl steer_common::lookup::Tables for MappedTables<'_> {
+impl steer_common::lookup::Tables for LiveTables<'_> {
     fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
         mapped_entry(self.plane, &self.plane.dirs, &self.dirs, steer_common::dir_slot(half, key), key % CHUNK_ENTRIES)
     }
