@@ -71,6 +71,12 @@ fn publish_sorting(state: &Dispatcher<ReadWrite>, entries: &mut [(BindingKey, u3
     Ok(stats)
 }
 
+/// Publishes every recorded binding anew.
+fn publish_record(state: &Dispatcher<ReadWrite>) -> Result<PlaneStats> {
+    let maps = state.maps()?;
+    publish_sorting(state, &mut maps.record.entries(&maps.plane.meta()?)?)
+}
+
 /// Publishes changes of bindings, already recorded (the added ones
 /// counted in their counter sets): in place where the plane allows (one
 /// binding with no switch, several with one), else the whole record anew.
@@ -89,7 +95,7 @@ fn publish_changes(state: &Dispatcher<ReadWrite>, changes: &[(Input, Edit)], add
     };
     if !in_place {
         log::debug!("publishing every binding anew (the range arena is full, or a write died half way)");
-        publish_sorting(state, &mut maps.record.entries(&maps.plane.meta()?)?)?;
+        publish_record(state)?;
         return Ok(false);
     }
     let meta = maps.plane.meta()?;
@@ -109,7 +115,7 @@ fn finish_interrupted(state: &Dispatcher<ReadWrite>) -> Result<()> {
     let meta = maps.plane.meta()?;
     if Record::interrupted(&meta) || meta.halves_differ != 0 {
         log::info!("publishing the bindings an interrupted write recorded");
-        publish_sorting(state, &mut maps.record.entries(&meta)?)?;
+        publish_record(state)?;
         collect_labels(state)?;
     }
     Ok(())
@@ -349,7 +355,7 @@ pub fn change_bindings(state: &Dispatcher<ReadWrite>, added: &[Binding], removed
     if changes.len() < gone.len() + arriving.len() {
         let meta = maps.plane.meta()?;
         maps.plane.set_meta(&StateMeta { record_removed: 0, ..meta })?;
-        publish_sorting(state, &mut maps.record.entries(&meta)?)?;
+        publish_record(state)?;
     } else if publish_changes(state, &changes, arriving.len() as i64 - gone.len() as i64, removed_slots)? {
         for (key, id) in &gone {
             maps.counters.remove_binding(&Input::from_key(key, *id))?;
