@@ -578,3 +578,44 @@ fn a_bind_changes_only_the_chunks_it_needs() {
     ns.add_local_route("192.0.2.0/24");
     assert_eq!(who(&ns, "192.0.2.9:1234"), "b");
 }
+
+/// The kernel opens a map by id only for CAP_SYS_ADMIN, which writes do
+/// not need (a container holds CAP_BPF and CAP_NET_ADMIN): binds and
+/// unbinds in place, and explain, open the chunks from their pins.
+#[test]
+fn writes_in_place_need_no_cap_sys_admin() {
+    let ns = loaded();
+    ns.steerctl_ok(&["bind", "a", "tcp", "10.0.0.0/8", "80"]);
+    let pin_dir = ns.pin_dir();
+    let without_sys_admin = |args: &[&str], in_place: bool| {
+        let out = ns
+            .command("setpriv")
+            .args(["--bounding-set=-sys_admin", "--"])
+            .arg(bin("steerctl"))
+            .args(["--pin-dir", pin_dir.to_str().unwrap()])
+            .args(args)
+            .env("RUST_LOG", "steer=debug")
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "steerctl {args:?} without CAP_SYS_ADMIN: {err}");
+        assert_eq!(!err.contains("anew"), in_place, "steerctl {args:?}: {err}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    without_sys_admin(&["bind", "b", "tcp", "192.0.2.0/24", "0"], true);
+    without_sys_admin(&["bind", "c", "tcp", "192.0.2.0/25", "0"], true);
+    without_sys_admin(&["unbind", "c", "tcp", "192.0.2.0/25", "0"], true);
+    assert!(without_sys_admin(&["explain", "tcp", "192.0.2.9", "1234"], true).contains("192.0.2.0/24"));
+    // Pins gone (by hand): the write publishes every chunk anew, pinned.
+    let chunks = pin_dir.join("chunks");
+    for pin in std::fs::read_dir(&chunks).unwrap() {
+        std::fs::remove_file(pin.unwrap().path()).unwrap();
+    }
+    without_sys_admin(&["bind", "c", "tcp", "192.0.2.0/25", "0"], false);
+    without_sys_admin(&["unbind", "c", "tcp", "192.0.2.0/25", "0"], true);
+    assert_eq!(ns.steerctl_ok(&["--json", "bindings"]).matches("\"label\"").count(), 2);
+    let addr = ns.named_tcp_server("127.0.0.1:0", "b");
+    register(&ns, "b", "tcp", addr);
+    ns.add_local_route("192.0.2.0/24");
+    assert_eq!(who(&ns, "192.0.2.9:1234"), "b");
+}

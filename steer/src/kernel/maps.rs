@@ -246,14 +246,6 @@ impl MapOfMaps {
         Ok(found.then(|| u32::from_ne_bytes(id)))
     }
 
-    /// The inner map in `slot`, opened, if any.
-    pub fn inner(&self, slot: u32) -> Result<Option<MapData>> {
-        match self.inner_id(slot)? {
-            Some(id) => Ok(Some(MapData::from_id(id)?)),
-            None => Ok(None),
-        }
-    }
-
     /// Points `slots` at `chunks`, in one batch where the kernel has batch
     /// updates for maps of maps, slot by slot otherwise (each change of a
     /// map of maps costs the kernel an RCU grace period).

@@ -83,14 +83,22 @@ fn publish_record(state: &Dispatcher<ReadWrite>) -> Result<PlaneStats> {
 /// True when in place.
 fn publish_changes(state: &Dispatcher<ReadWrite>, changes: &[(Input, Edit)], added: i64, removed: i64) -> Result<bool> {
     let maps = state.maps()?;
-    let in_place = match maps.plane.begin_write()? {
-        Some(mut write) => {
-            let mut dests = maps.counters.lookup();
-            for (binding, edit) in changes {
-                write.add(binding, *edit, &mut dests)?;
-            }
-            write.commit()?
+    let written = maps.plane.begin_write()?.map(|mut write| {
+        let mut dests = maps.counters.lookup();
+        for (binding, edit) in changes {
+            write.add(binding, *edit, &mut dests)?;
         }
+        write.commit()
+    });
+    let in_place = match written {
+        Some(Ok(in_place)) => in_place,
+        // A chunk without its pin, and no CAP_SYS_ADMIN to open it by id:
+        // nothing lookups read has changed, and a full publish pins anew.
+        Some(Err(e)) if matches!(e.root(), crate::error::Error::Permission(_)) => {
+            log::warn!("{e:#}");
+            false
+        }
+        Some(Err(e)) => return Err(e),
         None => false,
     };
     if !in_place {

@@ -46,6 +46,7 @@ impl Drop for Rollback {
             let _ = std::fs::remove_file(path);
         }
         if let Some(dir) = &self.dir {
+            let _ = Layout::new(dir).remove_chunks();
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -66,6 +67,7 @@ fn remove_state(dir: &Path) -> Result<()> {
             _ => {}
         }
     }
+    layout.remove_chunks().with_context(|| format!("removing {}", layout.chunks_dir().display()))?;
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| {
             format!("removing {} (it holds pins steer did not make; look inside and remove them)", dir.display())
@@ -174,6 +176,10 @@ pub fn unload(state: Dispatcher<Repair>) -> Result<Vec<PathBuf>> {
             std::fs::remove_file(path).with_context(|| format!("unpinning {}", path.display()))?;
             removed.push(path.clone());
         }
+    }
+    if layout.chunks_dir().exists() {
+        layout.remove_chunks().with_context(|| format!("removing {}", layout.chunks_dir().display()))?;
+        removed.push(layout.chunks_dir());
     }
     // Only empty directories go: others' pins there stay put.
     if let Err(e) = std::fs::remove_dir(&layout.dir) {

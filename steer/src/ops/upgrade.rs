@@ -335,9 +335,11 @@ impl Staging {
 /// the live one), then the directory. Detached, not only unpinned: the
 /// kernel frees an unpinned link later, and until then its program runs.
 fn remove_retired(dir: &Path, owned: usize) -> Result<()> {
-    for pin in (Layout { dir: dir.to_path_buf(), owned }).follow_hook_links() {
+    let layout = Layout { dir: dir.to_path_buf(), owned };
+    for pin in layout.follow_hook_links() {
         program::detach(&pin)?;
     }
+    layout.remove_chunks().with_context(|| format!("removing {}", layout.chunks_dir().display()))?;
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();
         std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;

@@ -18,6 +18,9 @@ pub struct Layout {
     pub owned: usize,
 }
 
+/// The directory in a state directory that holds its chunk maps' pins.
+pub const CHUNKS_DIR: &str = "chunks";
+
 /// The directory under a bpffs that holds the per-namespace state directories.
 pub const STATE_ROOT: &str = "steer";
 
@@ -64,6 +67,11 @@ impl Layout {
     pub fn socket(&self) -> PathBuf {
         self.map(map::ECHO_SOCKET)
     }
+    /// The directory the chunk maps of `steer_dirs` and `steer_ranges`
+    /// are pinned in, each under its map id.
+    pub fn chunks_dir(&self) -> PathBuf {
+        self.dir.join(CHUNKS_DIR)
+    }
     pub fn link(&self) -> PathBuf {
         self.dir.join(names::LINK)
     }
@@ -104,5 +112,22 @@ impl Layout {
         let mut pins = vec![self.dir.join(format!("{}_new", names::STEER_PROGRAM))];
         pins.extend([map::BINDINGS_0, map::BINDINGS_1].map(|m| self.dir.join(format!("{m}_next"))));
         pins
+    }
+
+    /// Unpins the chunk maps (steer's names only: map ids) and removes
+    /// their directory; nothing to do where there is none.
+    pub fn remove_chunks(&self) -> std::io::Result<()> {
+        let dir = self.chunks_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            entries => entries?,
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.parse::<u32>().is_ok()) {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        std::fs::remove_dir(&dir)
     }
 }

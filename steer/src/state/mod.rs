@@ -376,8 +376,9 @@ impl<A: Read> Dispatcher<A> {
         let half = u32::from(maps.plane.config()?.active_half & 1);
         let mapped = u128::from_be_bytes(mapped_addr(addr));
         let address = steer_common::lookup::Address::v6((mapped >> 64) as u64, mapped as u64);
-        let Some(answer) = steer_common::lookup::lookup(&tables, half, protocol.index(), u32::from(port), address)
-        else {
+        let answer = steer_common::lookup::lookup(&tables, half, protocol.index(), u32::from(port), address);
+        tables.check()?;
+        let Some(answer) = answer else {
             return Ok(None);
         };
         let label = self.label_name(answer.label)?;

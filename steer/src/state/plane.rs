@@ -27,13 +27,22 @@
 //! them, slots change in batches (five grace periods per full publish);
 //! elsewhere one per slot changed.
 //!
+//! Every chunk map is pinned under the state's `chunks/` directory by its
+//! id: a write opens the chunks it changes, and the kernel opens a map by
+//! id only for CAP_SYS_ADMIN, which writes do not otherwise need. A full
+//! publish unpins the chunks it replaced.
+//!
 //! `steer_meta` records which slots each half fills, so a write touches
 //! only those; `idle_dirty` says when the idle half may still be read (a
 //! write died between switching and waiting); `halves_differ` says a write
 //! died before making both halves the same (or a full publish before
 //! filling both), and the next write publishes anew.
 
-use std::{cell::RefCell, collections::BTreeMap};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use aya::maps::MapData;
 use bytemuck::Pod;
@@ -84,11 +93,11 @@ pub fn memory(layout: &Layout) -> Result<BTreeMap<&'static str, u64>> {
         if m.inner.is_some() {
             let outer = MapOfMaps::open(&layout.map(m.name), m)?;
             bytes = memlock(outer.fd())?;
-            let mut seen = std::collections::BTreeSet::new();
+            let mut seen = BTreeSet::new();
             for slot in 0..m.max_entries {
                 if let Some(id) = outer.inner_id(slot)? {
                     if seen.insert(id) {
-                        bytes += memlock(MapData::from_id(id)?.fd().as_fd())?;
+                        bytes += memlock(open_chunk(&layout.chunks_dir(), id)?.fd().as_fd())?;
                     }
                 }
             }
@@ -106,6 +115,74 @@ pub struct Plane {
     meta: RawMap<u32, StateMeta>,
     dirs: MapOfMaps,
     ranges: MapOfMaps,
+    /// Where the chunk maps are pinned, each under its id.
+    chunks: PathBuf,
+}
+
+/// Chunk map `id`, from its pin under `chunks`; by id (CAP_SYS_ADMIN) if
+/// it has none there, as a state a write died in may have.
+fn open_chunk(chunks: &Path, id: u32) -> Result<MapData> {
+    let pin = chunks.join(id.to_string());
+    if let Ok(data) = MapData::from_pin(&pin) {
+        if data.info()?.id() == id {
+            return Ok(data);
+        }
+        log::warn!("{} is not chunk map {id}; ignoring it", pin.display());
+    }
+    MapData::from_id(id).map_err(|e| {
+        crate::error::Error::Permission(format!(
+            "chunk map {id} is not pinned at {}, and opening a map by id needs CAP_SYS_ADMIN ({e}); \
+             run this with CAP_SYS_ADMIN (root, or `--cap-add SYS_ADMIN`); the next bind or unbind pins \
+             every chunk again",
+            pin.display()
+        ))
+    })
+}
+
+/// Pins each of `maps` under its id in `chunks` (made if missing), before
+/// any is installed, so a write can always open what lookups read.
+fn pin_chunks<'m>(chunks: &Path, maps: impl IntoIterator<Item = &'m MapData>) -> Result<BTreeSet<u32>> {
+    match std::fs::symlink_metadata(chunks) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => crate::error::fail!(
+            Pin,
+            "{} is not a directory; steer pins its chunk maps there: remove it and run `steerctl load-bindings`",
+            chunks.display()
+        ),
+        Err(_) => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(chunks)
+                .with_context(|| format!("making {}", chunks.display()))?;
+        }
+    }
+    let mut ids = BTreeSet::new();
+    for map in maps {
+        let id = map.info()?.id();
+        if ids.insert(id) {
+            let pin = chunks.join(id.to_string());
+            if !pin.exists() {
+                map.pin(&pin)
+                    .map_err(crate::error::Error::PinObject)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Unpins every chunk under `chunks` but those in `keep`: the maps a full
+/// publish replaced (and any a killed write pinned but never installed).
+fn unpin_chunks_but(chunks: &Path, keep: &BTreeSet<u32>) -> Result<()> {
+    for entry in std::fs::read_dir(chunks).with_context(|| format!("listing {}", chunks.display()))? {
+        let path = entry?.path();
+        let id = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u32>().ok());
+        if id.is_some_and(|id| !keep.contains(&id)) {
+            std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn chunk_bytes(value_size: usize) -> usize {
@@ -148,6 +225,7 @@ impl Plane {
             meta: RawMap::open(&path(map::STEER_META), spec(map::STEER_META))?,
             dirs: MapOfMaps::open(&path(map::STEER_DIRS), spec(map::STEER_DIRS))?,
             ranges: MapOfMaps::open(&path(map::STEER_RANGES), spec(map::STEER_RANGES))?,
+            chunks: layout.chunks_dir(),
         })
     }
 
@@ -205,6 +283,8 @@ impl Plane {
             .chunks(CHUNK_ENTRIES as usize)
             .map(|entries| new_chunk(entries, "steer_range"))
             .collect::<Result<Vec<_>>>()?;
+        let every_chunk = dirs_idle.values().chain(dirs_other.values()).chain(&range_chunks);
+        let pinned = pin_chunks(&self.chunks, every_chunk.chain([&empty_dir, &empty_ranges]))?;
         let needed = dir_slots_of(dirs_idle.keys().copied());
         meta.halves_differ = 1;
         self.fill_half(&mut meta, idle, needed, &dirs_idle, &range_chunks, (&empty_dir, &empty_ranges))?;
@@ -218,6 +298,7 @@ impl Plane {
         meta.arena_top = generation.ranges.len() as u32;
         meta.arena_live = meta.arena_top;
         self.set_meta(&meta)?;
+        unpin_chunks_but(&self.chunks, &pinned)?;
         let stats = PlaneStats {
             ranges: generation.ranges.len(),
             dir_chunks: generation.dir_chunks.len(),
@@ -288,29 +369,48 @@ impl Plane {
         }))
     }
 
-    /// The chunk in `slot` of `outer`, mapped.
-    fn mapped_chunk<T: Pod>(&self, outer: &MapOfMaps, slot: u32) -> Result<MappedArray<T>> {
-        let Some(chunk) = outer.inner(slot)? else {
+    /// The chunk in `slot` of `outer`, mapped; None where the slot is empty.
+    fn mapped_chunk<T: Pod>(&self, outer: &MapOfMaps, slot: u32) -> Result<Option<MappedArray<T>>> {
+        match outer.inner_id(slot)? {
+            Some(id) => Ok(Some(MappedArray::new(open_chunk(&self.chunks, id)?, CHUNK_ENTRIES)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The chunk in `slot` of `outer`, which the state says is filled, mapped.
+    fn filled_chunk<T: Pod>(&self, outer: &MapOfMaps, slot: u32) -> Result<MappedArray<T>> {
+        let Some(chunk) = self.mapped_chunk(outer, slot)? else {
             crate::error::fail!(
                 Pin,
                 "chunk slot {slot} is empty where the state says it is filled; run a full load-bindings"
             )
         };
-        MappedArray::new(chunk, CHUNK_ENTRIES)
+        Ok(chunk)
     }
 
-    /// Writes `entries` (directory key -> entry) into half `half`'s chunks,
-    /// in place: each word that changes with one store, the new ranges it
-    /// may point at written (and fenced) before.
-    fn write_entries(&self, half: u32, entries: &BTreeMap<u32, DirEntry>, one_binding: bool) -> Result<()> {
+    /// Half `half`'s directory chunks that `entries` land in, mapped: all
+    /// opened before any is written, so a chunk that cannot be opened
+    /// fails the write before it changes what lookups read.
+    fn entry_chunks(
+        &self,
+        half: u32,
+        entries: &BTreeMap<u32, DirEntry>,
+    ) -> Result<BTreeMap<u32, MappedArray<DirEntry>>> {
+        let numbers: BTreeSet<u32> = entries.keys().map(|key| key / CHUNK_ENTRIES).collect();
+        numbers.into_iter().map(|n| Ok((n, self.filled_chunk(&self.dirs, half * DIR_CHUNKS + n)?))).collect()
+    }
+
+    /// Writes `entries` (directory key -> entry) into `chunks` (one half's,
+    /// from [`Plane::entry_chunks`]), in place: each word that changes with
+    /// one store, the new ranges it may point at written (and fenced) before.
+    fn write_entries(
+        chunks: &BTreeMap<u32, MappedArray<DirEntry>>,
+        entries: &BTreeMap<u32, DirEntry>,
+        one_binding: bool,
+    ) {
         use std::sync::atomic::Ordering::{Acquire, Release};
-        let mut chunk: Option<(u32, MappedArray<DirEntry>)> = None;
         for (&key, entry) in entries {
-            let number = key / CHUNK_ENTRIES;
-            if chunk.as_ref().is_none_or(|(n, _)| *n != number) {
-                chunk = Some((number, self.mapped_chunk(&self.dirs, half * DIR_CHUNKS + number)?));
-            }
-            let (_, target) = chunk.as_ref().expect("set above");
+            let target = &chunks[&(key / CHUNK_ENTRIES)];
             let at = (key % CHUNK_ENTRIES) as usize * 2;
             let words = &target.words()[at..at + 2];
             let new = entry.words();
@@ -322,7 +422,6 @@ impl Plane {
                 words[i].store(new[i], Release);
             }
         }
-        Ok(())
     }
 }
 
@@ -374,6 +473,7 @@ impl PendingWrite<'_> {
         dests: &mut impl crate::model::compile::Destinations,
     ) -> Result<()> {
         let delta = crate::model::compile::delta(&*self, self.active, binding, edit, dests)?;
+        self.live.check()?;
         let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
         let mut top = self.meta.arena_top + self.ranges.len() as u32;
         let entries = delta.entries(
@@ -401,6 +501,7 @@ impl PendingWrite<'_> {
         let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
         let released: u32 = entries.keys().map(|k| live.dir(active, *k).unwrap_or(no_entry).count).sum();
         let kept: u32 = entries.values().map(|e| e.count).sum();
+        live.check()?;
         drop(live);
         let live_after = (meta.arena_live + kept).saturating_sub(released);
         let top_after = meta.arena_top + ranges.len() as u32;
@@ -417,6 +518,7 @@ impl PendingWrite<'_> {
             let slots: Vec<u32> =
                 [0, RANGE_CHUNKS].iter().flat_map(|base| (have..want).map(move |i| base + i)).collect();
             let refs: Vec<&MapData> = fresh.iter().chain(fresh.iter()).collect();
+            pin_chunks(&plane.chunks, &fresh)?;
             plane.ranges.install(&slots, &refs)?;
         }
         // Directory chunks of their own in both halves where an entry lands.
@@ -437,6 +539,7 @@ impl PendingWrite<'_> {
                 .map(|_| new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir"))
                 .collect::<Result<Vec<_>>>()?;
             let slots: Vec<u32> = missing.iter().flat_map(|c| [*c, DIR_CHUNKS + c]).collect();
+            pin_chunks(&plane.chunks, &fresh)?;
             plane.dirs.install(&slots, &fresh.iter().collect::<Vec<_>>())?;
         }
         // The new segments, past the top: nothing reads there yet.
@@ -449,25 +552,26 @@ impl PendingWrite<'_> {
             let n = rest.len().min(CHUNK_ENTRIES as usize - offset);
             let target = match chunk_maps.entry(chunk) {
                 std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::btree_map::Entry::Vacant(e) => e.insert(plane.mapped_chunk(&plane.ranges, chunk)?),
+                std::collections::btree_map::Entry::Vacant(e) => e.insert(plane.filled_chunk(&plane.ranges, chunk)?),
             };
             target.write(offset, &rest[..n]);
             rest = &rest[n..];
             at += n as u32;
         }
+        let (active_chunks, idle_chunks) = (plane.entry_chunks(active, &entries)?, plane.entry_chunks(idle, &entries)?);
         meta.halves_differ = 1;
         meta.arena_top = top_after;
         plane.set_meta(&meta)?;
         if bindings <= 1 {
             // One binding: in place in both halves, the read one first.
-            plane.write_entries(active, &entries, true)?;
-            plane.write_entries(idle, &entries, true)?;
+            Plane::write_entries(&active_chunks, &entries, true);
+            Plane::write_entries(&idle_chunks, &entries, true);
         } else {
             // Several: the idle half, one switch, a grace period, the other.
-            plane.write_entries(idle, &entries, false)?;
+            Plane::write_entries(&idle_chunks, &entries, false);
             plane.switch_to(idle)?;
             grace_period();
-            plane.write_entries(active, &entries, false)?;
+            Plane::write_entries(&active_chunks, &entries, false);
         }
         meta.halves_differ = 0;
         meta.arena_live = live_after;
@@ -483,28 +587,42 @@ fn has_bit(bits: &DirSlots, chunk: u32) -> bool {
 /// The generation lookups use now, read from the kernel's chunks through
 /// mmap: the tables steer_dispatch searches, for userspace to search the
 /// same way (explain) and for a write to read the segments it changes.
+/// A chunk that cannot be opened reads as empty, and [`LiveTables::check`]
+/// then fails: what was read is not the published generation.
 pub struct LiveTables<'a> {
     plane: &'a Plane,
     dirs: RefCell<BTreeMap<u32, Option<MappedArray<DirEntry>>>>,
     ranges: RefCell<BTreeMap<u32, Option<MappedArray<Range>>>>,
+    failure: RefCell<Option<crate::error::Error>>,
 }
 
 impl<'a> LiveTables<'a> {
     pub fn new(plane: &'a Plane) -> Self {
-        Self { plane, dirs: Default::default(), ranges: Default::default() }
+        Self { plane, dirs: Default::default(), ranges: Default::default(), failure: Default::default() }
     }
-}
 
-fn mapped_entry<T: Pod>(
-    plane: &Plane,
-    outer: &MapOfMaps,
-    cache: &RefCell<BTreeMap<u32, Option<MappedArray<T>>>>,
-    slot: u32,
-    index: u32,
-) -> Option<T> {
-    let mut cache = cache.borrow_mut();
-    let chunk = cache.entry(slot).or_insert_with(|| plane.mapped_chunk(outer, slot).ok());
-    chunk.as_ref().map(|c| c.as_slice()[index as usize])
+    /// Fails with the first chunk that could not be opened, if any.
+    pub fn check(&self) -> Result<()> {
+        self.failure.take().map_or(Ok(()), Err)
+    }
+
+    /// The chunk in `slot` of `outer`, from `cache` or mapped into it.
+    fn chunk<'c, T: Pod>(
+        &self,
+        outer: &MapOfMaps,
+        cache: &'c mut BTreeMap<u32, Option<MappedArray<T>>>,
+        slot: u32,
+    ) -> Option<&'c MappedArray<T>> {
+        cache
+            .entry(slot)
+            .or_insert_with(|| {
+                self.plane.mapped_chunk(outer, slot).unwrap_or_else(|e| {
+                    self.failure.borrow_mut().get_or_insert(e);
+                    None
+                })
+            })
+            .as_ref()
+    }
 }
 
 impl crate::model::compile::SegmentTables for LiveTables<'_> {
@@ -516,8 +634,8 @@ impl crate::model::compile::SegmentTables for LiveTables<'_> {
             let offset = (at % CHUNK_ENTRIES) as usize;
             let n = ((end - at) as usize).min(CHUNK_ENTRIES as usize - offset);
             let mut cache = self.ranges.borrow_mut();
-            let chunk = cache.entry(slot).or_insert_with(|| self.plane.mapped_chunk(&self.plane.ranges, slot).ok());
-            out.extend_from_slice(&chunk.as_ref()?.as_slice()[offset..offset + n]);
+            let chunk = self.chunk(&self.plane.ranges, &mut cache, slot)?;
+            out.extend_from_slice(&chunk.as_slice()[offset..offset + n]);
             at += n as u32;
         }
         Some(out)
@@ -526,11 +644,14 @@ impl crate::model::compile::SegmentTables for LiveTables<'_> {
 
 impl steer_common::lookup::Tables for LiveTables<'_> {
     fn dir(&self, half: u32, key: u32) -> Option<DirEntry> {
-        mapped_entry(self.plane, &self.plane.dirs, &self.dirs, steer_common::dir_slot(half, key), key % CHUNK_ENTRIES)
+        let mut cache = self.dirs.borrow_mut();
+        let chunk = self.chunk(&self.plane.dirs, &mut cache, steer_common::dir_slot(half, key))?;
+        Some(chunk.as_slice()[(key % CHUNK_ENTRIES) as usize])
     }
 
     fn range(&self, half: u32, index: u32) -> Option<Range> {
-        let slot = steer_common::range_slot(half, index);
-        mapped_entry(self.plane, &self.plane.ranges, &self.ranges, slot, index % CHUNK_ENTRIES)
+        let mut cache = self.ranges.borrow_mut();
+        let chunk = self.chunk(&self.plane.ranges, &mut cache, steer_common::range_slot(half, index))?;
+        Some(chunk.as_slice()[(index % CHUNK_ENTRIES) as usize])
     }
 }
