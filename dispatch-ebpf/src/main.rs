@@ -14,6 +14,7 @@
 //! `steer-common`, which the userspace side shares.
 #![no_std]
 #![no_main]
+#![feature(linkage)]
 // Program entry points take the kernel's context pointer, valid by contract.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
@@ -94,25 +95,14 @@ impl Decision {
     }
 }
 
-/// `decision`'s verdict, after handing the decision to the tracers while
-/// tracing is on. Called where each decision is made, so the details stay
-/// unbuilt when nobody traces.
-#[inline(always)]
-fn decided(ctx: *mut bpf_sk_lookup, tracing: bool, decision: Decision) -> u32 {
-    if tracing {
-        trace(ctx, &decision);
-    }
-    decision.verdict
-}
-
 /// The seed's logic: listed ports go to the one socket in `echo_socket`.
 #[inline(always)]
-fn seed_dispatch(ctx: *mut bpf_sk_lookup, tracing: bool) -> u32 {
+fn seed_dispatch(ctx: *mut bpf_sk_lookup) -> Decision {
     // Safety: the kernel hands every sk_lookup program a valid context.
     let port = unsafe { (*ctx).local_port } as u16;
     let listed: *const u8 = get(map_ptr(&ECHO_PORTS), &port);
     if listed.is_null() {
-        return decided(ctx, tracing, Decision::normal());
+        return Decision::normal();
     }
     let metrics: *mut SeedMetrics = get(map_ptr(&SEED_METRICS), &0u32);
     // Per-CPU values: no other CPU writes them. Safety for all the derefs
@@ -127,7 +117,7 @@ fn seed_dispatch(ctx: *mut bpf_sk_lookup, tracing: bool) -> u32 {
         if !metrics.is_null() {
             unsafe { (*metrics).misses += 1 };
         }
-        return decided(ctx, tracing, Decision::seed(SK_DROP, TraceOutcome::SeedMiss, TraceEvent::NO_MEMBER, 0));
+        return Decision::seed(SK_DROP, TraceOutcome::SeedMiss, TraceEvent::NO_MEMBER, 0);
     }
     // Safety: sk came from the sockmap lookup above and is released once.
     let err = unsafe { sk_assign(ctx, sk, 0) };
@@ -136,9 +126,9 @@ fn seed_dispatch(ctx: *mut bpf_sk_lookup, tracing: bool) -> u32 {
         if !metrics.is_null() {
             unsafe { (*metrics).errors += 1 };
         }
-        return decided(ctx, tracing, Decision::seed(SK_DROP, TraceOutcome::SeedError, 0, err));
+        return Decision::seed(SK_DROP, TraceOutcome::SeedError, 0, err);
     }
-    decided(ctx, tracing, Decision::seed(SK_PASS, TraceOutcome::Seed, 0, 0))
+    Decision::seed(SK_PASS, TraceOutcome::Seed, 0, 0)
 }
 
 /// Does nothing: the baseline steer-bench measures the others against.
@@ -151,7 +141,7 @@ pub extern "C" fn steer_pass(_ctx: *mut bpf_sk_lookup) -> u32 {
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "sk_lookup")]
 pub extern "C" fn echo_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
-    seed_dispatch(ctx, false)
+    seed_dispatch(ctx).verdict
 }
 
 /// Reads a context word with a 4-byte load, the width the verifier allows.
@@ -192,7 +182,7 @@ fn assign_slot(ctx: *mut bpf_sk_lookup, slot: u32) -> (i64, u32) {
 /// Hands the connection to the answer's label's socket for this family
 /// and protocol (for IPv4, a dual-stack IPv6 socket will do), counting it.
 #[inline(always)]
-fn assign(ctx: *mut bpf_sk_lookup, tracing: bool, answer: Answer, family_index: u32, protocol_index: u32) -> u32 {
+fn assign(ctx: *mut bpf_sk_lookup, answer: Answer, family_index: u32, protocol_index: u32) -> Decision {
     let metrics: *mut DestMetrics = get(map_ptr(&METRICS), &u32::from(answer.dest));
     // Per-CPU values: no other CPU writes them. Safety for all the derefs
     // below: non-null map values are valid for the program's run.
@@ -204,11 +194,7 @@ fn assign(ctx: *mut bpf_sk_lookup, tracing: bool, answer: Answer, family_index: 
         (err, member) = assign_slot(ctx, socket_slot(answer.label, 1, protocol_index));
     }
     if err == 0 {
-        return decided(
-            ctx,
-            tracing,
-            Decision { verdict: SK_PASS, outcome: TraceOutcome::Assigned, answer, member, err },
-        );
+        return Decision { verdict: SK_PASS, outcome: TraceOutcome::Assigned, answer, member, err };
     }
     if !metrics.is_null() {
         let m = unsafe { &mut *metrics };
@@ -224,7 +210,7 @@ fn assign(ctx: *mut bpf_sk_lookup, tracing: bool, answer: Answer, family_index: 
     }
     // Drop rather than let another socket on this address take it.
     let outcome = if err == -EAFNOSUPPORT { TraceOutcome::Miss } else { TraceOutcome::Error };
-    decided(ctx, tracing, Decision { verdict: SK_DROP, outcome, answer, member, err })
+    Decision { verdict: SK_DROP, outcome, answer, member, err }
 }
 
 /// Whether `filter` selects a decision of `outcome` for `label` (the
@@ -272,12 +258,15 @@ fn trace_count(slot: u32, f: impl FnOnce(&mut TraceMetrics)) {
 /// counts while its tracer's socket is in `trace_tracers`, where the
 /// kernel takes it out when the tracer exits, however it exits: a slot
 /// found without one is turned off, and with no live slot left, so is
-/// `steer_config.trace`. Inlined, though only a flag check reaches it: a
-/// BPF-to-BPF call would be a mangled symbol whose crate hash depends on
-/// the clone's path, and the committed object must build byte-identical
-/// anywhere (`cargo xtask build-ebpf --check`).
-#[inline(always)]
-fn trace(ctx: *mut bpf_sk_lookup, decision: &Decision) -> u32 {
+/// `steer_config.trace`. A subprogram (a BPF-to-BPF call) with one call
+/// site: inlined, it cost the lookups that never trace. Named by hand,
+/// internal: a mangled name carries the crate hash, which depends on the
+/// clone's path, and the committed object must build byte-identical
+/// anywhere; xtask makes it static in BTF too, for Linux 5.10's verifier.
+#[inline(never)]
+#[unsafe(no_mangle)]
+#[linkage = "internal"]
+fn steer_trace(ctx: *mut bpf_sk_lookup, decision: &Decision) -> u32 {
     // Safety: the kernel hands every sk_lookup program a valid context;
     // every word is read at a constant offset, as in steer_dispatch.
     let (family, protocol, port) = unsafe { ((*ctx).family, (*ctx).protocol, (*ctx).local_port) };
@@ -402,11 +391,16 @@ pub extern "C" fn steer_dispatch(ctx: *mut bpf_sk_lookup) -> u32 {
     // Safety: non-null map values are valid for the program's run.
     let config = if config.is_null() { DataplaneConfig::default() } else { unsafe { *config } };
     let tracing = config.trace != 0;
-    match lookup::lookup(&Maps, u32::from(config.active_half & 1), protocol_index, port, addr) {
-        Some(answer) => assign(ctx, tracing, answer, family_index, protocol_index),
-        None if config.seed_enabled != 0 => seed_dispatch(ctx, tracing),
-        None => decided(ctx, tracing, Decision::normal()),
+    let decision = match lookup::lookup(&Maps, u32::from(config.active_half & 1), protocol_index, port, addr) {
+        Some(answer) => assign(ctx, answer, family_index, protocol_index),
+        None if config.seed_enabled != 0 => seed_dispatch(ctx),
+        None => Decision::normal(),
+    };
+    // One call site: the decision's details go to memory only when traced.
+    if tracing && cfg!(not(feature = "untraced")) {
+        steer_trace(ctx, &decision);
     }
+    decision.verdict
 }
 
 #[cfg(not(test))]

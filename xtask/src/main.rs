@@ -40,6 +40,10 @@ enum Cmd {
         /// Do not write: fail if the committed object differs from a fresh build.
         #[arg(long)]
         check: bool,
+        /// Write only the dispatcher built without tracing to OUT, for
+        /// `steer-bench --baseline OUT` to time tracing off against.
+        #[arg(long, value_name = "OUT", conflicts_with = "check")]
+        untraced: Option<PathBuf>,
     },
     /// Write man pages and bash/zsh/fish completions for steerctl, sockmap-update
     /// and sk-lookup-attach under OUT (cargo-deb takes them from packaging/dist).
@@ -110,7 +114,7 @@ fn nightly_tool(tool: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn build(bin: &str, out: &Path) -> Result<()> {
+fn build(bin: &str, out: &Path, features: &[&str]) -> Result<()> {
     let root = workspace_root();
     let target_dir = crate_dir().join("target");
     let bitcode = target_dir.join(format!("{bin}.bc"));
@@ -126,12 +130,14 @@ fn build(bin: &str, out: &Path) -> Result<()> {
     run(clean_command("cargo")
         .env("RUSTFLAGS", remap)
         .args(["rustc", "--release", "--bin", bin, "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(features.iter().flat_map(|f| ["--features", f]))
         .arg("--target-dir")
         .arg(&target_dir)
         .arg("--")
         .arg(format!("--emit=obj={}", bitcode.display()))
         // The bitcode above is all we want; skip the bpf-linker link step.
         .args(["-C", "linker=/bin/true"]))?;
+    let bitcode = with_static_subprograms(&bitcode)?;
     run(Command::new(nightly_tool("llc")?)
         .args(["-march=bpfel", "-mcpu=v3", "-O2", "-filetype=obj", "-o"])
         .arg(out)
@@ -139,6 +145,44 @@ fn build(bin: &str, out: &Path) -> Result<()> {
     // DWARF is only for debuggers; BTF and BTF.ext stay.
     run(Command::new(nightly_tool("llvm-strip")?).arg("--strip-debug").arg(out))?;
     Ok(())
+}
+
+/// `bitcode` with every internal function the source names with
+/// `#[unsafe(no_mangle)] #[linkage = "internal"]` (so its name does not
+/// carry the crate hash, which depends on the clone's path) marked local
+/// to its unit in the debug info, from which llc writes BTF's linkage:
+/// rustc marks a `no_mangle` function exported there whatever its
+/// linkage, and the kernel verifies a BTF-global function on its own,
+/// with the argument types Linux 5.10 refuses. Static, it is a
+/// BPF-to-BPF call verified in its caller's context, on every kernel.
+fn with_static_subprograms(bitcode: &Path) -> Result<PathBuf> {
+    let text = bitcode.with_extension("ll");
+    run(Command::new(nightly_tool("llvm-dis")?).arg(bitcode).arg("-o").arg(&text))?;
+    let ir = std::fs::read_to_string(&text).with_context(|| format!("reading {}", text.display()))?;
+    let mut subprograms = Vec::new();
+    for line in ir.lines().filter(|l| l.starts_with("define internal ")) {
+        let Some((_, rest)) = line.split_once(" @") else { continue };
+        let name = rest.split('(').next().unwrap_or_default();
+        // Names rustc mangles (the crate hash) are not made by hand.
+        if name.starts_with("_R") || name.starts_with("_ZN") {
+            continue;
+        }
+        let node = line.rsplit_once("!dbg ").map(|(_, n)| n.trim_end_matches(" {").to_string());
+        subprograms.push((name.to_string(), node.with_context(|| format!("{name} has no debug info"))?));
+    }
+    let mut lines: Vec<String> = ir.lines().map(str::to_string).collect();
+    for (name, node) in &subprograms {
+        let prefix = format!("{node} = distinct !DISubprogram(name: \"{name}\"");
+        let line = lines
+            .iter_mut()
+            .find(|l| l.starts_with(&prefix))
+            .with_context(|| format!("no DISubprogram {node} for {name}"))?;
+        *line = line.replacen("spFlags: DISPFlagDefinition", "spFlags: DISPFlagLocalToUnit | DISPFlagDefinition", 1);
+    }
+    std::fs::write(&text, lines.join("\n") + "\n")?;
+    let patched = bitcode.with_extension("static.bc");
+    run(Command::new(nightly_tool("llvm-as")?).arg(&text).arg("-o").arg(&patched))?;
+    Ok(patched)
 }
 
 /// The installed tools' command lines.
@@ -190,12 +234,16 @@ fn dist(out: &Path) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Dist { out } => dist(&out)?,
-        Cmd::BuildEbpf { check } => {
+        Cmd::BuildEbpf { untraced: Some(out), .. } => {
+            build("dispatch", &out, &["untraced"])?;
+            println!("wrote {} (the dispatcher without tracing)", out.display());
+        }
+        Cmd::BuildEbpf { check, untraced: None } => {
             for (bin, object) in OBJECTS {
                 let committed = workspace_root().join(object);
                 if check {
                     let fresh = workspace_root().join(format!("dispatch-ebpf/target/{bin}.check.o"));
-                    build(bin, &fresh)?;
+                    build(bin, &fresh, &[])?;
                     let want = std::fs::read(&fresh)?;
                     let have = std::fs::read(&committed).with_context(|| format!("reading {}", committed.display()))?;
                     if want != have {
@@ -205,7 +253,7 @@ fn main() -> Result<()> {
                     }
                     println!("{object} matches its source");
                 } else {
-                    build(bin, &committed)?;
+                    build(bin, &committed, &[])?;
                     println!("wrote {object}");
                 }
             }
