@@ -276,6 +276,9 @@ pub struct DirEntry {
 }
 
 impl DirEntry {
+    /// No segment, no default: what an empty slot reads as.
+    pub const NONE: DirEntry = DirEntry { start: 0, count: 0, default: Answer::none() };
+
     /// The entry as two 8-byte words: (start, count) and the default, each
     /// written and read with one access (a write of one binding changes one
     /// of them in place while lookups run).

@@ -78,7 +78,7 @@ impl Generation {
     }
 
     fn set_dir(&mut self, key: u32, entry: DirEntry) {
-        let empty = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let empty = DirEntry::NONE;
         let chunk = self.dir_chunks.entry(key / CHUNK_ENTRIES).or_insert_with(|| vec![empty; CHUNK_ENTRIES as usize]);
         chunk[(key % CHUNK_ENTRIES) as usize] = entry;
     }
@@ -570,7 +570,7 @@ pub fn delta(
     let mut out = Delta::default();
     for placement in b.placements() {
         let key = placement.dir_key();
-        let entry = tables.dir(half, key).unwrap_or(DirEntry { start: 0, count: 0, default: Answer::none() });
+        let entry = tables.dir(half, key).unwrap_or(DirEntry::NONE);
         if let Placement::Short { protocol_index, family_index, first, last } = placement {
             for bucket in first..=last {
                 let key = lookup::bucket_key(protocol_index, family_index, bucket);
@@ -607,7 +607,7 @@ impl Generation {
     /// the ranges (their old ranges left where they are), entries
     /// replaced.
     pub fn apply(&mut self, delta: &Delta) {
-        let empty = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let empty = DirEntry::NONE;
         let mut top = self.ranges.len() as u32;
         let entries = delta.entries(
             |key| self.dir(0, key).unwrap_or(empty),

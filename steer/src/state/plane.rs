@@ -50,8 +50,7 @@ use serde::Serialize;
 use steer_common::lookup::Tables;
 
 use steer_common::{
-    Answer, CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, MAX_RANGES, RANGE_CHUNKS, Range, StateMeta,
-    map,
+    CHUNK_ENTRIES, DIR_CHUNKS, DataplaneConfig, DirEntry, DirSlots, MAX_RANGES, RANGE_CHUNKS, Range, StateMeta, map,
 };
 
 use super::{Layout, spec};
@@ -265,7 +264,7 @@ impl Plane {
             // A write died after switching: lookups may still read the idle half.
             grace_period();
         }
-        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let no_entry = DirEntry::NONE;
         let empty_dir = new_chunk(&vec![no_entry; CHUNK_ENTRIES as usize], "steer_dir")?;
         let empty_ranges = new_chunk::<Range>(&[], "steer_range")?;
         // Each half writes its own directory chunks in place later: two copies.
@@ -474,7 +473,7 @@ impl PendingWrite<'_> {
     ) -> Result<()> {
         let delta = crate::model::compile::delta(&*self, self.active, binding, edit, dests)?;
         self.live.check()?;
-        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let no_entry = DirEntry::NONE;
         let mut top = self.meta.arena_top + self.ranges.len() as u32;
         let entries = delta.entries(
             |key| Tables::dir(&*self, self.active, key).unwrap_or(no_entry),
@@ -498,7 +497,7 @@ impl PendingWrite<'_> {
     pub fn commit(self) -> Result<bool> {
         let PendingWrite { plane, live, active, mut meta, entries, ranges, bindings } = self;
         let idle = 1 - active;
-        let no_entry = DirEntry { start: 0, count: 0, default: Answer::none() };
+        let no_entry = DirEntry::NONE;
         let released: u32 = entries.keys().map(|k| live.dir(active, *k).unwrap_or(no_entry).count).sum();
         let kept: u32 = entries.values().map(|e| e.count).sum();
         live.check()?;
