@@ -240,26 +240,47 @@ fn reuseport_members_leaving_one_by_one_and_a_handover_refuse_nothing() {
     assert_eq!(list.as_array().unwrap().len(), 4, "every member is held: {list}");
     assert!(list.as_array().unwrap().iter().all(|r| r["followed"] == true), "{list}");
     let clients = Clients::start(&ns, "127.0.0.11:82".parse().unwrap(), 12_000, line);
+    // Each member's exit, from SIGTERM until it is gone.
+    let mut exits = Vec::new();
+    let mut stop = |servers: &mut Servers, member: Pid| {
+        let signalled = Instant::now();
+        servers.stop(member);
+        exits.push((signalled, Instant::now()));
+    };
     // Down to one, a member leaving (SIGTERM) every 2,000 connections.
     for step in 1..=3u64 {
         clients.wait_for(2_000 * step);
-        servers.stop(members.remove(0));
+        stop(&mut servers, members.remove(0));
     }
     // A handover: a new process joins the group, then the last old one goes.
     clients.wait_for(8_000);
     members.push(servers.start(&ns, &["tcp", "127.0.0.1:8082", "next", "--reuseport"]));
     clients.wait_for(9_000);
-    servers.stop(members.remove(0));
+    stop(&mut servers, members.remove(0));
     clients.wait_for(12_000);
     let log = clients.finish();
-    let failed = failures(&log);
+    // A connection in its handshake with a member as that member's socket
+    // goes can be reset (2 of 12,000 once in CI): the kernel moves a
+    // closing listener's pending connections to another member
+    // (tcp_migrate_req), but not every one in flight. Those may only
+    // overlap an exit, a few each; any other failure is steering's.
+    let ends: Vec<Instant> = log.iter().skip(1).map(|(t, _)| *t).chain([Instant::now()]).collect();
+    let overlaps_exit = |start: &Instant, end: &Instant| exits.iter().any(|(from, to)| end >= from && start <= to);
+    let (mut at_exits, mut failed) = (Vec::new(), Vec::new());
+    for ((start, r), end) in log.iter().zip(&ends) {
+        if let Err(e) = r {
+            if overlaps_exit(start, end) { at_exits.push(e.clone()) } else { failed.push(e.clone()) }
+        }
+    }
     let next = log.iter().filter(|(_, r)| r.as_deref() == Ok("next")).count();
     eprintln!(
-        "reuseport group of 4 down to 1, then a handover: {} connections, {} refused or reset, {next} served by the new member",
+        "reuseport group of 4 down to 1, then a handover: {} connections, {} reset or refused across a member's exit, {} otherwise, {next} served by the new member",
         log.len(),
+        at_exits.len(),
         failed.len()
     );
     assert_eq!(failed, Vec::<String>::new());
+    assert!(at_exits.len() <= 2 * exits.len(), "{} failed across {} exits: {at_exits:?}", at_exits.len(), exits.len());
     assert!(log.len() >= 10_000);
     assert!(next > 0, "the new member never served");
 }
